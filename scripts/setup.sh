@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# One-command environment set-up: creates .venv, installs the dependencies declared in
+# pyproject.toml, builds MinkowskiEngine 0.5.4 (CPU; CUDA where a toolkit is present).
+# Idempotent: a stamp keyed on the dependency spec makes a second run return in about a second.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${VENV:-.venv}
+PY=${PYTHON:-python3.11}
+STAMP="$VENV/.setup-stamp"
+ME_VERSION=0.5.4
+KEY=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$KEY" ]; then
+    exit 0
+fi
+log() { printf '[setup] %s\n' "$*"; }
+
+# 1. System library MinkowskiEngine links against.
+if ! { [ -e /usr/include/openblas/cblas.h ] || [ -e /usr/include/x86_64-linux-gnu/openblas-pthread/cblas.h ] || ls /usr/include/*/openblas*/cblas.h >/dev/null 2>&1; }; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        log "installing libopenblas-dev (apt)"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopenblas-dev >/dev/null
+    else
+        echo "[setup] MinkowskiEngine needs OpenBLAS headers: install libopenblas-dev (Debian/Ubuntu) and re-run." >&2
+        exit 1
+    fi
+fi
+
+# 2. Virtual environment.
+if [ ! -x "$VENV/bin/python" ]; then
+    log "creating $VENV"
+    "$PY" -m venv "$VENV"
+fi
+VPY="$VENV/bin/python"
+PIP=("$VPY" -m pip install -q --disable-pip-version-check)
+
+# Dependency lists come from pyproject.toml: one source of truth.
+deps() { "$VPY" - "$1" <<'PYEOF'
+import sys, tomllib
+p = tomllib.load(open("pyproject.toml", "rb"))["project"]
+group = sys.argv[1]
+print("\n".join(p["dependencies"] if group == "main" else p["optional-dependencies"][group]))
+PYEOF
+}
+
+# 3. MinkowskiEngine: built against torch with numpy<2 and setuptools<60 (numpy.distutils).
+if ! "$VPY" -c "import importlib.metadata as m; assert m.version('MinkowskiEngine') == '$ME_VERSION'" 2>/dev/null; then
+    TORCH_SPEC=$(deps main | grep '^torch')
+    log "building MinkowskiEngine $ME_VERSION (takes ~5 min on 2 cores)"
+    "${PIP[@]}" "$TORCH_SPEC" "numpy<2" wheel ninja
+    "${PIP[@]}" "setuptools<60" 2>&1 | grep -v "requires setuptools" || true
+    if command -v nvcc >/dev/null && "$VPY" -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+        log "CUDA toolkit and GPU found: ME's setup.py will try the CUDA build"
+    fi
+    # ME's setup.py builds CPU-only when torch sees no CUDA device.
+    MAX_JOBS=${MAX_JOBS:-$(nproc)} "$VPY" -m pip install --no-deps --no-build-isolation \
+        "MinkowskiEngine==$ME_VERSION" > "$VENV/me-build.log" 2>&1 || true
+    "$VPY" -c "import importlib.metadata as m; assert m.version('MinkowskiEngine') == '$ME_VERSION'" \
+        || { echo "[setup] MinkowskiEngine build failed (log: $VENV/me-build.log)" >&2; exit 1; }
+    "${PIP[@]}" -U "setuptools>=77" "numpy>=2"
+fi
+
+# 4. Runtime + test dependencies (numpy 2), then the devkit reference without its numpy<2 pin.
+log "installing dependencies from pyproject.toml"
+mapfile -t MAIN < <(deps main)
+mapfile -t TEST < <(deps test)
+"${PIP[@]}" "${MAIN[@]}" "${TEST[@]}"
+mapfile -t DEVKIT < <(deps devkit)
+"${PIP[@]}" --no-deps "${DEVKIT[0]}"
+"${PIP[@]}" "${DEVKIT[@]:1}"
+
+# 5. Check the result imports, then write the stamp.
+"$VPY" -c "
+from trainer.minkowski import ME
+import zarr, dask, transformers, nuscenes, numpy
+assert numpy.__version__.startswith('2'), numpy.__version__
+print('[setup] ok: MinkowskiEngine', ME.__version__, 'zarr', zarr.__version__, 'numpy', numpy.__version__)
+"
+echo "$KEY" > "$STAMP"
