@@ -1,0 +1,1 @@
+"""Evaluation protocols: metrics, linear probe, fine-tuning, robustness, pictures, ablations."""
