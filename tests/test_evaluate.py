@@ -1,0 +1,162 @@
+"""Evaluation protocols: corruptions, linear probe, fine-tuning subsets, end-to-end commands."""
+
+import numpy as np
+import pytest
+import torch
+
+from trainer.evaluate.corruptions import (
+    CORRUPTIONS,
+    beam_missing,
+    corrupt,
+    cross_sensor,
+    drop_beams,
+    drop_points,
+    elevation_beams,
+    fewer_beams,
+    fog,
+    jitter,
+)
+from trainer.evaluate.finetune import select_subset
+from trainer.evaluate.metrics import mean_iou
+from trainer.evaluate.probe import ProbeConfig, fit_linear_probe, probe_confusion
+
+
+def _ring_cloud(
+    n_beams: int = 8, per_beam: int = 50, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Points on ``n_beams`` rings of uniformly spaced elevation, their ring ids."""
+    rng = np.random.default_rng(seed)
+    elev = np.deg2rad(np.linspace(-20, 5, n_beams))
+    ring = np.repeat(np.arange(n_beams), per_beam)
+    az = rng.uniform(-np.pi, np.pi, len(ring))
+    r = rng.uniform(5, 60, len(ring))
+    xyz = np.stack(
+        [
+            r * np.cos(elev[ring]) * np.cos(az),
+            r * np.cos(elev[ring]) * np.sin(az),
+            r * np.sin(elev[ring]),
+        ],
+        1,
+    )
+    points = np.concatenate([xyz, rng.uniform(0, 1, (len(ring), 1))], 1).astype(np.float32)
+    return points, ring
+
+
+# ---------------------------------------------------------------- corruptions
+
+
+def test_elevation_beams_recovers_uniform_rings():
+    points, ring = _ring_cloud()
+    np.testing.assert_array_equal(elevation_beams(points[:, :3], 8), ring)
+
+
+def test_drop_beams_removes_exactly_the_chosen_rings():
+    points, ring = _ring_cloud()
+    out = drop_beams(points, ring, np.array([1, 4]))
+    assert set(np.unique(ring[out.index])) == {0, 2, 3, 5, 6, 7}
+    assert len(out.points) == 6 * 50
+    np.testing.assert_array_equal(out.points, points[out.index])
+
+
+def test_beam_missing_is_seeded_and_drops_whole_rings():
+    points, ring = _ring_cloud()
+    a = beam_missing(points, ring, 0.5, seed=3)
+    b = beam_missing(points, ring, 0.5, seed=3)
+    c = beam_missing(points, ring, 0.5, seed=4)
+    np.testing.assert_array_equal(a.index, b.index)
+    assert len(np.unique(ring[a.index])) == 4 and len(a.index) == 4 * 50
+    assert not np.array_equal(a.index, c.index)
+
+
+def test_fewer_beams_keeps_every_kth_ring():
+    points, ring = _ring_cloud()
+    out = fewer_beams(points, ring, 2)
+    assert set(np.unique(ring[out.index])) == {0, 2, 4, 6}
+
+
+def test_point_drop_jitter_fog_cross_sensor():
+    points, ring = _ring_cloud(per_beam=500)
+    dropped = drop_points(points, 0.5, seed=0)
+    assert 0.45 < len(dropped.index) / len(points) < 0.55
+    np.testing.assert_array_equal(dropped.index, drop_points(points, 0.5, seed=0).index)
+
+    jit = jitter(points, 0.1, seed=0)
+    np.testing.assert_array_equal(jit.index, np.arange(len(points)))
+    assert 0.08 < float(np.std(jit.points[:, :3] - points[:, :3])) < 0.12
+    np.testing.assert_array_equal(jit.points[:, 3], points[:, 3])  # intensity untouched
+
+    foggy = fog(points, 0.02, seed=0)
+    r = np.linalg.norm(points[:, :3], axis=1)
+    near, far = r < 15, r > 45
+    kept = np.zeros(len(points), bool)
+    kept[foggy.index] = True
+    assert kept[near].mean() > kept[far].mean() + 0.3  # far points vanish first
+    att = np.exp(-2 * 0.02 * r[foggy.index])
+    np.testing.assert_allclose(foggy.points[:, 3], points[foggy.index, 3] * att, rtol=1e-5)
+
+    cs = cross_sensor(points, ring, keep_every=2, point_fraction=0.5, seed=0)
+    assert set(np.unique(ring[cs.index])) <= {0, 2, 4, 6}
+    assert 0.2 < len(cs.index) / len(points) < 0.3
+    np.testing.assert_array_equal(cs.points, points[cs.index])
+
+
+@pytest.mark.parametrize("name", sorted(CORRUPTIONS))
+def test_every_corruption_is_deterministic_and_monotone(name):
+    points, _ = _ring_cloud(per_beam=400)
+    outs = [corrupt(name, points, s, seed=7, n_beams=8) for s in (1, 2, 3)]
+    again = corrupt(name, points, 2, seed=7, n_beams=8)
+    np.testing.assert_array_equal(outs[1].points, again.points)
+    for out in outs:
+        assert out.points.dtype == np.float32 and out.points.shape[1] == 4
+        assert len(out.points) == len(out.index)
+    sizes = [len(o.index) for o in outs]
+    assert sizes[0] >= sizes[1] >= sizes[2]  # higher severity never keeps more points
+    with pytest.raises(ValueError, match="severity"):
+        corrupt(name, points, 4, seed=0)
+
+
+# ---------------------------------------------------------------- linear probe
+
+
+def test_linear_probe_separable_features_reach_miou_one():
+    rng = np.random.default_rng(0)
+    num_classes, dim = 4, 16
+    centres = rng.normal(0, 5, (num_classes, dim))
+    feats, labels = [], []
+    for _ in range(3):  # three "scans"
+        y = rng.integers(0, num_classes, 600).astype(np.uint8)
+        y[:20] = 255  # ignored points must not matter
+        x = centres[np.minimum(y, num_classes - 1)] + rng.normal(0, 0.3, (600, dim))
+        feats.append(torch.tensor(x, dtype=torch.float16))
+        labels.append(y)
+    head = fit_linear_probe(
+        feats[:2], labels[:2], num_classes, ProbeConfig(epochs=30, batch_points=256)
+    )
+    conf = probe_confusion(head, feats[2], labels[2], num_classes)
+    assert mean_iou(conf) > 0.99
+    assert conf.sum() == (labels[2] != 255).sum()
+
+
+def test_linear_probe_random_features_do_not_separate():
+    rng = np.random.default_rng(1)
+    feats = [torch.tensor(rng.normal(size=(800, 8)), dtype=torch.float32) for _ in range(2)]
+    labels = [rng.integers(0, 4, 800).astype(np.uint8) for _ in range(2)]
+    head = fit_linear_probe(feats[:1], labels[:1], 4, ProbeConfig(epochs=5, batch_points=256))
+    assert mean_iou(probe_confusion(head, feats[1], labels[1], 4)) < 0.3
+
+
+# ---------------------------------------------------------------- fine-tuning subsets
+
+
+def test_select_subset_deterministic_nested_and_nonempty():
+    tokens = [f"scan{i:04d}" for i in range(200)]
+    one = select_subset(tokens, 0.01, seed=0)
+    five = select_subset(tokens, 0.05, seed=0)
+    assert len(one) == 2 and len(five) == 10
+    assert set(one) <= set(five)
+    assert one == select_subset(list(reversed(tokens)), 0.01, seed=0)[::-1]  # order-independent
+    assert select_subset(tokens, 0.05, seed=1) != five
+    assert select_subset(tokens[:10], 0.01) and len(select_subset(tokens[:10], 0.01)) == 1
+    assert select_subset(tokens, 1.0) == tokens
+    with pytest.raises(ValueError):
+        select_subset(tokens, 0.0)

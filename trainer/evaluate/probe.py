@@ -1,0 +1,87 @@
+"""The linear classifier of the linear-probe protocol, on precomputed (frozen) point features.
+
+Frozen features make the probe a convex problem (multinomial logistic regression per point), so
+the optimiser only has to converge: AdamW with a cosine-decayed learning rate over shuffled
+mini-batches of points pooled from all training scans.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from trainer.evaluate.metrics import IGNORE_INDEX, confusion_matrix
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """How the linear classifier is fitted."""
+
+    epochs: int = 20
+    """Passes over the pooled training points."""
+    lr: float = 1e-2
+    """Peak AdamW learning rate (a linear layer on frozen features tolerates a high one)."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay."""
+    batch_points: int = 16_384
+    """Points per optimisation step."""
+    seed: int = 0
+    """Seed of the initialisation and of the shuffling."""
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_points < 1 or self.lr <= 0:
+            raise ValueError("epochs, batch_points and lr must be positive")
+
+
+def fit_linear_probe(
+    features: list[torch.Tensor],
+    labels: list[np.ndarray],
+    num_classes: int,
+    cfg: ProbeConfig = ProbeConfig(),
+    device: str = "cpu",
+) -> torch.nn.Linear:
+    """Fit one linear layer features → classes with cross-entropy; ignored points are skipped."""
+    x = torch.cat([f.float().cpu() for f in features])  # (N, D)
+    y = torch.as_tensor(np.concatenate(labels).astype(np.int64))  # (N,)
+    if len(x) != len(y):
+        raise ValueError(f"{len(x)} feature rows for {len(y)} labels")
+    keep = y != IGNORE_INDEX
+    x, y = x[keep], y[keep]
+    if len(y) == 0:
+        raise ValueError("no labelled training points for the linear probe")
+    g = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    head = torch.nn.Linear(x.shape[1], num_classes).to(device)
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = -(-len(y) // cfg.batch_points)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
+    head.train()
+    for _ in tqdm(range(cfg.epochs), desc="linear probe", unit="epoch", leave=False):
+        order = torch.randperm(len(y), generator=g)
+        for start in range(0, len(y), cfg.batch_points):
+            idx = order[start : start + cfg.batch_points]
+            logits = head(x[idx].to(device))  # (B, C)
+            loss = torch.nn.functional.cross_entropy(logits, y[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    head.eval()
+    return head
+
+
+@torch.no_grad()
+def predict(head: torch.nn.Module, features: torch.Tensor) -> np.ndarray:
+    """(N,) int64 predicted class of each point."""
+    param = next(head.parameters())
+    return head(features.to(param.device, param.dtype)).argmax(1).cpu().numpy()
+
+
+def probe_confusion(
+    head: torch.nn.Module, features: torch.Tensor, labels: np.ndarray, num_classes: int
+) -> np.ndarray:
+    """(C, C) confusion matrix of the head on one scan's features."""
+    return confusion_matrix(predict(head, features), labels, num_classes)
