@@ -1,0 +1,51 @@
+"""The target cache: the only contract between extraction (pipeline/) and training (trainer/).
+
+Format: docs/cache-format.md. Names and versions: cache/schema.py. Writer/reader: cache/store.py.
+"""
+
+from cache.lock import LockHeldError, cache_lock
+from cache.schema import (
+    SCHEMA_VERSION,
+    CacheError,
+    CacheKey,
+    CacheKeyMismatch,
+    IncompleteCacheError,
+    ScanTargets,
+    SchemaVersionError,
+    UnitData,
+    dataset_fingerprint,
+)
+from cache.store import (
+    DEFAULT_LAYOUT,
+    CacheReader,
+    CacheWriter,
+    StorageLayout,
+    cache_info,
+    list_caches,
+    open_cache,
+    resolve_cache,
+    verify_cache,
+)
+
+__all__ = [
+    "DEFAULT_LAYOUT",
+    "SCHEMA_VERSION",
+    "CacheError",
+    "CacheKey",
+    "CacheKeyMismatch",
+    "CacheReader",
+    "CacheWriter",
+    "IncompleteCacheError",
+    "LockHeldError",
+    "ScanTargets",
+    "SchemaVersionError",
+    "StorageLayout",
+    "UnitData",
+    "cache_info",
+    "cache_lock",
+    "dataset_fingerprint",
+    "list_caches",
+    "open_cache",
+    "resolve_cache",
+    "verify_cache",
+]

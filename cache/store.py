@@ -1,0 +1,670 @@
+"""Writer and reader of the target cache (format: `docs/cache-format.md`, names: `cache/schema.py`).
+
+Layout of one cache, ``ROOT/<key.digest()>/``::
+
+    manifest.json          key, schema version, units (scan tokens), feature dim, layout, meta
+    writer.lock            while an extraction run writes (cache/lock.py)
+    units/u00000/          one Zarr v3 group per unit, arrays sharded: one shard file per array
+    units/u00000.done      JSON marker: rows, per-file sizes and sha256; written last
+    units/.u00000.tmp-*    a unit being written (or left by a killed writer: never read)
+    COMPLETE               written by finalize() once every unit is done
+
+A unit (block of scans) is written by exactly one task, under a temporary name, renamed into
+place, and only then marked done, so no two processes ever write the same Zarr shard and a
+half-written unit never looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import socket
+import time
+import uuid
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numcodecs
+import numpy as np
+import zarr
+from tqdm import tqdm
+from zarr.codecs import BloscCodec, ZstdCodec
+
+from cache.lock import cache_lock
+from cache.schema import (
+    COMPLETE,
+    MANIFEST,
+    OFFSETS,
+    OFFSETS_DTYPE,
+    POINT_ARRAYS,
+    SCHEMA_VERSION,
+    UNITS_DIR,
+    UNPAIRED,
+    CacheError,
+    CacheKey,
+    CacheKeyMismatch,
+    IncompleteCacheError,
+    ScanTargets,
+    SchemaVersionError,
+    UnitData,
+    point_shape,
+    unit_name,
+)
+
+# ---------------------------------------------------------------- layout ----
+CODECS = ("none", "zstd", "blosc")
+
+
+@dataclass(frozen=True)
+class StorageLayout:
+    """How a unit's arrays are chunked and compressed (recorded in the manifest; readers
+    need nothing from it: Zarr metadata describes each array)."""
+
+    chunk_rows: int = 16384
+    """Rows per inner chunk: the read granularity inside a shard (a scan is ~10-40k points)."""
+    target_codec: str = "none"
+    """Compressor of `target`: "none", "zstd" or "blosc" (fp16 features barely compress)."""
+    other_codec: str = "none"
+    """Compressor of points, camera, uv, label."""
+
+    def __post_init__(self) -> None:
+        if self.chunk_rows < 1:
+            raise ValueError(f"StorageLayout.chunk_rows must be >= 1, got {self.chunk_rows}")
+        for c in (self.target_codec, self.other_codec):
+            if c not in CODECS:
+                raise ValueError(f"unknown codec {c!r}; choose one of {CODECS}")
+
+
+DEFAULT_LAYOUT = StorageLayout()
+
+
+def _compressors(codec: str, dtype: np.dtype) -> tuple:
+    if codec == "zstd":
+        return (ZstdCodec(level=1),)
+    if codec == "blosc":
+        return (BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=dtype.itemsize),)
+    return ()
+
+
+def write_unit_group(path: Path, data: UnitData, feature_dim: int, layout: StorageLayout) -> None:
+    """Write ``data`` as a new Zarr v3 group at ``path``: one shard file per array."""
+    data.validate(feature_dim)
+    rows = data.rows()
+    offsets = np.zeros(len(rows) + 1, dtype=OFFSETS_DTYPE)  # (S + 1,)
+    np.cumsum(rows, out=offsets[1:])
+    total = int(offsets[-1])
+    store = zarr.storage.LocalStore(path)
+    attrs = {
+        "schema_version": SCHEMA_VERSION,
+        "tokens": list(data.tokens),
+        "lidar_paths": list(data.lidar_paths),
+    }
+    zarr.create_group(store, attributes=attrs)
+    # The whole unit in one shard (one file per array), cut into k equal chunks of at most
+    # chunk_rows rows: Zarr pads the last chunk to full size, so equal chunks waste < k rows.
+    k = max(1, -(-total // layout.chunk_rows))
+    c = max(1, -(-total // k))
+    shard_rows = k * c
+    for name, (dtype, _) in POINT_ARRAYS.items():
+        parts = getattr(data, name)
+        arr = np.concatenate(parts) if parts else np.zeros(point_shape(name, 0, feature_dim), dtype)
+        if name == "target":
+            # Unpaired rows carry no target: store zeros (deterministic, and they compress).
+            unpaired = np.concatenate(data.camera) == UNPAIRED if parts else np.zeros(0, bool)
+            if unpaired.any() and arr[unpaired].any():
+                arr[unpaired] = 0
+        codec = layout.target_codec if name == "target" else layout.other_codec
+        zarr.create_array(
+            store,
+            name=name,
+            data=arr,
+            chunks=(c, *arr.shape[1:]),
+            shards=(shard_rows, *arr.shape[1:]),
+            compressors=_compressors(codec, dtype),
+            fill_value=0,
+        )
+    zarr.create_array(store, name=OFFSETS, data=offsets, chunks=offsets.shape, compressors=())
+
+
+# ---------------------------------------------------------------- small file helpers ----
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to a temporary name, fsync, rename over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=1, default=str)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _file_digests(directory: Path) -> dict[str, dict[str, Any]]:
+    """{relative posix path: {"size", "sha256"}} of every file under ``directory``."""
+    out = {}
+    for p in sorted(directory.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as fh:
+                digest = hashlib.file_digest(fh, "sha256").hexdigest()
+            out[p.relative_to(directory).as_posix()] = {"size": p.stat().st_size, "sha256": digest}
+    return out
+
+
+def _array_digest(files: dict[str, dict[str, Any]], name: str) -> str:
+    """One sha256 per array: over the (path, sha256) of its stored files (metadata + shards)."""
+    h = hashlib.sha256()
+    for rel in sorted(files):
+        if rel.split("/", 1)[0] == name:
+            h.update(f"{rel}\0{files[rel]['sha256']}\n".encode())
+    return h.hexdigest()
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CacheError(f"{what} not found: {path}") from None
+    except ValueError as e:
+        raise CacheError(f"{what} {path} is not valid JSON: {e}") from None
+
+
+def _environment() -> dict[str, str]:
+    return {
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "zarr": zarr.__version__,
+        "numcodecs": numcodecs.__version__,
+        "host": socket.gethostname(),
+    }
+
+
+# ---------------------------------------------------------------- writer ----
+@dataclass
+class CacheWriter:
+    """Writes one cache unit by unit. Picklable: Dask tasks receive it and call `write_unit`."""
+
+    path: Path  # ROOT/<digest>
+    key: CacheKey
+    units: list[list[str]]  # scan tokens of each unit
+    feature_dim: int
+    layout: StorageLayout = DEFAULT_LAYOUT
+
+    @classmethod
+    def create(
+        cls,
+        root: str | Path,
+        key: CacheKey,
+        units: list[list[str]],
+        feature_dim: int,
+        meta: dict,
+        layout: StorageLayout = DEFAULT_LAYOUT,
+    ) -> CacheWriter:
+        """Make ``root/<digest>/`` and its manifest (atomically), or check the existing one
+        describes the same key, units, feature dim and layout (the first run's meta stays)."""
+        units = [list(u) for u in units]
+        if not units or any(not u for u in units):
+            raise ValueError(
+                "CacheWriter.create: units must be a non-empty list of non-empty lists"
+            )
+        tokens = [t for u in units for t in u]
+        if len(set(tokens)) != len(tokens):
+            dup = sorted({t for t in tokens if tokens.count(t) > 1})[:5]
+            raise ValueError(f"CacheWriter.create: scan tokens repeated across units: {dup}")
+        if feature_dim < 1:
+            raise ValueError(f"CacheWriter.create: feature_dim must be >= 1, got {feature_dim}")
+        path = Path(root) / key.digest()
+        (path / UNITS_DIR).mkdir(parents=True, exist_ok=True)
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "digest": key.digest(),
+            "key": key.to_dict(),
+            "feature_dim": feature_dim,
+            "layout": asdict(layout),
+            "units": units,
+            "meta": meta,
+            "environment": _environment(),
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        target = path / MANIFEST
+        if not target.exists():
+            tmp = path / f".{MANIFEST}.tmp-{uuid.uuid4().hex}"
+            tmp.write_text(json.dumps(manifest, indent=1, default=str))
+            try:
+                os.link(tmp, target)  # atomic and never overwrites a concurrent creator's manifest
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink()
+        existing = _read_json(target, "cache manifest")
+        for name in ("schema_version", "key", "feature_dim", "layout", "units"):
+            if existing.get(name) != json.loads(json.dumps(manifest[name])):
+                raise CacheError(
+                    f"cache {path} already exists with a different {name!r} "
+                    f"({_short(existing.get(name))} vs {_short(manifest[name])}); "
+                    "extract with the same settings, or delete that folder to start over"
+                )
+        return cls(path=path, key=key, units=units, feature_dim=feature_dim, layout=layout)
+
+    # -- state --------------------------------------------------------------------------------
+    def unit_dir(self, unit_id: int) -> Path:
+        return self.path / UNITS_DIR / unit_name(unit_id)
+
+    def marker_path(self, unit_id: int) -> Path:
+        return self.path / UNITS_DIR / f"{unit_name(unit_id)}.done"
+
+    def is_complete(self, unit_id: int) -> bool:
+        """Marker present and every file it lists present with its recorded size."""
+        return not unit_problems(self.path, unit_id, self.units[unit_id], checksums=False)
+
+    def pending_units(self, verify_checksums: bool = False) -> list[int]:
+        """Units still to write. A unit with a marker whose files fail the check (sizes; also
+        sha256 with ``verify_checksums``) is pending again, with a warning naming the problem."""
+        pending = []
+        for u, tokens in enumerate(self.units):
+            if not self.marker_path(u).exists():
+                pending.append(u)
+                continue
+            problems = unit_problems(self.path, u, tokens, checksums=verify_checksums)
+            if problems:
+                warnings.warn(f"rewriting {'; '.join(problems)}", stacklevel=2)
+                pending.append(u)
+        return pending
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the cache's writer lock (one extraction run per cache) and remove temp dirs
+        left by killed writers: while we hold the lock, nobody else is writing."""
+        with cache_lock(self.path):
+            self.remove_stale_temps()
+            yield
+
+    def remove_stale_temps(self) -> int:
+        """Delete ``units/.u*.tmp-*`` folders and temp files; returns how many were removed."""
+        stale = list((self.path / UNITS_DIR).glob(".u*.tmp-*")) + list(
+            (self.path / UNITS_DIR).glob(".*.done.tmp-*")
+        )
+        for p in stale:
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        return len(stale)
+
+    # -- writing ------------------------------------------------------------------------------
+    def write_unit(self, unit_id: int, data: UnitData) -> int:
+        """Write unit ``unit_id`` atomically; returns bytes written (0 when already complete).
+
+        Temp dir + fsync + rename + ``.done`` marker (sizes, sha256 and row counts), in that
+        order: a unit without a valid marker is never read, and is rewritten by a re-run.
+        """
+        if not 0 <= unit_id < len(self.units):
+            raise IndexError(f"unit {unit_id} out of range: cache has {len(self.units)} units")
+        if list(data.tokens) != self.units[unit_id]:
+            raise ValueError(
+                f"unit {unit_name(unit_id)}: tokens differ from the manifest "
+                f"(got {len(data.tokens)} scans, expected {len(self.units[unit_id])}, "
+                f"first {data.tokens[:1]} vs {self.units[unit_id][:1]})"
+            )
+        if self.marker_path(unit_id).exists() and self.is_complete(unit_id):
+            return 0
+        self.marker_path(unit_id).unlink(missing_ok=True)  # an invalid marker goes first
+        units_dir = self.path / UNITS_DIR
+        tmp = units_dir / f".{unit_name(unit_id)}.tmp-{uuid.uuid4().hex}"
+        try:
+            write_unit_group(tmp, data, self.feature_dim, self.layout)
+            files = _file_digests(tmp)
+            for rel in files:
+                with open(tmp / rel, "rb+") as fh:
+                    os.fsync(fh.fileno())
+            final = self.unit_dir(unit_id)
+            if final.exists():  # left by a writer killed before its marker: replace it
+                trash = units_dir / f".{unit_name(unit_id)}.tmp-{uuid.uuid4().hex}"
+                os.rename(final, trash)
+                shutil.rmtree(trash)
+            os.rename(tmp, final)
+            _fsync_dir(units_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        rows = sum(data.rows())
+        camera = np.concatenate(data.camera) if data.camera else np.zeros(0, np.int8)
+        marker = {
+            "unit": unit_id,
+            "schema_version": SCHEMA_VERSION,
+            "scans": len(data.tokens),
+            "rows": rows,
+            "paired": int((camera != UNPAIRED).sum()),
+            "bytes": sum(f["size"] for f in files.values()),
+            "arrays": {
+                name: {
+                    "rows": rows if name != OFFSETS else len(data.tokens) + 1,
+                    "sha256": _array_digest(files, name),
+                }
+                for name in (*POINT_ARRAYS, OFFSETS)
+            },
+            "files": files,
+            "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+        }
+        _write_json_atomic(self.marker_path(unit_id), marker)
+        return marker["bytes"]
+
+    def finalize(self, summary: dict) -> None:
+        """All units done → write ``COMPLETE`` (with ``summary``); otherwise raise naming the
+        missing units. Removes temp dirs left behind."""
+        missing = [u for u in range(len(self.units)) if not self.is_complete(u)]
+        if missing:
+            raise IncompleteCacheError(
+                f"cannot finalize cache {self.path}: {len(missing)} of {len(self.units)} units "
+                f"not done ({_unit_list(missing)})"
+            )
+        self.remove_stale_temps()
+        markers = [_read_json(self.marker_path(u), "unit marker") for u in range(len(self.units))]
+        _write_json_atomic(
+            self.path / COMPLETE,
+            {
+                "summary": summary,
+                "units": len(self.units),
+                "scans": sum(m["scans"] for m in markers),
+                "points": sum(m["rows"] for m in markers),
+                "bytes": sum(m["bytes"] for m in markers),
+                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            },
+        )
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    s = json.dumps(value, default=str)
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+def _unit_list(ids: list[int], limit: int = 8) -> str:
+    names = ", ".join(unit_name(u) for u in ids[:limit])
+    return names + (f", ... (+{len(ids) - limit})" if len(ids) > limit else "")
+
+
+# ---------------------------------------------------------------- checking ----
+def load_manifest(path: str | Path) -> dict:
+    """The manifest of cache ``path``; CacheError naming the path when absent or unreadable,
+    SchemaVersionError when written by another schema version."""
+    path = Path(path)
+    if not (path / MANIFEST).exists():
+        raise CacheError(
+            f"{path} is not a cache: no {MANIFEST} in it (a cache folder is ROOT/<digest>/; "
+            "`python cli.py cache info ROOT` lists the caches of a root)"
+        )
+    manifest = _read_json(path / MANIFEST, "cache manifest")
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        newer = isinstance(version, int) and version > SCHEMA_VERSION
+        raise SchemaVersionError(
+            f"cache {path} has schema version {version}, this code reads version "
+            f"{SCHEMA_VERSION}: "
+            + ("update this code to read it" if newer else "re-extract it with this code")
+        )
+    return manifest
+
+
+def unit_problems(path: Path, unit_id: int, tokens: list[str], checksums: bool = True) -> list[str]:
+    """Problems of one unit, each naming it; [] when complete and intact.
+
+    Checks the marker, the files it lists (sizes; sha256 with ``checksums``) and, with
+    ``checksums``, the Zarr contents: row counts equal, offsets monotonic, ending at rows.
+    """
+    name = unit_name(unit_id)
+    marker_path = path / UNITS_DIR / f"{name}.done"
+    unit_dir = path / UNITS_DIR / name
+    if not marker_path.exists():
+        return [f"unit {name}: not done (no marker {marker_path.name})"]
+    try:
+        marker = json.loads(marker_path.read_text())
+        files = marker["files"]
+    except (OSError, ValueError, KeyError) as e:
+        return [f"unit {name}: unreadable marker {marker_path}: {e}"]
+    if not unit_dir.is_dir():
+        return [f"unit {name}: marker present but folder {unit_dir} missing"]
+    problems = []
+    for rel, want in files.items():
+        p = unit_dir / rel
+        if not p.is_file():
+            problems.append(f"unit {name}: file {rel} missing")
+        elif p.stat().st_size != want["size"]:
+            problems.append(
+                f"unit {name}: file {rel} has {p.stat().st_size} bytes, marker says {want['size']}"
+                " (truncated or rewritten)"
+            )
+        elif checksums:
+            with open(p, "rb") as fh:
+                if hashlib.file_digest(fh, "sha256").hexdigest() != want["sha256"]:
+                    problems.append(f"unit {name}: file {rel} checksum mismatch (corrupted)")
+    if problems or not checksums:
+        return problems
+    return _content_problems(unit_dir, name, marker, tokens)
+
+
+def _content_problems(unit_dir: Path, name: str, marker: dict, tokens: list[str]) -> list[str]:
+    """Structural checks of a unit's Zarr group against its marker and the manifest."""
+    problems = []
+    try:
+        group = zarr.open_group(zarr.storage.LocalStore(unit_dir, read_only=True), mode="r")
+        if list(group.attrs.get("tokens", [])) != list(tokens):
+            problems.append(f"unit {name}: scan tokens differ from the manifest")
+        offsets = group[OFFSETS][:]
+        rows = {n: group[n].shape[0] for n in POINT_ARRAYS}
+    except Exception as e:  # any zarr/codec error means the unit is unreadable
+        return [f"unit {name}: unreadable Zarr group: {type(e).__name__}: {e}"]
+    if len(set(rows.values())) != 1:
+        problems.append(f"unit {name}: per-point arrays have different row counts {rows}")
+    n_rows = rows["points"]
+    if n_rows != marker.get("rows"):
+        problems.append(f"unit {name}: {n_rows} rows stored, marker says {marker.get('rows')}")
+    if len(offsets) != len(tokens) + 1:
+        problems.append(f"unit {name}: {len(offsets)} offsets for {len(tokens)} scans")
+    if len(offsets) and (offsets[0] != 0 or np.any(np.diff(offsets) < 0)):
+        problems.append(f"unit {name}: offsets not monotonic from 0")
+    if len(offsets) and offsets[-1] != n_rows:
+        problems.append(f"unit {name}: last offset {offsets[-1]} != {n_rows} rows")
+    return problems
+
+
+def verify_cache(path: str | Path, progress: bool = True) -> list[str]:
+    """Every problem of the cache at ``path`` (complete or not), each naming its unit or file;
+    [] means complete and intact (all checksums recomputed)."""
+    path = Path(path)
+    manifest = load_manifest(path)
+    problems = []
+    units = manifest["units"]
+    for u in tqdm(range(len(units)), desc="verify", unit="unit", disable=not progress):
+        problems += unit_problems(path, u, units[u], checksums=True)
+    if not (path / COMPLETE).exists():
+        problems.append(f"cache {path}: no {COMPLETE} marker (extraction not finalized)")
+    return problems
+
+
+def cache_info(path: str | Path) -> dict[str, Any]:
+    """Summary of the cache at ``path`` (complete or not), from the manifest and markers."""
+    path = Path(path)
+    manifest = load_manifest(path)
+    markers = []
+    for u in range(len(manifest["units"])):
+        try:
+            markers.append(json.loads((path / UNITS_DIR / f"{unit_name(u)}.done").read_text()))
+        except (OSError, ValueError):
+            pass
+    points = sum(m.get("rows", 0) for m in markers)
+    paired = sum(m.get("paired", 0) for m in markers)
+    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return {
+        "path": str(path),
+        "digest": manifest["digest"],
+        "key": manifest["key"],
+        "schema_version": manifest["schema_version"],
+        "feature_dim": manifest["feature_dim"],
+        "layout": manifest["layout"],
+        "complete": (path / COMPLETE).exists(),
+        "units": len(manifest["units"]),
+        "units_done": len(markers),
+        "scans": sum(len(u) for u in manifest["units"]),
+        "scans_done": sum(m.get("scans", 0) for m in markers),
+        "points": points,
+        "paired_share": paired / points if points else 0.0,
+        "bytes_on_disk": size,
+        "created_at": manifest.get("created_at"),
+        "meta": manifest.get("meta", {}),
+    }
+
+
+# ---------------------------------------------------------------- finding caches ----
+def list_caches(root: str | Path) -> list[Path]:
+    """Cache folders (holding a manifest) directly under ``root``, sorted."""
+    root = Path(root)
+    if not root.is_dir():
+        raise CacheError(f"cache root {root} does not exist")
+    return sorted(p for p in root.iterdir() if (p / MANIFEST).is_file())
+
+
+def resolve_cache(root_or_path: str | Path, key: CacheKey | None = None) -> Path:
+    """The cache folder meant by ``root_or_path``: itself if it holds a manifest, else the
+    one cache under it (``key``'s digest when given). Errors name what was found instead and,
+    with a key, which key fields differ."""
+    p = Path(root_or_path)
+    if (p / MANIFEST).is_file():
+        if key is not None:
+            found = CacheKey.from_dict(load_manifest(p)["key"])
+            if found != key:
+                raise CacheKeyMismatch(
+                    f"cache {p} was extracted with other settings: {', '.join(found.mismatches(key))} differ"
+                )
+        return p
+    caches = list_caches(p)
+    if key is not None:
+        if (p / key.digest() / MANIFEST).is_file():
+            return p / key.digest()
+        lines = []
+        for c in caches:
+            try:
+                other = CacheKey.from_dict(_read_json(c / MANIFEST, "cache manifest")["key"])
+                lines.append(f"  {c.name}: differs in {', '.join(other.mismatches(key))}")
+            except (CacheError, ValueError, KeyError) as e:
+                lines.append(f"  {c.name}: unreadable ({e})")
+        raise CacheKeyMismatch(
+            f"no cache for key {key.digest()} under {p}"
+            + (":\n" + "\n".join(lines) if lines else " (it holds no caches)")
+            + "\nRun `python cli.py extract-teacher` with these settings first."
+        )
+    if not caches:
+        raise CacheError(f"{p} holds no cache (no {MANIFEST} in it or in its sub-folders)")
+    if len(caches) > 1:
+        raise CacheError(
+            f"{p} holds {len(caches)} caches; name one: " + ", ".join(str(c) for c in caches)
+        )
+    return caches[0]
+
+
+# ---------------------------------------------------------------- reader ----
+def open_cache(path: str | Path) -> CacheReader:
+    """Open a complete cache for reading; refuses incomplete caches and other schema versions."""
+    path = Path(path)
+    manifest = load_manifest(path)
+    if not (path / COMPLETE).exists():
+        n = len(manifest["units"])
+        missing = [u for u in range(n) if not (path / UNITS_DIR / f"{unit_name(u)}.done").exists()]
+        raise IncompleteCacheError(
+            f"cache {path} is incomplete: {len(missing)} of {n} units missing"
+            + (f" ({_unit_list(missing)})" if missing else " (all units done, not finalized)")
+            + ". Re-run the same `python cli.py extract-teacher` command to resume: "
+            "finished units are kept."
+        )
+    return CacheReader(path)
+
+
+@dataclass
+class _OpenUnit:
+    arrays: dict[str, Any]  # name -> zarr.Array
+    offsets: np.ndarray  # (S + 1,) int64
+    lidar_paths: list[str]
+
+
+@dataclass
+class CacheReader:
+    """Random access to the scans of a complete cache. Picklable (DataLoader workers): opened
+    Zarr arrays are dropped when pickled and reopened lazily on first read."""
+
+    path: Path
+    key: CacheKey = field(init=False)
+    feature_dim: int = field(init=False)
+    tokens: list[str] = field(init=False)  # all scans, unit after unit
+    meta: dict = field(init=False)
+    _unit_of: np.ndarray = field(init=False, repr=False)  # (S,) unit of each scan
+    _index_in_unit: np.ndarray = field(init=False, repr=False)  # (S,) position inside it
+    _open: dict[int, _OpenUnit] = field(init=False, repr=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.path = Path(self.path)
+        manifest = load_manifest(self.path)
+        self.key = CacheKey.from_dict(manifest["key"])
+        self.feature_dim = int(manifest["feature_dim"])
+        self.meta = manifest.get("meta", {})
+        units = manifest["units"]
+        self.tokens = [t for u in units for t in u]
+        self._unit_of = np.repeat(np.arange(len(units)), [len(u) for u in units])
+        self._index_in_unit = np.concatenate([np.arange(len(u)) for u in units])
+        self._open = {}
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_open"] = {}  # zarr handles are not shared across processes
+        return state
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def _unit(self, u: int) -> _OpenUnit:
+        if u not in self._open:
+            store = zarr.storage.LocalStore(self.path / UNITS_DIR / unit_name(u), read_only=True)
+            group = zarr.open_group(store, mode="r")
+            self._open[u] = _OpenUnit(
+                arrays={name: group[name] for name in POINT_ARRAYS},
+                offsets=group[OFFSETS][:],
+                lidar_paths=list(group.attrs["lidar_paths"]),
+            )
+        return self._open[u]
+
+    def num_points(self, i: int) -> int:
+        """Points of scan ``i`` (reads only the unit's offsets)."""
+        unit = self._unit(int(self._unit_of[i]))
+        j = int(self._index_in_unit[i])
+        return int(unit.offsets[j + 1] - unit.offsets[j])
+
+    def read_scan(self, i: int) -> ScanTargets:
+        """Scan ``i`` (0 <= i < len): one Zarr read per array."""
+        if not 0 <= i < len(self.tokens):
+            raise IndexError(f"scan {i} out of range: cache {self.path} has {len(self)} scans")
+        unit = self._unit(int(self._unit_of[i]))
+        j = int(self._index_in_unit[i])
+        start, end = int(unit.offsets[j]), int(unit.offsets[j + 1])
+        return ScanTargets(
+            token=self.tokens[i],
+            lidar_path=unit.lidar_paths[j],
+            **{name: arr[start:end] for name, arr in unit.arrays.items()},
+        )
+
+    def verify(self, progress: bool = True) -> list[str]:
+        """Problems of this cache, each naming its unit; [] = complete and intact."""
+        return verify_cache(self.path, progress=progress)
+
+    def info(self) -> dict[str, Any]:
+        """Key fields, scans, points, paired share, size on disk, completeness."""
+        return cache_info(self.path)
