@@ -1,0 +1,108 @@
+"""SemanticKITTI reader (learning map, splits, poses, file validation) and the synthetic writer."""
+
+import numpy as np
+import pytest
+
+from pipeline.datasets.semantickitti import (
+    CLASS_NAMES,
+    IGNORE_LABEL,
+    SPLITS,
+    SemanticKITTIReader,
+    learning_map,
+    map_labels,
+)
+from pipeline.synthetic.semantickitti import SyntheticKittiConfig, write_synthetic_semantickitti
+
+
+@pytest.fixture(scope="module")
+def kitti_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("kitti") / "semantickitti"
+    cfg = SyntheticKittiConfig(
+        sequences=("00", "03", "08"), frames_per_sequence=2, beams=16, azimuth_steps=180
+    )
+    return write_synthetic_semantickitti(root, cfg)
+
+
+def test_learning_map_standard_entries():
+    lm = learning_map()
+    assert len(CLASS_NAMES) == 19 and CLASS_NAMES[0] == "car" and CLASS_NAMES[18] == "traffic-sign"
+    assert lm[10] == 0 and lm[252] == 0  # car, moving-car → car
+    assert lm[40] == 8 and lm[60] == 8  # road, lane-marking → road
+    assert lm[13] == 4 and lm[257] == 4  # bus → other-vehicle
+    assert lm[254] == 5 and lm[253] == 6  # moving person/bicyclist
+    assert lm[81] == 18 and lm[72] == 16
+    for raw in (0, 1, 52, 99):
+        assert lm[raw] == IGNORE_LABEL
+    assert sorted(set(lm.values()) - {IGNORE_LABEL}) == list(range(19))
+
+
+def test_map_labels_uses_lower_16_bits_and_rejects_unknown_ids():
+    raw = np.array([(7 << 16) | 10, 40, (3 << 16) | 252, 0, 81], dtype=np.uint32)
+    np.testing.assert_array_equal(map_labels(raw), [0, 8, 0, 255, 18])
+    with pytest.raises(ValueError, match="x.label.*\\[42\\]"):
+        map_labels(np.array([42], dtype=np.uint32), source="x.label")
+
+
+def test_splits_select_sequences(kitti_root):
+    reader = SemanticKITTIReader(kitti_root)
+    assert SPLITS["val"] == ("08",) and "08" not in SPLITS["train"] and len(SPLITS["train"]) == 10
+    train, val = reader.scans("train"), reader.scans("val")
+    assert [s.token for s in train] == ["00_000000", "00_000001", "03_000000", "03_000001"]
+    assert [s.token for s in val] == ["08_000000", "08_000001"]
+    assert [s.token for s in reader.scans("3")] == ["03_000000", "03_000001"]
+    with pytest.raises(FileNotFoundError, match="test"):
+        reader.scans("test")  # no test sequence on disk
+    with pytest.raises(ValueError, match="unknown SemanticKITTI split"):
+        reader.scans("mini_val")
+
+
+def test_points_labels_and_poses(kitti_root):
+    reader = SemanticKITTIReader(kitti_root)
+    scans = reader.scans("val")
+    pts = reader.load_points(scans[0])
+    labels = reader.load_labels(scans[0])
+    assert pts.dtype == np.float32 and pts.shape[1] == 4 and len(pts) > 500
+    assert labels.dtype == np.uint8 and labels.shape == (len(pts),)
+    present = set(np.unique(labels).tolist())
+    assert {0, 8, 10, 12} <= present  # car, road, sidewalk, building
+    assert present <= set(range(19)) | {255}
+    # road points lie on the ground, 1.73 m below the sensor
+    np.testing.assert_allclose(pts[labels == 8, 2], -1.73, atol=0.05)
+    # lidar pose chain: the car drives 1.5 m along +x between scans, no rotation
+    np.testing.assert_allclose(scans[0].ego_to_global, np.eye(4), atol=1e-9)
+    expected = np.eye(4)
+    expected[0, 3] = 1.5
+    np.testing.assert_allclose(scans[1].ego_to_global, expected, atol=1e-9)
+    assert scans[1].timestamp == 100_000 and scans[0].scene == "08" and scans[0].cameras == ()
+    assert {p.name for p in reader.metadata_files()} == {"calib.txt", "poses.txt", "times.txt"}
+    assert len(reader.metadata_files()) == 9
+
+
+def test_truncated_files_give_errors_naming_the_file(kitti_root, tmp_path):
+    import shutil
+
+    root = tmp_path / "broken"
+    shutil.copytree(kitti_root, root)
+    reader = SemanticKITTIReader(root)
+    scan = reader.scans("val")[0]
+    with open(scan.lidar_path, "r+b") as f:
+        f.truncate(f.seek(0, 2) - 6)
+    with pytest.raises(ValueError, match="000000.bin.*truncated"):
+        reader.load_points(scan)
+    scan2 = reader.scans("val")[1]
+    with open(scan2.label_path, "r+b") as f:
+        f.truncate(f.seek(0, 2) - 4)
+    with pytest.raises(ValueError, match="000001.label.*truncated or mismatched"):
+        reader.load_labels(scan2)
+    (root / "sequences" / "00" / "poses.txt").write_text("1 0 0\n")
+    with pytest.raises(ValueError, match="poses.txt.*expected 12"):
+        reader.scans("train")
+    with pytest.raises(FileNotFoundError, match="no 'sequences/'"):
+        SemanticKITTIReader(tmp_path)
+
+
+def test_writer_refuses_non_empty_output(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "file").write_text("")
+    with pytest.raises(FileExistsError):
+        write_synthetic_semantickitti(tmp_path / "x")
