@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.datasets.records import CameraFrame, Scan
+from pipeline.datasets.records import CameraFrame, DataError, Scan
 
 IGNORE_LABEL = 255
 
@@ -72,7 +72,7 @@ def map_labels(raw: np.ndarray, source: str = "labels") -> np.ndarray:
     out = _LUT[semantic]
     if np.any(out == _UNKNOWN):
         bad = sorted(set(semantic[out == _UNKNOWN].tolist()))[:10]
-        raise ValueError(f"{source}: raw semantic ids not in the SemanticKITTI map: {bad}")
+        raise DataError(f"{source}: raw semantic ids not in the SemanticKITTI map: {bad}")
     return out
 
 
@@ -86,12 +86,12 @@ def read_calib(path: Path) -> dict[str, np.ndarray]:
         try:
             numbers = np.array([float(v) for v in values.split()], dtype=np.float64)
         except ValueError as e:
-            raise ValueError(f"{path}: line {lineno}: not numbers ({e})") from None
+            raise DataError(f"{path}: line {lineno}: not numbers ({e})") from None
         if numbers.size != 12:
-            raise ValueError(f"{path}: line {lineno}: {key} has {numbers.size} values, expected 12")
+            raise DataError(f"{path}: line {lineno}: {key} has {numbers.size} values, expected 12")
         entries[key.strip()] = numbers.reshape(3, 4)
     if "Tr" not in entries:
-        raise ValueError(f"{path}: no 'Tr' (velodyne → camera 0) entry")
+        raise DataError(f"{path}: no 'Tr' (velodyne → camera 0) entry")
     calib = dict(entries)
     calib["Tr"] = np.vstack([entries["Tr"], [0.0, 0.0, 0.0, 1.0]])
     return calib
@@ -105,7 +105,7 @@ def read_poses(path: Path) -> np.ndarray:
             continue
         values = line.split()
         if len(values) != 12:
-            raise ValueError(f"{path}: line {lineno}: {len(values)} values, expected 12")
+            raise DataError(f"{path}: line {lineno}: {len(values)} values, expected 12")
         rows.append(np.array(values, dtype=np.float64).reshape(3, 4))
     poses = np.tile(np.eye(4), (len(rows), 1, 1))
     if rows:
@@ -142,7 +142,7 @@ class SemanticKITTIReader:
         elif all(s.strip().isdigit() for s in split.split(",")):
             wanted = tuple(f"{int(s):02d}" for s in split.split(","))
         else:
-            raise ValueError(
+            raise DataError(
                 f"unknown SemanticKITTI split {split!r}: use {sorted(SPLITS)} or '00,08'"
             )
         present = set(self.available_sequences())
@@ -167,7 +167,7 @@ class SemanticKITTIReader:
         if poses_path.is_file():
             poses = read_poses(poses_path)
             if len(poses) != len(frames):
-                raise ValueError(
+                raise DataError(
                     f"{poses_path}: {len(poses)} poses for {len(frames)} velodyne scans"
                 )
         else:  # test sequences of old releases come without poses
@@ -176,7 +176,7 @@ class SemanticKITTIReader:
         if times_path.is_file():
             times = np.loadtxt(times_path, dtype=np.float64, ndmin=1)
             if len(times) != len(frames):
-                raise ValueError(f"{times_path}: {len(times)} times for {len(frames)} scans")
+                raise DataError(f"{times_path}: {len(times)} times for {len(frames)} scans")
         else:
             times = np.arange(len(frames), dtype=np.float64) * 0.1  # 10 Hz
         scans = []
@@ -236,7 +236,7 @@ class SemanticKITTIReader:
             raise FileNotFoundError(f"{path}: velodyne scan missing")
         size = path.stat().st_size
         if size % 16:
-            raise ValueError(
+            raise DataError(
                 f"{path}: truncated or not a velodyne scan: {size} bytes is not a multiple of 16 "
                 "(4 float32 per point)"
             )
@@ -250,7 +250,7 @@ class SemanticKITTIReader:
         path = Path(scan.label_path)
         size = path.stat().st_size
         if size != 4 * n_points:
-            raise ValueError(
+            raise DataError(
                 f"{path}: {size} bytes, expected {4 * n_points} (one uint32 for each of the "
                 f"{n_points} points of {Path(scan.lidar_path).name}): truncated or mismatched"
             )
