@@ -142,7 +142,7 @@ class SemanticKITTIReader:
         elif all(s.strip().isdigit() for s in split.split(",")):
             wanted = tuple(f"{int(s):02d}" for s in split.split(","))
         else:
-            raise DataError(
+            raise ValueError(
                 f"unknown SemanticKITTI split {split!r}: use {sorted(SPLITS)} or '00,08'"
             )
         present = set(self.available_sequences())
