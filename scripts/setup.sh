@@ -34,6 +34,10 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 VPY="$VENV/bin/python"
 PIP=("$VPY" -m pip install -q --disable-pip-version-check)
+# This machine's pip config names local wheel folders that may not exist: drop that noise.
+# The devkit pins numpy<2 and an older shapely; we install it --no-deps on purpose, so pip's
+# resolver complaints about it are expected too.
+quiet() { "$@" 2> >(grep -v "Location 'file:.*is ignored\|dependency resolver does not\|^nuscenes-devkit .* requires" >&2); }
 
 # Dependency lists come from pyproject.toml: one source of truth.
 deps() { "$VPY" - "$1" <<'PYEOF'
@@ -48,8 +52,9 @@ PYEOF
 if ! "$VPY" -c "import importlib.metadata as m; assert m.version('MinkowskiEngine') == '$ME_VERSION'" 2>/dev/null; then
     TORCH_SPEC=$(deps main | grep '^torch')
     log "building MinkowskiEngine $ME_VERSION (takes ~5 min on 2 cores)"
-    "${PIP[@]}" "$TORCH_SPEC" "numpy<2" wheel ninja
-    "${PIP[@]}" "setuptools<60" 2>&1 | grep -v "requires setuptools" || true
+    quiet "${PIP[@]}" "$TORCH_SPEC" "numpy<2" wheel ninja
+    # pip warns that torch wants a newer setuptools: expected, build time only.
+    "${PIP[@]}" "setuptools<60" 2>&1 | grep -v "Location 'file:\|setuptools\|dependency resolver" || true
     if command -v nvcc >/dev/null && "$VPY" -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
         log "CUDA toolkit and GPU found: ME's setup.py will try the CUDA build"
     fi
@@ -58,17 +63,17 @@ if ! "$VPY" -c "import importlib.metadata as m; assert m.version('MinkowskiEngin
         "MinkowskiEngine==$ME_VERSION" > "$VENV/me-build.log" 2>&1 || true
     "$VPY" -c "import importlib.metadata as m; assert m.version('MinkowskiEngine') == '$ME_VERSION'" \
         || { echo "[setup] MinkowskiEngine build failed (log: $VENV/me-build.log)" >&2; exit 1; }
-    "${PIP[@]}" -U "setuptools>=77" "numpy>=2"
+    quiet "${PIP[@]}" -U "setuptools>=77" "numpy>=2"
 fi
 
 # 4. Runtime + test dependencies (numpy 2), then the devkit reference without its numpy<2 pin.
 log "installing dependencies from pyproject.toml"
 mapfile -t MAIN < <(deps main)
 mapfile -t TEST < <(deps test)
-"${PIP[@]}" "${MAIN[@]}" "${TEST[@]}"
+quiet "${PIP[@]}" "${MAIN[@]}" "${TEST[@]}"
 mapfile -t DEVKIT < <(deps devkit)
-"${PIP[@]}" --no-deps "${DEVKIT[0]}"
-"${PIP[@]}" "${DEVKIT[@]:1}"
+quiet "${PIP[@]}" --no-deps "${DEVKIT[0]}"
+quiet "${PIP[@]}" "${DEVKIT[@]:1}"
 
 # 5. Check the result imports, then write the stamp.
 "$VPY" -c "
