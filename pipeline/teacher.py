@@ -1,0 +1,402 @@
+"""The frozen DINOv2 teacher: camera images → patch-token grids → features at pixel positions.
+
+Conventions (docs/extraction.md explains them with a picture in words):
+- Models: Hugging Face ``Dinov2Model`` or ``Dinov2WithRegistersModel``, loaded by hub id or local
+  folder with ``AutoModel.from_pretrained``. Frozen: no parameter requires grad, the module
+  refuses to leave eval mode, forwards run under ``torch.inference_mode``.
+- Input: uint8 RGB images (H0, W0, 3). We resize them to the configured (H, W) (bilinear,
+  antialiased, half-pixel centres, in uint8 as PIL does), convert to [0, 1] and normalise with the ImageNet mean/std ourselves
+  (no image-processor defaults: the processor would centre-crop). H and W must be multiples of
+  the patch size (14). Aspect ratio is not preserved: each axis is scaled on its own
+  (nuScenes 1600x900 → 896x448 scales x by 0.56 and y by 0.4978), which `sample_features`
+  accounts for because it works in normalised image coordinates.
+- Output: the last layer's patch tokens *after* the final LayerNorm (``last_hidden_state`` of the
+  HF models, the features DINOv2 is evaluated with), the CLS token and the
+  ``config.num_register_tokens`` register tokens dropped, as a grid (B, D, H/14, W/14).
+- Sampling: patch j covers resized pixels [14 j, 14 (j + 1)), its feature sits at its centre;
+  features between centres are bilinear, beyond the outermost centres constant (border).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+"""Per-channel RGB mean of ImageNet (in [0, 1]): DINOv2's training normalisation."""
+IMAGENET_STD = (0.229, 0.224, 0.225)
+"""Per-channel RGB standard deviation of ImageNet (in [0, 1])."""
+FEATURE_LAYER = "last"
+"""The one layer we extract: the last block's tokens after the final LayerNorm."""
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+"""Files whose bytes define the teacher's weights (hashed into its identity)."""
+RANDOM_MARKER = "random_init_for_tests"
+"""config.json flag written by `save_random_teacher`: the weights are random, not DINOv2's."""
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """Which teacher to run and how."""
+
+    model: str
+    """Hugging Face hub id (e.g. "facebook/dinov2-small") or a local save_pretrained folder."""
+    image_size: tuple[int, int] = (448, 896)
+    """(H, W) the images are resized to before the forward; multiples of the patch size."""
+    device: str = "cpu"
+    """torch device of the forward ("cpu", "cuda", "cuda:1")."""
+    dtype: str = "float32"
+    """Autocast dtype of the forward: "float32" (none), "float16" (CUDA only) or "bfloat16"."""
+
+    def __post_init__(self) -> None:
+        size = tuple(int(s) for s in self.image_size)
+        if len(size) != 2 or min(size) <= 0:
+            raise ValueError(f"TeacherConfig.image_size must be (H, W) > 0, got {self.image_size}")
+        object.__setattr__(self, "image_size", size)
+        if self.dtype not in DTYPES:
+            raise ValueError(
+                f"TeacherConfig.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}"
+            )
+        if self.dtype == "float16" and not self.device.startswith("cuda"):
+            raise ValueError(
+                "TeacherConfig.dtype float16 needs a CUDA device; use float32 or bfloat16"
+            )
+
+
+@dataclass(frozen=True)
+class TeacherIdentity:
+    """What makes two teachers the same: name as given and the hash of the weight bytes."""
+
+    name: str  # hub id or local path, as given by the user
+    weights_sha256: str  # `weights_sha256(folder)`
+    architecture: str  # "Dinov2Model" or "Dinov2WithRegistersModel"
+    feature_dim: int  # D, hidden size
+    patch_size: int  # 14 for every released DINOv2
+    num_register_tokens: int  # 0 without registers
+    random: bool  # True for `save_random_teacher` folders: demo/test only
+
+
+def parse_image_size(text: str) -> tuple[int, int]:
+    """ "448x896" → (448, 896): height x width."""
+    try:
+        h, w = (int(p) for p in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(
+            f"image size must look like HEIGHTxWIDTH (e.g. 448x896), got {text!r}"
+        ) from None
+    return h, w
+
+
+def check_image_size(image_size: tuple[int, int], patch_size: int) -> None:
+    """Raise ValueError unless both sides are positive multiples of ``patch_size``."""
+    h, w = image_size
+    if h <= 0 or w <= 0 or h % patch_size or w % patch_size:
+        near = tuple(max(patch_size, round(s / patch_size) * patch_size) for s in (h, w))
+        raise ValueError(
+            f"image size {h}x{w} is not a multiple of the teacher's patch size {patch_size} on both "
+            f"sides; the nearest valid size is {near[0]}x{near[1]}"
+        )
+
+
+def resolve_model_dir(model: str) -> Path:
+    """Local folder holding ``config.json`` and the weights of ``model`` (a folder, or a hub id
+    fetched into the Hugging Face cache; no network needed when it is already there)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"teacher folder {path} has no config.json (not a save_pretrained folder)"
+            )
+        return path.resolve()
+    if path.exists() or model.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"teacher {model!r}: no such folder")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(repo_id=model, allow_patterns=["*.json", "*.safetensors", "*.bin"])
+        )
+    except Exception as e:  # offline, unknown id, ...: name what we tried
+        raise FileNotFoundError(
+            f"teacher {model!r} is neither a local folder nor a reachable Hugging Face model "
+            f"({type(e).__name__}: {e})"
+        ) from e
+
+
+def weights_sha256(folder: str | Path) -> str:
+    """sha256 over the weight files of a model folder: for each file (sorted by name), its name
+    and the sha256 of its bytes. Renaming the folder keeps it; any changed weight changes it."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+    if not files:
+        raise FileNotFoundError(
+            f"teacher folder {folder} holds no weight file ({', '.join(WEIGHT_SUFFIXES)})"
+        )
+    h = hashlib.sha256()
+    for p in files:
+        with open(p, "rb") as fh:
+            h.update(f"{p.name}\0{hashlib.file_digest(fh, 'sha256').hexdigest()}\n".encode())
+    return h.hexdigest()
+
+
+def patch_tokens(
+    last_hidden_state: torch.Tensor, num_register_tokens: int, grid: tuple[int, int]
+) -> torch.Tensor:
+    """Token sequence (B, 1 + R + h*w, D) → patch grid (B, D, h, w).
+
+    HF DINOv2 orders tokens as [CLS, R registers, patches row by row]; we drop the first 1 + R.
+    """
+    h, w = grid
+    b, n, d = last_hidden_state.shape
+    if n != 1 + num_register_tokens + h * w:
+        raise ValueError(
+            f"teacher returned {n} tokens; expected 1 CLS + {num_register_tokens} registers + "
+            f"{h}x{w} patches"
+        )
+    patches = last_hidden_state[:, 1 + num_register_tokens :]  # (B, h*w, D)
+    return patches.reshape(b, h, w, d).permute(0, 3, 1, 2)  # (B, D, h, w)
+
+
+def sample_features(
+    grid: torch.Tensor, uv: torch.Tensor | np.ndarray, orig_size: tuple[int, int]
+) -> torch.Tensor:
+    """Bilinear features of a patch grid (D, h, w) at pixels ``uv`` (M, 2) of the original image.
+
+    ``uv`` is (x right, y down) in original-image pixels of size ``orig_size`` = (H0, W0), pixel i
+    covering [i, i + 1). The resize maps x ∈ [0, W0) linearly onto [0, W) and patch j covers
+    [14 j, 14 (j + 1)), so in patch units p = x * w / W0 and patch j's centre is p = j + 0.5.
+    ``grid_sample(align_corners=False)`` puts cell j's centre at n = (2 j + 1) / w - 1, i.e.
+    n = 2 p / w - 1 = 2 x / W0 - 1: the normalised coordinate does not depend on the resize.
+    Beyond the outermost centres the edge patch's feature is used (padding "border").
+    Returns (M, D) float32.
+    """
+    if grid.ndim != 3:
+        raise ValueError(f"sample_features: grid must be (D, h, w), got shape {tuple(grid.shape)}")
+    uv = torch.as_tensor(uv, dtype=torch.float32, device=grid.device)  # (M, 2)
+    if uv.ndim != 2 or uv.shape[1] != 2:
+        raise ValueError(f"sample_features: uv must be (M, 2), got shape {tuple(uv.shape)}")
+    h0, w0 = orig_size
+    scale = torch.tensor([2.0 / w0, 2.0 / h0], dtype=torch.float32, device=grid.device)
+    normalised = uv * scale - 1.0  # (M, 2) in [-1, 1), x first as grid_sample expects
+    sampled = F.grid_sample(
+        grid[None].float(),  # (1, D, h, w)
+        normalised[None, None],  # (1, 1, M, 2)
+        mode="bilinear",
+        padding_mode="border",
+        align_corners=False,
+    )  # (1, D, 1, M)
+    return sampled[0, :, 0].T  # (M, D)
+
+
+class Teacher(nn.Module):
+    """A frozen DINOv2 that turns uint8 images into last-layer patch-token grids."""
+
+    def __init__(self, cfg: TeacherConfig) -> None:
+        super().__init__()
+        from transformers import AutoModel, Dinov2Model, Dinov2WithRegistersModel
+
+        self.cfg = cfg
+        folder = resolve_model_dir(cfg.model)
+        try:
+            model = AutoModel.from_pretrained(folder)
+        except (OSError, ValueError, KeyError) as e:
+            raise ValueError(f"cannot load teacher {cfg.model!r} from {folder}: {e}") from e
+        if not isinstance(model, Dinov2Model | Dinov2WithRegistersModel):
+            raise ValueError(
+                f"teacher {cfg.model!r} is a {type(model).__name__}; expected Dinov2Model or "
+                "Dinov2WithRegistersModel"
+            )
+        model.requires_grad_(False)
+        nn.Module.train(model, False)  # the wrapped model's own train() would flip it back
+        self.model = model.to(cfg.device)
+        config = model.config
+        patch = config.patch_size
+        self.patch_size: int = int(patch if isinstance(patch, int) else patch[0])
+        check_image_size(cfg.image_size, self.patch_size)
+        self.num_register_tokens: int = int(getattr(config, "num_register_tokens", 0) or 0)
+        self.identity = TeacherIdentity(
+            name=cfg.model,
+            weights_sha256=weights_sha256(folder),
+            architecture=type(model).__name__,
+            feature_dim=int(config.hidden_size),
+            patch_size=self.patch_size,
+            num_register_tokens=self.num_register_tokens,
+            random=bool(getattr(config, RANDOM_MARKER, False)),
+        )
+        self.forward_count = 0  # teacher forwards (batches) run by this instance
+        self.image_count = 0  # images passed through the teacher by this instance
+        mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
+        self.register_buffer("mean", mean.to(cfg.device), persistent=False)
+        self.register_buffer("std", std.to(cfg.device), persistent=False)
+        nn.Module.train(self, False)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.identity.feature_dim
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """(h, w) of the patch grid: image size / patch size."""
+        h, w = self.cfg.image_size
+        return h // self.patch_size, w // self.patch_size
+
+    def train(self, mode: bool = True) -> Teacher:
+        """The teacher is frozen: ``train(False)``/``eval()`` are fine, ``train(True)`` raises."""
+        if mode:
+            raise RuntimeError("the teacher is frozen and stays in eval mode; train() is refused")
+        return nn.Module.train(self, False)
+
+    def preprocess(self, images: np.ndarray | torch.Tensor | Sequence[np.ndarray]) -> torch.Tensor:
+        """uint8 RGB (B, H0, W0, 3) (or a list of (H0_i, W0_i, 3)) → normalised (B, 3, H, W)
+        float32 on the teacher's device: bilinear antialiased resize (uint8), to [0, 1],
+        ImageNet mean/std."""
+        if isinstance(images, np.ndarray | torch.Tensor) and images.ndim == 4:
+            batch = [images]
+        else:
+            batch = [im[None] for im in images]
+        out = []
+        for group in batch:
+            t = torch.as_tensor(np.asarray(group) if not isinstance(group, torch.Tensor) else group)
+            if t.dtype != torch.uint8 or t.ndim != 4 or t.shape[-1] != 3:
+                raise ValueError(
+                    f"teacher input must be uint8 RGB images (B, H, W, 3), got {t.dtype} {tuple(t.shape)}"
+                )
+            x = t.to(self.cfg.device).permute(0, 3, 1, 2)  # (b, 3, H0, W0) uint8
+            if tuple(x.shape[-2:]) != self.cfg.image_size:
+                # Resized in uint8 like PIL/torchvision do (rounded to whole grey levels): on CPU
+                # this path is ~30x faster than resizing float images of 1600x900.
+                x = F.interpolate(
+                    x,
+                    size=self.cfg.image_size,
+                    mode="bilinear",
+                    align_corners=False,
+                    antialias=True,
+                )  # (b, 3, H, W) uint8
+            out.append(x.float() / 255.0)
+        x = torch.cat(out)  # (B, 3, H, W)
+        return (x - self.mean) / self.std
+
+    @torch.inference_mode()
+    def patch_grid(self, images: np.ndarray | torch.Tensor | Sequence[np.ndarray]) -> torch.Tensor:
+        """uint8 RGB images (B, H0, W0, 3) → last-layer patch tokens (B, D, H/14, W/14) float32 CPU."""
+        if self.training or self.model.training:
+            raise RuntimeError("the teacher must be in eval mode (something called train() on it)")
+        pixels = self.preprocess(images)  # (B, 3, H, W)
+        device_type = torch.device(self.cfg.device).type
+        dtype = DTYPES[self.cfg.dtype]
+        with torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32):
+            tokens = self.model(pixel_values=pixels).last_hidden_state  # (B, 1 + R + h*w, D)
+        self.forward_count += 1
+        self.image_count += len(pixels)
+        return patch_tokens(tokens.float(), self.num_register_tokens, self.grid_size).cpu()
+
+
+# Workers keep one teacher per process (a Dask worker runs many units); threads share it.
+_TEACHERS: dict[TeacherConfig, Teacher] = {}
+_TEACHERS_LOCK = threading.Lock()
+
+
+def cached_teacher(cfg: TeacherConfig) -> Teacher:
+    """The process-wide `Teacher` for ``cfg``, loaded on first use."""
+    with _TEACHERS_LOCK:
+        if cfg not in _TEACHERS:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # one "Loading weights" bar per worker is noise
+            _TEACHERS[cfg] = Teacher(cfg)
+        return _TEACHERS[cfg]
+
+
+# ---------------------------------------------------------------- random teachers for tests ----
+TINY_SIZES = {
+    # name: (hidden size D, layers, heads); MLP ratio 4, patch 14 as DINOv2
+    "tiny": (64, 2, 2),
+    "small": (96, 4, 3),
+}
+
+RANDOM_README = """# RANDOM DINOv2 — for demos and tests only
+
+This folder holds a **randomly initialised** {arch} ({size}: hidden size {dim}, {layers} layers,
+{heads} heads, patch 14, {registers} register tokens), written by `python cli.py make-teacher`
+with seed {seed}. It is NOT a trained DINOv2: its features carry no semantics. It exists because
+no real weights can be downloaded here; it exercises the exact code path a real teacher takes.
+Its config.json carries `"{marker}": true`, and extraction prints a warning when it sees it.
+"""
+
+
+def save_random_teacher(
+    out: str | Path, size: str = "tiny", registers: int = 0, seed: int = 0
+) -> Path:
+    """Save a random-initialised small DINOv2 (with ``registers`` register tokens if > 0) with
+    ``save_pretrained`` into ``out`` (written to a temp folder, then renamed). Returns ``out``."""
+    import shutil
+    import uuid
+
+    from transformers import (
+        Dinov2Config,
+        Dinov2Model,
+        Dinov2WithRegistersConfig,
+        Dinov2WithRegistersModel,
+    )
+
+    if size not in TINY_SIZES:
+        raise ValueError(
+            f"unknown random teacher size {size!r}; choose one of {sorted(TINY_SIZES)}"
+        )
+    if registers < 0:
+        raise ValueError(f"registers must be >= 0, got {registers}")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; choose another --out or delete it")
+    dim, layers, heads = TINY_SIZES[size]
+    common = dict(
+        hidden_size=dim,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        mlp_ratio=4,
+        patch_size=14,
+        image_size=518,  # position embeddings for 37x37 patches, interpolated as in DINOv2
+    )
+    common[RANDOM_MARKER] = True
+    torch.manual_seed(seed)
+    if registers:
+        model = Dinov2WithRegistersModel(
+            Dinov2WithRegistersConfig(num_register_tokens=registers, **common)
+        )
+        # HF initialises registers to zero; give them values so they differ from each other
+        with torch.no_grad():
+            model.embeddings.register_tokens.normal_(0.0, 0.02)
+    else:
+        model = Dinov2Model(Dinov2Config(**common))
+    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex}")
+    try:
+        model.save_pretrained(tmp)
+        arch = type(model).__name__
+        (tmp / "README.md").write_text(
+            RANDOM_README.format(
+                arch=arch,
+                size=size,
+                dim=dim,
+                layers=layers,
+                heads=heads,
+                registers=registers,
+                seed=seed,
+                marker=RANDOM_MARKER,
+            )
+        )
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
