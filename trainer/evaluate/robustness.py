@@ -1,0 +1,186 @@
+"""Robustness protocol: the clean-trained linear probe evaluated on corrupted val scans.
+
+The probe is fitted once on clean training features (as in ``linear_probe``); every val scan is
+then corrupted (``trainer/evaluate/corruptions.py``, seeded per scan), re-encoded by the frozen
+backbone and classified; labels follow the surviving points. Summary per corruption:
+
+- ``miou``: mIoU on the corrupted val split;
+- ``rr`` (resilience ratio, Robo3D): ``miou / miou_clean``; ``mRR`` = mean over corruptions;
+- ``ce`` (corruption error, nuScenes-C / Robo3D): ``(1 - miou) / (1 - miou_baseline)`` for the same
+  corruption of a *baseline* model's result file (``--baseline``, e.g. the random-init probe's
+  robustness.json); ``mCE`` = mean. Without a baseline, ``ce`` is ``1 - miou`` (the error itself).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from trainer.evaluate.backbone import EvalData, load_model, open_reader, point_features
+from trainer.evaluate.corruptions import CORRUPTIONS, corrupt
+from trainer.evaluate.linear_probe import (
+    LinearProbeConfig,
+    evaluate_head,
+    train_features,
+    write_json_atomic,
+)
+from trainer.evaluate.metrics import iou_per_class, mean_iou
+from trainer.evaluate.probe import ProbeConfig, fit_linear_probe, probe_confusion
+
+BEAMS = {"nuscenes": 32, "semantickitti": 64}  # HDL-32E / HDL-64E
+
+
+@dataclass(frozen=True)
+class RobustnessConfig:
+    """A robustness evaluation."""
+
+    checkpoint: str
+    """Run folder of the pretrained student, or "none"."""
+    data: EvalData
+    """Dataset, splits and scan limits."""
+    out: Path | None = None
+    """Where results go; default RUN_DIR/eval."""
+    like: Path | None = None
+    """With checkpoint "none": architecture from this run folder."""
+    corruptions: tuple[str, ...] = tuple(CORRUPTIONS)
+    """Corruptions to apply (names in corruptions.CORRUPTIONS)."""
+    severities: tuple[int, ...] = (2,)
+    """Severities (1..3) evaluated for each corruption."""
+    beams: int | None = None
+    """Beams for the elevation-bin ring estimate; None = the dataset's sensor (32 / 64)."""
+    baseline: Path | None = None
+    """robustness.json of a baseline model, for the corruption error (CE)."""
+    probe: ProbeConfig = ProbeConfig()
+    """How the linear layer is fitted."""
+    points_per_scan: int | None = 20_000
+    """Training points kept per scan for the probe."""
+    device: str = "cpu"
+    """torch device."""
+    seed: int = 0
+    """Seed of the corruptions (scan i uses seed + i) and of the probe."""
+
+    def __post_init__(self) -> None:
+        unknown = [c for c in self.corruptions if c not in CORRUPTIONS]
+        if unknown:
+            raise ValueError(f"unknown corruptions {unknown}; known: {', '.join(CORRUPTIONS)}")
+        if not self.severities or any(s not in (1, 2, 3) for s in self.severities):
+            raise ValueError(f"severities must be among 1, 2, 3, got {self.severities}")
+        if self.checkpoint == "none" and self.out is None:
+            raise ValueError("--checkpoint none needs --out")
+
+    def out_dir(self) -> Path:
+        return Path(self.out) if self.out is not None else Path(self.checkpoint) / "eval"
+
+
+def ring_ids(dataset: str, scan, points: np.ndarray, beams: int) -> np.ndarray | None:
+    """True ring ids where the files carry them (nuScenes .pcd.bin column 5), else None."""
+    if dataset != "nuscenes":
+        return None
+    from pipeline.datasets.nuscenes import POINT_DIMS
+
+    raw = np.fromfile(scan.lidar_path, dtype=np.float32).reshape(-1, POINT_DIMS)
+    if POINT_DIMS < 5 or len(raw) != len(points):
+        return None
+    ring = raw[:, 4].astype(np.int64)
+    valid = ring.min() >= 0 and ring.max() < beams and len(np.unique(ring)) > 1
+    return ring if valid else None
+
+
+def summarise(results: dict[str, dict], clean: float, baseline: dict | None) -> dict:
+    """mRR and mCE over the corruption entries ``{"fog@2": {"miou": ...}, ...}``."""
+    base = (baseline or {}).get("corruptions", {})
+    for key, r in results.items():
+        r["rr"] = r["miou"] / clean if clean > 0 else float("nan")
+        if key in base:
+            r["ce"] = (1 - r["miou"]) / max(1 - base[key]["miou"], 1e-12)
+        else:
+            r["ce"] = 1 - r["miou"]
+    return {
+        "mRR": float(np.mean([r["rr"] for r in results.values()])),
+        "mCE": float(np.mean([r["ce"] for r in results.values()])),
+        "ce_relative_to_baseline": baseline is not None,
+    }
+
+
+def run_robustness(cfg: RobustnessConfig) -> dict:
+    """Run the protocol; writes ``<out>/robustness.json`` and returns its content."""
+    baseline = json.loads(Path(cfg.baseline).read_text()) if cfg.baseline else None
+    torch.manual_seed(cfg.seed)
+    model, model_cfg = load_model(cfg.checkpoint, cfg.like, cfg.device, cfg.seed)
+    reader = open_reader(cfg.data)
+    names = list(reader.class_names)
+    c = len(names)
+    beams = cfg.beams or BEAMS[cfg.data.dataset]
+    probe_cfg = LinearProbeConfig(
+        checkpoint=cfg.checkpoint, data=cfg.data, out=cfg.out_dir(), probe=cfg.probe,
+        points_per_scan=cfg.points_per_scan, device=cfg.device, seed=cfg.seed,
+    )  # fmt: skip
+    feats, labels = train_features(
+        model, model_cfg, reader, cfg.data.train_scans(reader), probe_cfg
+    )
+    head = fit_linear_probe(feats, labels, c, cfg.probe, cfg.device)
+    val_scans = cfg.data.val_scans(reader)
+    clean_conf = evaluate_head(model, model_cfg, head, reader, val_scans, c, cfg.device)
+    keys = [f"{name}@{s}" for name in cfg.corruptions for s in cfg.severities]
+    confs = {k: np.zeros((c, c), dtype=np.int64) for k in keys}
+    kept = dict.fromkeys(keys, 0)
+    total = 0
+    for i, scan in enumerate(tqdm(val_scans, desc="corrupted val", unit="scan")):
+        points, y = reader.load_points(scan), reader.load_labels(scan)
+        ring = ring_ids(cfg.data.dataset, scan, points, beams)
+        total += len(points)
+        for name in cfg.corruptions:
+            for s in cfg.severities:
+                out = corrupt(name, points, s, seed=cfg.seed + i, beam=ring, n_beams=beams)
+                key = f"{name}@{s}"
+                kept[key] += len(out.index)
+                if len(out.index) == 0:  # everything lost: every labelled point is missed
+                    continue
+                f = point_features(model, model_cfg, out.points, cfg.device)
+                confs[key] += probe_confusion(head, f, y[out.index], c)
+    clean = mean_iou(clean_conf)
+    results = {
+        k: {"miou": mean_iou(confs[k]), "points_kept": kept[k] / max(total, 1),
+            "iou": dict(zip(names, map(_none_if_nan, iou_per_class(confs[k])), strict=True))}
+        for k in keys
+    }  # fmt: skip
+    summary = summarise(results, clean, baseline)
+    record = {
+        "protocol": "robustness",
+        "checkpoint": cfg.checkpoint,
+        "clean_miou": clean,
+        "corruptions": results,
+        **summary,
+        "ring_source": "ring channel"
+        if cfg.data.dataset == "nuscenes"
+        else f"elevation bins ({beams})",
+        "config": asdict(cfg),
+    }
+    write_json_atomic(cfg.out_dir() / "robustness.json", record)
+    print(robustness_table(record))
+    return record
+
+
+def _none_if_nan(v: float) -> float | None:
+    return None if np.isnan(v) else float(v)
+
+
+def robustness_table(record: dict) -> str:
+    """Plain-text summary: one corruption a line."""
+    lines = [
+        f"robustness: {record['checkpoint']}",
+        f"{'corruption':<18} mIoU %   RR     CE    kept",
+    ]
+    lines.append(f"{'clean':<18} {100 * record['clean_miou']:6.1f}")
+    for key, r in record["corruptions"].items():
+        lines.append(
+            f"{key:<18} {100 * r['miou']:6.1f}  {r['rr']:5.2f}  {r['ce']:5.2f}  {r['points_kept']:5.2f}"
+        )
+    lines.append(f"mRR {record['mRR']:.3f}   mCE {record['mCE']:.3f}"
+                 + ("" if record["ce_relative_to_baseline"] else " (no baseline: CE = 1 - mIoU)"))  # fmt: skip
+    return "\n".join(lines)
