@@ -1,0 +1,186 @@
+"""pipeline/teacher.py: token slicing, eval-only, normalisation, resize, bilinear sampling."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.teacher import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Teacher,
+    TeacherConfig,
+    parse_image_size,
+    sample_features,
+    save_random_teacher,
+    weights_sha256,
+)
+
+
+@pytest.fixture(scope="module")
+def registers_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_random_teacher(tmp_path_factory.mktemp("reg") / "dinov2-reg", registers=4)
+
+
+def _images(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+
+
+def test_patch_grid_shape_for_non_multiple_input(tiny_teacher: Path) -> None:
+    teacher = Teacher(TeacherConfig(str(tiny_teacher), image_size=(28, 42)))
+    images = _images(2, 50, 75)  # neither side a multiple of 14: resized to 28x42
+    grid = teacher.patch_grid(images)
+    assert grid.shape == (2, 64, 2, 3)
+    assert grid.dtype == torch.float32
+    # Same values as slicing the HF output by hand: CLS first, then patches row by row.
+    with torch.inference_mode():
+        tokens = teacher.model(pixel_values=teacher.preprocess(images)).last_hidden_state
+    assert tokens.shape == (2, 1 + 6, 64)
+    assert torch.equal(grid[:, :, 1, 2], tokens[:, 1 + 1 * 3 + 2])
+    assert torch.equal(grid, tokens[:, 1:].reshape(2, 2, 3, 64).permute(0, 3, 1, 2))
+    assert teacher.forward_count == 1 and teacher.image_count == 2
+
+
+def test_register_tokens_are_dropped(registers_teacher: Path) -> None:
+    teacher = Teacher(TeacherConfig(str(registers_teacher), image_size=(28, 42)))
+    assert teacher.identity.architecture == "Dinov2WithRegistersModel"
+    assert teacher.num_register_tokens == 4
+    images = _images(3, 40, 60, seed=1)
+    grid = teacher.patch_grid(images)
+    with torch.inference_mode():
+        tokens = teacher.model(pixel_values=teacher.preprocess(images)).last_hidden_state
+    assert tokens.shape == (3, 1 + 4 + 6, 64)
+    expected = tokens[:, 5:].reshape(3, 2, 3, 64).permute(0, 3, 1, 2)
+    assert torch.equal(grid, expected)
+    # Forgetting the registers would shift every patch by four tokens: not what we return.
+    wrong = tokens[:, 1:7].reshape(3, 2, 3, 64).permute(0, 3, 1, 2)
+    assert not torch.allclose(grid, wrong)
+
+
+def test_features_are_taken_after_the_final_layernorm(tiny_teacher: Path) -> None:
+    teacher = Teacher(TeacherConfig(str(tiny_teacher), image_size=(28, 28)))
+    pixels = teacher.preprocess(_images(1, 28, 28, seed=2))
+    with torch.inference_mode():
+        out = teacher.model(pixel_values=pixels, output_hidden_states=True)
+        normed = teacher.model.layernorm(out.hidden_states[-1])
+    assert torch.allclose(out.last_hidden_state, normed, atol=1e-6)
+    assert not torch.allclose(out.last_hidden_state, out.hidden_states[-1], atol=1e-2)
+    grid = teacher.patch_grid(_images(1, 28, 28, seed=2))  # (1, D, 2, 2)
+    assert torch.allclose(grid[0, :, 0, 0], normed[0, 1], atol=1e-6)
+
+
+def test_teacher_stays_frozen_in_eval_mode(tiny_teacher: Path) -> None:
+    teacher = Teacher(TeacherConfig(str(tiny_teacher), image_size=(28, 28)))
+    assert not teacher.training and not teacher.model.training
+    assert all(not p.requires_grad for p in teacher.parameters())
+    with pytest.raises(RuntimeError, match="eval mode"):
+        teacher.train()
+    teacher.eval()  # allowed, stays in eval
+    grid = teacher.patch_grid(_images(1, 28, 28))
+    assert not grid.requires_grad
+    teacher.model.train()  # reaching around the wrapper is caught at the next forward
+    with pytest.raises(RuntimeError, match="eval mode"):
+        teacher.patch_grid(_images(1, 28, 28))
+
+
+def test_image_size_must_be_a_multiple_of_the_patch(tiny_teacher: Path) -> None:
+    with pytest.raises(ValueError, match=r"225x392 is not a multiple .* patch size 14.*224x392"):
+        Teacher(TeacherConfig(str(tiny_teacher), image_size=(225, 392)))
+    assert parse_image_size("448x896") == (448, 896)
+    with pytest.raises(ValueError, match="HEIGHTxWIDTH"):
+        parse_image_size("448*896")
+
+
+def test_missing_or_wrong_model_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        Teacher(TeacherConfig(str(tmp_path / "nope")))
+    from transformers import ViTConfig, ViTModel
+
+    vit = tmp_path / "vit"
+    ViTModel(
+        ViTConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=28,
+            patch_size=14,
+        )
+    ).save_pretrained(vit)
+    with pytest.raises(ValueError, match="ViTModel; expected Dinov2Model"):
+        Teacher(TeacherConfig(str(vit)))
+
+
+def test_imagenet_normalisation_is_ours(tiny_teacher: Path) -> None:
+    teacher = Teacher(TeacherConfig(str(tiny_teacher), image_size=(28, 28)))
+    image = np.zeros((1, 56, 56, 3), dtype=np.uint8)
+    image[..., 0], image[..., 1], image[..., 2] = 10, 128, 250
+    x = teacher.preprocess(image)  # (1, 3, 28, 28), a constant image stays constant
+    for c, v in enumerate((10, 128, 250)):
+        want = (v / 255.0 - IMAGENET_MEAN[c]) / IMAGENET_STD[c]
+        assert torch.allclose(x[0, c], torch.full((28, 28), want), atol=1e-6)
+
+
+def test_weights_hash_identifies_the_weights_not_the_folder(tmp_path: Path) -> None:
+    a = save_random_teacher(tmp_path / "a", seed=0)
+    b = save_random_teacher(tmp_path / "b", seed=0)
+    c = save_random_teacher(tmp_path / "c", seed=1)
+    assert weights_sha256(a) == weights_sha256(b) != weights_sha256(c)
+    assert Teacher(TeacherConfig(str(a))).identity.random is True
+    with pytest.raises(FileExistsError, match="not empty"):
+        save_random_teacher(a)
+
+
+# ---------------------------------------------------------------- sample_features ----
+def _known_grid() -> torch.Tensor:
+    # (D=2, h=2, w=3); orig image 20x30 → patch centres at x = 5, 15, 25 and y = 5, 15
+    return torch.tensor(
+        [
+            [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]],
+            [[10.0, -2.0, 7.0], [1.0, 0.0, 3.0]],
+        ]
+    )
+
+
+def test_sample_features_exact_at_patch_centres() -> None:
+    grid = _known_grid()
+    ys, xs = np.meshgrid([5.0, 15.0], [5.0, 15.0, 25.0], indexing="ij")
+    uv = np.stack([xs.ravel(), ys.ravel()], axis=1)  # (6, 2) row by row
+    out = sample_features(grid, uv, (20, 30))
+    assert torch.allclose(out, grid.reshape(2, 6).T, atol=1e-5)  # float rounding of 2x/W0 - 1
+
+
+def test_sample_features_bilinear_between_centres_and_border_outside() -> None:
+    grid = _known_grid()
+    uv = np.array(
+        [
+            [10.0, 5.0],  # halfway between (0,0) and (0,1)
+            [10.0, 10.0],  # centre of four patches
+            [7.5, 5.0],  # a quarter of the way
+            [12.5, 7.5],  # x: 0.75 of the way from col 0 to 1; y: 0.25 from row 0 to 1
+            [1.0, 1.0],  # before the first centre: edge patch
+            [29.9, 19.9],  # last pixel: last patch
+        ]
+    )
+    out = sample_features(grid, uv, (20, 30))
+    # hand-computed: channel 1 at row 12.5/7.5: row0 10*.25 - 2*.75 = 1, row1 .25; .75*1 + .25*.25
+    want = torch.tensor(
+        [[0.5, 4.0], [2.0, 2.25], [0.25, 7.0], [1.5, 0.8125], [0.0, 10.0], [5.0, 3.0]]
+    )
+    assert torch.allclose(out, want, atol=1e-6)
+
+
+def test_sample_features_maps_original_pixels_through_the_resize(tiny_teacher: Path) -> None:
+    """A point at a patch centre of the *resized* image, mapped back to original pixels with the
+    per-axis scale, gets exactly that patch's token (nuScenes-like aspect change)."""
+    teacher = Teacher(TeacherConfig(str(tiny_teacher), image_size=(42, 70)))  # grid 3 x 5
+    h0, w0 = 45, 80  # aspect 16:9 → 3:5
+    grid = teacher.patch_grid(_images(1, h0, w0, seed=3))[0]  # (D, 3, 5)
+    i, j = 2, 3
+    u = (j + 0.5) * 14 * w0 / 70
+    v = (i + 0.5) * 14 * h0 / 42
+    out = sample_features(grid, np.array([[u, v]]), (h0, w0))
+    assert torch.allclose(out[0], grid[:, i, j], atol=1e-5)
