@@ -39,12 +39,17 @@ def unit_name(unit_id: int) -> str:
 # name -> (dtype, trailing shape); "D" stands for the feature dimension of the cache.
 POINT_ARRAYS: dict[str, tuple[np.dtype, tuple[int | str, ...]]] = {
     "points": (np.dtype(np.float32), (4,)),  # x, y, z, intensity in the lidar frame
-    "target": (np.dtype(np.float16), ("D",)),  # teacher feature; zeros where camera == -1
+    "target": (np.dtype(np.float16), ("D",)),  # teacher feature; stored for paired rows only
     "camera": (np.dtype(np.int8), ()),  # index into Scan.cameras, -1 = unpaired
     "uv": (np.dtype(np.float32), (2,)),  # pixel coords in the original image (x right, y down)
     "label": (np.dtype(np.uint8), ()),  # semantic class 0..15, 255 = ignore / unlabelled
 }
 OFFSETS = "offsets"  # (S + 1,) int64 per unit: offsets[0] == 0, offsets[-1] == rows
+# `target` is stored only for paired points (camera != -1), in point order: unpaired rows carry
+# no target and would be ~half the cache. Scan j owns stored target rows
+# target_offsets[j]:target_offsets[j+1]; readers scatter them back to (N, D) with zero rows.
+PAIRED_ONLY = ("target",)
+TARGET_OFFSETS = "target_offsets"  # (S + 1,) int64 per unit: target_offsets[-1] == paired rows
 OFFSETS_DTYPE = np.dtype(np.int64)
 UNPAIRED = -1  # camera value of a point seen by no camera
 IGNORE_LABEL = 255  # label value of an unlabelled / ignored point
@@ -208,7 +213,7 @@ class ScanTargets:
     token: str  # sample token
     lidar_path: str  # absolute .pcd.bin path at extraction time
     points: np.ndarray  # (N, 4) float32 x, y, z, intensity (lidar frame)
-    target: np.ndarray  # (N, D) float16, zeros where camera == -1
+    target: np.ndarray  # (N, D) float16; rows where camera == -1 are zeros
     camera: np.ndarray  # (N,) int8, -1 = unpaired
     uv: np.ndarray  # (N, 2) float32 pixel coords in the original image
     label: np.ndarray  # (N,) uint8, 255 = ignore/unlabelled

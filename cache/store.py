@@ -43,8 +43,10 @@ from cache.schema import (
     MANIFEST,
     OFFSETS,
     OFFSETS_DTYPE,
+    PAIRED_ONLY,
     POINT_ARRAYS,
     SCHEMA_VERSION,
+    TARGET_OFFSETS,
     UNITS_DIR,
     UNPAIRED,
     CacheError,
@@ -71,8 +73,8 @@ class StorageLayout:
     """Rows per inner chunk: the read granularity inside a shard (a scan is ~10-40k points)."""
     target_codec: str = "none"
     """Compressor of `target`: "none", "zstd" or "blosc" (fp16 features barely compress)."""
-    other_codec: str = "none"
-    """Compressor of points, camera, uv, label."""
+    other_codec: str = "zstd"
+    """Compressor of points, camera, uv, label (cheap, small gain: labels, uv zeros)."""
 
     def __post_init__(self) -> None:
         if self.chunk_rows < 1:
@@ -93,13 +95,20 @@ def _compressors(codec: str, dtype: np.dtype) -> tuple:
     return ()
 
 
+def _offsets(counts: list[int]) -> np.ndarray:
+    """(S + 1,) int64 running sum starting at 0."""
+    offsets = np.zeros(len(counts) + 1, dtype=OFFSETS_DTYPE)
+    np.cumsum(counts, out=offsets[1:])
+    return offsets
+
+
 def write_unit_group(path: Path, data: UnitData, feature_dim: int, layout: StorageLayout) -> None:
-    """Write ``data`` as a new Zarr v3 group at ``path``: one shard file per array."""
+    """Write ``data`` as a new Zarr v3 group at ``path``: one shard file per array.
+
+    `target` keeps only the rows of paired points (camera != -1), see cache/schema.py.
+    """
     data.validate(feature_dim)
-    rows = data.rows()
-    offsets = np.zeros(len(rows) + 1, dtype=OFFSETS_DTYPE)  # (S + 1,)
-    np.cumsum(rows, out=offsets[1:])
-    total = int(offsets[-1])
+    paired = [c != UNPAIRED for c in data.camera]  # each (N_i,) bool
     store = zarr.storage.LocalStore(path)
     attrs = {
         "schema_version": SCHEMA_VERSION,
@@ -107,30 +116,28 @@ def write_unit_group(path: Path, data: UnitData, feature_dim: int, layout: Stora
         "lidar_paths": list(data.lidar_paths),
     }
     zarr.create_group(store, attributes=attrs)
-    # The whole unit in one shard (one file per array), cut into k equal chunks of at most
-    # chunk_rows rows: Zarr pads the last chunk to full size, so equal chunks waste < k rows.
-    k = max(1, -(-total // layout.chunk_rows))
-    c = max(1, -(-total // k))
-    shard_rows = k * c
     for name, (dtype, _) in POINT_ARRAYS.items():
         parts = getattr(data, name)
+        if name in PAIRED_ONLY:
+            parts = [a[m] for a, m in zip(parts, paired, strict=True)]
         arr = np.concatenate(parts) if parts else np.zeros(point_shape(name, 0, feature_dim), dtype)
-        if name == "target":
-            # Unpaired rows carry no target: store zeros (deterministic, and they compress).
-            unpaired = np.concatenate(data.camera) == UNPAIRED if parts else np.zeros(0, bool)
-            if unpaired.any() and arr[unpaired].any():
-                arr[unpaired] = 0
+        # The whole unit in one shard (one file per array), cut into k equal chunks of at most
+        # chunk_rows rows: Zarr pads the last chunk to full size, so equal chunks waste < k rows.
+        k = max(1, -(-len(arr) // layout.chunk_rows))
+        c = max(1, -(-len(arr) // k))
         codec = layout.target_codec if name == "target" else layout.other_codec
         zarr.create_array(
             store,
             name=name,
             data=arr,
             chunks=(c, *arr.shape[1:]),
-            shards=(shard_rows, *arr.shape[1:]),
+            shards=(k * c, *arr.shape[1:]),
             compressors=_compressors(codec, dtype),
             fill_value=0,
         )
-    zarr.create_array(store, name=OFFSETS, data=offsets, chunks=offsets.shape, compressors=())
+    for name, counts in ((OFFSETS, data.rows()), (TARGET_OFFSETS, [int(m.sum()) for m in paired])):
+        offsets = _offsets(counts)  # (S + 1,)
+        zarr.create_array(store, name=name, data=offsets, chunks=offsets.shape, compressors=())
 
 
 # ---------------------------------------------------------------- small file helpers ----
@@ -338,20 +345,21 @@ class CacheWriter:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         rows = sum(data.rows())
-        camera = np.concatenate(data.camera) if data.camera else np.zeros(0, np.int8)
+        paired = sum(int((c != UNPAIRED).sum()) for c in data.camera)
         marker = {
             "unit": unit_id,
             "schema_version": SCHEMA_VERSION,
             "scans": len(data.tokens),
             "rows": rows,
-            "paired": int((camera != UNPAIRED).sum()),
+            "paired": paired,
             "bytes": sum(f["size"] for f in files.values()),
             "arrays": {
-                name: {
-                    "rows": rows if name != OFFSETS else len(data.tokens) + 1,
-                    "sha256": _array_digest(files, name),
-                }
-                for name in (*POINT_ARRAYS, OFFSETS)
+                name: {"rows": n, "sha256": _array_digest(files, name)}
+                for name, n in (
+                    *((a, paired if a in PAIRED_ONLY else rows) for a in POINT_ARRAYS),
+                    (OFFSETS, len(data.tokens) + 1),
+                    (TARGET_OFFSETS, len(data.tokens) + 1),
+                )
             },
             "files": files,
             "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -454,28 +462,51 @@ def unit_problems(path: Path, unit_id: int, tokens: list[str], checksums: bool =
     return _content_problems(unit_dir, name, marker, tokens)
 
 
+def _offsets_problems(
+    name: str, what: str, offsets: np.ndarray, scans: int, rows: int
+) -> list[str]:
+    if len(offsets) != scans + 1:
+        return [f"unit {name}: {len(offsets)} {what} for {scans} scans"]
+    if offsets[0] != 0 or np.any(np.diff(offsets) < 0):
+        return [f"unit {name}: {what} not monotonic from 0"]
+    if offsets[-1] != rows:
+        return [f"unit {name}: last of {what} is {offsets[-1]}, arrays have {rows} rows"]
+    return []
+
+
 def _content_problems(unit_dir: Path, name: str, marker: dict, tokens: list[str]) -> list[str]:
-    """Structural checks of a unit's Zarr group against its marker and the manifest."""
+    """Structural checks of a unit's Zarr group against its marker and the manifest: row counts
+    of the per-point arrays, offsets, and the paired rows of `target` per scan."""
     problems = []
     try:
         group = zarr.open_group(zarr.storage.LocalStore(unit_dir, read_only=True), mode="r")
         if list(group.attrs.get("tokens", [])) != list(tokens):
             problems.append(f"unit {name}: scan tokens differ from the manifest")
-        offsets = group[OFFSETS][:]
+        offsets = group[OFFSETS][:]  # (S + 1,)
+        target_offsets = group[TARGET_OFFSETS][:]  # (S + 1,)
+        camera = group["camera"][:]  # (N,)
         rows = {n: group[n].shape[0] for n in POINT_ARRAYS}
     except Exception as e:  # any zarr/codec error means the unit is unreadable
         return [f"unit {name}: unreadable Zarr group: {type(e).__name__}: {e}"]
-    if len(set(rows.values())) != 1:
-        problems.append(f"unit {name}: per-point arrays have different row counts {rows}")
+    per_point = {n: r for n, r in rows.items() if n not in PAIRED_ONLY}
     n_rows = rows["points"]
+    if len(set(per_point.values())) != 1:
+        problems.append(f"unit {name}: per-point arrays have different row counts {per_point}")
     if n_rows != marker.get("rows"):
         problems.append(f"unit {name}: {n_rows} rows stored, marker says {marker.get('rows')}")
-    if len(offsets) != len(tokens) + 1:
-        problems.append(f"unit {name}: {len(offsets)} offsets for {len(tokens)} scans")
-    if len(offsets) and (offsets[0] != 0 or np.any(np.diff(offsets) < 0)):
-        problems.append(f"unit {name}: offsets not monotonic from 0")
-    if len(offsets) and offsets[-1] != n_rows:
-        problems.append(f"unit {name}: last offset {offsets[-1]} != {n_rows} rows")
+    problems += _offsets_problems(name, "offsets", offsets, len(tokens), n_rows)
+    paired = camera != UNPAIRED  # (N,)
+    for n in PAIRED_ONLY:
+        if rows[n] != int(paired.sum()):
+            problems.append(f"unit {name}: {n} has {rows[n]} rows for {paired.sum()} paired points")
+    problems += _offsets_problems(name, TARGET_OFFSETS, target_offsets, len(tokens), rows["target"])
+    if not problems:
+        cumulative = np.concatenate([[0], np.cumsum(paired)])  # (N + 1,) paired before row
+        per_scan = cumulative[offsets[1:]] - cumulative[offsets[:-1]]  # (S,)
+        if not np.array_equal(per_scan, np.diff(target_offsets)):
+            problems.append(
+                f"unit {name}: {TARGET_OFFSETS} disagree with the paired points per scan"
+            )
     return problems
 
 
@@ -593,7 +624,8 @@ def open_cache(path: str | Path) -> CacheReader:
 @dataclass
 class _OpenUnit:
     arrays: dict[str, Any]  # name -> zarr.Array
-    offsets: np.ndarray  # (S + 1,) int64
+    offsets: np.ndarray  # (S + 1,) int64 rows of each scan
+    target_offsets: np.ndarray  # (S + 1,) int64 stored target rows (paired points) of each scan
     lidar_paths: list[str]
 
 
@@ -638,6 +670,7 @@ class CacheReader:
             self._open[u] = _OpenUnit(
                 arrays={name: group[name] for name in POINT_ARRAYS},
                 offsets=group[OFFSETS][:],
+                target_offsets=group[TARGET_OFFSETS][:],
                 lidar_paths=list(group.attrs["lidar_paths"]),
             )
         return self._open[u]
@@ -649,16 +682,28 @@ class CacheReader:
         return int(unit.offsets[j + 1] - unit.offsets[j])
 
     def read_scan(self, i: int) -> ScanTargets:
-        """Scan ``i`` (0 <= i < len): one Zarr read per array."""
+        """Scan ``i`` (0 <= i < len): one Zarr read per array (5 reads), `target` scattered
+        back to all points with zero rows where unpaired."""
         if not 0 <= i < len(self.tokens):
             raise IndexError(f"scan {i} out of range: cache {self.path} has {len(self)} scans")
-        unit = self._unit(int(self._unit_of[i]))
-        j = int(self._index_in_unit[i])
+        u, j = int(self._unit_of[i]), int(self._index_in_unit[i])
+        unit = self._unit(u)
         start, end = int(unit.offsets[j]), int(unit.offsets[j + 1])
+        fields = {
+            name: arr[start:end] for name, arr in unit.arrays.items() if name not in PAIRED_ONLY
+        }
+        paired = fields["camera"] != UNPAIRED  # (N,)
+        t_start, t_end = int(unit.target_offsets[j]), int(unit.target_offsets[j + 1])
+        if t_end - t_start != int(paired.sum()):
+            raise CacheError(
+                f"cache {self.path} unit {unit_name(u)} scan {self.tokens[i]}: "
+                f"{t_end - t_start} target rows for {paired.sum()} paired points (corrupted; "
+                "run `python cli.py cache verify`)"
+            )
+        target = np.zeros((end - start, self.feature_dim), np.float16)  # (N, D)
+        target[paired] = unit.arrays["target"][t_start:t_end]
         return ScanTargets(
-            token=self.tokens[i],
-            lidar_path=unit.lidar_paths[j],
-            **{name: arr[start:end] for name, arr in unit.arrays.items()},
+            token=self.tokens[i], lidar_path=unit.lidar_paths[j], target=target, **fields
         )
 
     def verify(self, progress: bool = True) -> list[str]:

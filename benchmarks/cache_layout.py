@@ -1,0 +1,161 @@
+"""Measure cache layouts: bytes/point, write MB/s, random scan read ms per codec and chunk size.
+
+    python benchmarks/cache_layout.py [--scans-per-unit 8] [--dim 384] [--dir /tmp]
+
+Synthetic units shaped like nuScenes (~34.7k points per sweep) with DINOv2-like targets:
+normal fp16 features on paired points, zero rows on unpaired ones (in runs, as a spinning lidar
+sweeps in and out of camera views), points/uv/camera/label with realistic value ranges. Reads
+come from the page cache (we cannot drop caches without root): they measure decode + Zarr cost,
+which is what a training node with warm storage pays.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import typer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cache.schema import CacheKey, UnitData  # noqa: E402
+from cache.store import CacheWriter, StorageLayout, open_cache, write_unit_group  # noqa: E402
+
+POINTS_PER_SCAN = 34_700  # nuScenes LIDAR_TOP sweep
+PAIRED_SHARE = 0.5  # rough share of nuScenes points seen by one of the six cameras
+
+LAYOUTS = {
+    "none (chunk 16k)": StorageLayout(chunk_rows=16384, other_codec="none"),
+    "none (chunk 4k)": StorageLayout(chunk_rows=4096, other_codec="none"),
+    "none (chunk 64k)": StorageLayout(chunk_rows=65536, other_codec="none"),
+    "zstd-1 all": StorageLayout(target_codec="zstd", other_codec="zstd"),
+    "blosc target, none others": StorageLayout(target_codec="blosc", other_codec="none"),
+    "none target, zstd others (default)": StorageLayout(other_codec="zstd"),
+}
+
+
+def synthetic_unit(rng: np.random.Generator, tokens: list[str], dim: int) -> UnitData:
+    """A unit of nuScenes-sized scans with DINOv2-like targets (see module docstring)."""
+    pts, tgt, cam, uv, lab = [], [], [], [], []
+    for _ in tokens:
+        n = int(rng.integers(POINTS_PER_SCAN - 2000, POINTS_PER_SCAN + 2000))
+        runs = rng.geometric(1 / 200, size=n // 50 + 10)  # runs of in/out of camera views
+        paired = np.repeat(np.arange(len(runs)) % 2 == 0, runs)[:n]
+        paired = paired if rng.random() < PAIRED_SHARE else ~paired
+        camera = np.where(paired, np.repeat(rng.integers(0, 6, len(runs)), runs)[:n], -1)
+        xyz = rng.normal(0, 15, (n, 3)).astype(np.float32)
+        intensity = rng.integers(0, 100, (n, 1)).astype(np.float32)
+        pts.append(np.concatenate([xyz, intensity], axis=1))
+        t = rng.normal(0, 1, (n, dim)).astype(np.float16)
+        t[~paired] = 0
+        tgt.append(t)
+        cam.append(camera.astype(np.int8))
+        uv.append(np.where(paired[:, None], rng.uniform(0, 1600, (n, 2)), 0).astype(np.float32))
+        lab.append(rng.integers(0, 17, n).clip(0, 16).astype(np.uint8))
+    return UnitData(
+        tokens=tokens,
+        lidar_paths=[f"/data/{t}.pcd.bin" for t in tokens],
+        points=pts,
+        target=tgt,
+        camera=cam,
+        uv=uv,
+        label=lab,
+    )
+
+
+def raw_bytes(data: UnitData) -> int:
+    return sum(
+        a.nbytes
+        for name in ("points", "target", "camera", "uv", "label")
+        for a in getattr(data, name)
+    )
+
+
+def measure(
+    name: str,
+    layout: StorageLayout,
+    units: list[UnitData],
+    workdir: Path,
+    reads: int,
+    repeats: int,
+    seed: int,
+) -> dict:
+    key = CacheKey("bench", "train", name, "", (224, 448), "last", "{}")
+    dim = units[0].target[0].shape[1]
+    writer = CacheWriter.create(workdir, key, [u.tokens for u in units], dim, {}, layout=layout)
+    # Write: the Zarr group alone (what the layout changes); median of `repeats` per unit,
+    # after one untimed warm-up write.
+    times = []
+    for i, data in enumerate(units):
+        for r in range(repeats + (i == 0)):
+            scratch = workdir / f"scratch-{i}-{r}"
+            t0 = time.perf_counter()
+            write_unit_group(scratch, data, dim, layout)
+            if r > 0 or i > 0:
+                times.append(time.perf_counter() - t0)
+            shutil.rmtree(scratch)
+        writer.write_unit(i, data)
+    writer.finalize({})
+    reader = open_cache(writer.path)
+    stored = reader.info()["bytes_on_disk"]
+    points = sum(sum(u.rows()) for u in units)
+    rng = np.random.default_rng(seed)
+    order = rng.integers(0, len(reader), reads)
+    for i in range(len(units)):  # open every unit first: measure steady-state reads
+        reader.num_points(i * len(units[0].tokens))
+    t0 = time.perf_counter()
+    for i in order:
+        reader.read_scan(int(i))
+    read_ms = (time.perf_counter() - t0) / reads * 1e3
+    mb = np.mean([raw_bytes(u) for u in units]) / 1e6
+    return {
+        "layout": name,
+        "bytes/point": stored / points,
+        "ratio": sum(raw_bytes(u) for u in units) / stored,
+        "write MB/s": mb / np.median(times),
+        "scan read ms": read_ms,
+    }
+
+
+def main(
+    scans_per_unit: int = typer.Option(8, help="Scans per unit."),
+    units: int = typer.Option(2, help="Units per layout."),
+    dim: int = typer.Option(384, help="Feature dim (384 = ViT-S/14, 768 = ViT-B/14)."),
+    reads: int = typer.Option(60, help="Random scan reads per layout."),
+    repeats: int = typer.Option(3, help="Timed writes per unit."),
+    dir: Path = typer.Option(
+        Path(tempfile.gettempdir()), help="Scratch folder (its disk is measured)."
+    ),
+    seed: int = typer.Option(0),
+) -> None:
+    """Print a table comparing the layouts in LAYOUTS."""
+    rng = np.random.default_rng(seed)
+    data = [
+        synthetic_unit(rng, [f"s{u}_{j}" for j in range(scans_per_unit)], dim) for u in range(units)
+    ]
+    raw = raw_bytes(data[0]) / sum(data[0].rows())
+    print(
+        f"{units} units x {scans_per_unit} scans x ~{POINTS_PER_SCAN} points, D={dim}; "
+        f"raw {raw:.0f} bytes/point; paired ~{PAIRED_SHARE:.0%}"
+    )
+    print(
+        f"{'layout':36s} {'bytes/pt':>9s} {'ratio':>6s} {'write MB/s':>11s} {'scan read ms':>13s}"
+    )
+    for name, layout in LAYOUTS.items():
+        workdir = Path(tempfile.mkdtemp(dir=dir, prefix="cache-bench-"))
+        try:
+            r = measure(name, layout, data, workdir, reads, repeats, seed)
+        finally:
+            shutil.rmtree(workdir)
+        print(
+            f"{r['layout']:36s} {r['bytes/point']:9.0f} {r['ratio']:6.2f} "
+            f"{r['write MB/s']:11.0f} {r['scan read ms']:13.1f}"
+        )
+
+
+if __name__ == "__main__":
+    typer.run(main)
