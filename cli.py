@@ -57,6 +57,172 @@ def check_data_command(
 # ---------------------------------------------------------------- stage two (trainer/) ----
 
 # ---------------------------------------------------------------- evaluation (trainer/) ----
+# Shared options of the evaluation commands (typer needs them per command; defaults live here).
+_CKPT = typer.Option(
+    ..., "--checkpoint", help='Run folder of the trained student, or "none" (random init).'
+)
+_DATA = typer.Option(
+    ..., "--data", help="Dataset root (nuScenes: holds v1.0-*/; SemanticKITTI: holds sequences/)."
+)
+_DATASET = typer.Option("nuscenes", "--dataset", help="nuscenes | semantickitti.")
+_VERSION = typer.Option(None, "--version", help="nuScenes version folder; default: the only one.")
+_TRAIN_SPLIT = typer.Option("train", "--train-split", help="Split the classifier is trained on.")
+_VAL_SPLIT = typer.Option("val", "--val-split", help="Split the metrics are computed on.")
+_MAX_TRAIN = typer.Option(
+    None, "--max-train-scans", help="At most this many training scans (evenly spaced)."
+)
+_MAX_VAL = typer.Option(
+    None, "--max-val-scans", help="At most this many val scans (evenly spaced)."
+)
+_OUT = typer.Option(
+    None, "--out", help="Output folder (default RUN_DIR/eval; required with --checkpoint none)."
+)
+_LIKE = typer.Option(
+    None, "--like", help="With --checkpoint none: take the architecture from this run folder."
+)
+_DEVICE = typer.Option("cpu", "--device", help="torch device (cpu, cuda).")
+_SEED = typer.Option(0, "--seed", help="Seed.")
+
+
+def _eval_data(data, dataset, version, train_split, val_split, max_train, max_val):
+    from trainer.evaluate.backbone import EvalData
+
+    return EvalData(
+        root=data, dataset=dataset, version=version, train_split=train_split,
+        val_split=val_split, max_train_scans=max_train, max_val_scans=max_val,
+    )  # fmt: skip
+
+
+@evaluate_app.command("linear-probe")
+def evaluate_linear_probe_command(
+    checkpoint: str = _CKPT, data: Path = _DATA, dataset: str = _DATASET, version: str = _VERSION,
+    train_split: str = _TRAIN_SPLIT, val_split: str = _VAL_SPLIT,
+    max_train_scans: int = _MAX_TRAIN, max_val_scans: int = _MAX_VAL,
+    points_per_scan: int = typer.Option(20_000, "--points-per-scan", help="Training points kept per scan (0 = all)."),
+    epochs: int = typer.Option(20, "--epochs", help="Passes of the linear layer over the training points."),
+    lr: float = typer.Option(1e-2, "--lr", help="AdamW learning rate of the linear layer."),
+    out: Path = _OUT, like: Path = _LIKE, device: str = _DEVICE, seed: int = _SEED,
+) -> None:  # fmt: skip
+    """Frozen backbone + one linear layer per point: mIoU and per-class IoU on the val split.
+
+    Writes RUN_DIR/eval/linear_probe.json (or OUT/linear_probe.json) and prints the IoU table.
+    """
+    from trainer.evaluate.linear_probe import LinearProbeConfig, run_linear_probe
+    from trainer.evaluate.probe import ProbeConfig
+
+    cfg = LinearProbeConfig(
+        checkpoint=checkpoint,
+        data=_eval_data(data, dataset, version, train_split, val_split, max_train_scans, max_val_scans),
+        out=out, like=like, probe=ProbeConfig(epochs=epochs, lr=lr, seed=seed),
+        points_per_scan=points_per_scan or None, device=device, seed=seed,
+    )  # fmt: skip
+    run_linear_probe(cfg)
+
+
+@evaluate_app.command("finetune")
+def evaluate_finetune_command(
+    checkpoint: str = _CKPT, data: Path = _DATA, dataset: str = _DATASET, version: str = _VERSION,
+    fraction: float = typer.Option(0.01, "--fraction", help="Share of labelled training scans: 0.01, 0.05, 0.1, 0.25, 1."),
+    epochs: int = typer.Option(30, "--epochs", help="Passes over the subset."),
+    batch_scans: int = typer.Option(4, "--batch-scans", help="Scans per step."),
+    backbone_lr: float = typer.Option(None, "--backbone-lr", help="Backbone AdamW lr; default head-lr/10 (pretrained) or head-lr (none)."),
+    head_lr: float = typer.Option(1e-2, "--head-lr", help="Classifier AdamW lr."),
+    subset_seed: int = typer.Option(0, "--subset-seed", help="Seed of the subset choice (keep fixed across models)."),
+    train_split: str = _TRAIN_SPLIT, val_split: str = _VAL_SPLIT,
+    max_train_scans: int = _MAX_TRAIN, max_val_scans: int = _MAX_VAL,
+    out: Path = _OUT, like: Path = _LIKE, device: str = _DEVICE, seed: int = _SEED,
+) -> None:  # fmt: skip
+    """Fine-tune backbone + linear classifier on a fixed subset of labelled scans; mIoU on val.
+
+    Writes finetune.json and subset.txt (the scan tokens used) to RUN_DIR/eval/finetune_<p>pct/.
+    """
+    from trainer.evaluate.finetune import FinetuneConfig, run_finetune
+
+    cfg = FinetuneConfig(
+        checkpoint=checkpoint,
+        data=_eval_data(data, dataset, version, train_split, val_split, max_train_scans, max_val_scans),
+        fraction=fraction, out=out, like=like, epochs=epochs, batch_scans=batch_scans,
+        backbone_lr=backbone_lr, head_lr=head_lr, subset_seed=subset_seed, device=device, seed=seed,
+    )  # fmt: skip
+    run_finetune(cfg)
+
+
+@evaluate_app.command("rankme")
+def evaluate_rankme_command(
+    checkpoint: str = _CKPT,
+    data: Path = typer.Option(None, "--data", help="Dataset root (its val split is used when no --cache)."),
+    cache: Path = typer.Option(None, "--cache", help="Cache directory: its scans, plus the teacher targets' RankMe."),
+    dataset: str = _DATASET, version: str = _VERSION, val_split: str = _VAL_SPLIT,
+    max_scans: int = typer.Option(50, "--max-scans", help="Scans used (evenly spaced)."),
+    max_points: int = typer.Option(20_000, "--max-points", help="Feature rows given to the SVD."),
+    out: Path = _OUT, like: Path = _LIKE, device: str = _DEVICE, seed: int = _SEED,
+) -> None:  # fmt: skip
+    """RankMe (effective rank) of the backbone point features; with --cache also of the teacher."""
+    from trainer.evaluate.rankme import RankMeConfig, run_rankme
+
+    eval_data = None
+    if data is not None:
+        eval_data = _eval_data(data, dataset, version, "train", val_split, None, None)
+    run_rankme(
+        RankMeConfig(
+            checkpoint=checkpoint, data=eval_data, cache=cache, out=out, like=like,
+            max_scans=max_scans, max_points=max_points, device=device, seed=seed,
+        )
+    )  # fmt: skip
+
+
+@evaluate_app.command("robustness")
+def evaluate_robustness_command(
+    checkpoint: str = _CKPT, data: Path = _DATA, dataset: str = _DATASET, version: str = _VERSION,
+    corruptions: str = typer.Option("all", "--corruptions", help="Comma list (beam_missing, fewer_beams, cross_sensor, point_drop, jitter, fog) or all."),
+    severity: str = typer.Option("2", "--severity", help="Comma list of severities 1..3."),
+    beams: int = typer.Option(None, "--beams", help="Beams for the elevation-bin ring estimate (default 32 nuScenes, 64 KITTI)."),
+    baseline: Path = typer.Option(None, "--baseline", help="robustness.json of a baseline model, for the corruption error."),
+    train_split: str = _TRAIN_SPLIT, val_split: str = _VAL_SPLIT,
+    max_train_scans: int = _MAX_TRAIN, max_val_scans: int = _MAX_VAL,
+    points_per_scan: int = typer.Option(20_000, "--points-per-scan", help="Training points kept per scan (0 = all)."),
+    out: Path = _OUT, like: Path = _LIKE, device: str = _DEVICE, seed: int = _SEED,
+) -> None:  # fmt: skip
+    """Clean-trained linear probe under LiDAR corruptions: mIoU per corruption, mRR, mCE."""
+    from trainer.evaluate.corruptions import CORRUPTIONS
+    from trainer.evaluate.robustness import RobustnessConfig, run_robustness
+
+    names = (
+        tuple(CORRUPTIONS)
+        if corruptions == "all"
+        else tuple(c.strip() for c in corruptions.split(","))
+    )
+    cfg = RobustnessConfig(
+        checkpoint=checkpoint,
+        data=_eval_data(data, dataset, version, train_split, val_split, max_train_scans, max_val_scans),
+        out=out, like=like, corruptions=names, severities=tuple(int(s) for s in severity.split(",")),
+        beams=beams, baseline=baseline, points_per_scan=points_per_scan or None, device=device, seed=seed,
+    )  # fmt: skip
+    run_robustness(cfg)
+
+
+@app.command("visualize")
+def visualize_command(
+    checkpoint: str = typer.Option(..., "--checkpoint", help="Run folder of the trained student."),
+    cache: Path = typer.Option(..., "--cache", help="Cache directory holding the scan's teacher targets."),
+    data: Path = typer.Option(None, "--data", help="Dataset root, for the camera images (nuScenes)."),
+    dataset: str = _DATASET, version: str = _VERSION,
+    scan: str = typer.Option(None, "--scan", help="Scan token; default: the cache's first scan."),
+    out: Path = typer.Option(..., "--out", help="Folder for the PNG files."),
+    extent: float = typer.Option(40.0, "--extent", help="Half-width of the bird's-eye view, m."),
+    device: str = _DEVICE,
+) -> None:  # fmt: skip
+    """PCA pictures: teacher targets vs student features (bird's-eye view) and the teacher's
+    features drawn on the camera images."""
+    from trainer.evaluate.visualize import VisualizeConfig, run_visualize
+
+    run_visualize(
+        VisualizeConfig(
+            checkpoint=checkpoint, cache=cache, data=data, dataset=dataset, version=version,
+            scan=scan, out=out, extent=extent, device=device,
+        )
+    )  # fmt: skip
+
 
 # ---------------------------------------------------------------- benchmarks ----
 

@@ -127,3 +127,94 @@ def _save(fig, path: Path) -> Path:
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+@dataclass(frozen=True)
+class VisualizeConfig:
+    """Which pictures to draw."""
+
+    checkpoint: str
+    """Run folder of the trained student."""
+    cache: Path
+    """Cache directory holding the scan (points, teacher targets, pairing)."""
+    out: Path
+    """Folder for the PNG files."""
+    data: Path | None = None
+    """Dataset root, for the camera images; without it only the bird's-eye views are drawn."""
+    dataset: str = "nuscenes"
+    """"nuscenes" or "semantickitti"."""
+    version: str | None = None
+    """nuScenes version folder."""
+    scan: str | None = None
+    """Scan token; None = the cache's first scan."""
+    extent: float = 40.0
+    """Half-width of the bird's-eye view, m."""
+    device: str = "cpu"
+    """torch device."""
+
+
+def _find_scan_record(cfg: VisualizeConfig, token: str):
+    from trainer.evaluate.backbone import EvalData, open_reader
+
+    reader = open_reader(EvalData(root=cfg.data, dataset=cfg.dataset, version=cfg.version))
+    split = token.split("_")[0] if cfg.dataset == "semantickitti" else "all"
+    for scan in reader.scans(split):
+        if scan.token == token:
+            return scan
+    raise ValueError(f"scan {token!r} of the cache is not in the dataset at {cfg.data}")
+
+
+def run_visualize(cfg: VisualizeConfig) -> list[Path]:
+    """Draw the pictures of one scan; returns the PNG paths."""
+    from cache.store import open_cache
+    from trainer.evaluate.backbone import load_model, load_projection_head, point_features
+
+    cache = open_cache(cfg.cache)
+    if cfg.scan is None:
+        index = 0
+    elif cfg.scan in cache.tokens:
+        index = cache.tokens.index(cfg.scan)
+    else:
+        raise ValueError(f"scan {cfg.scan!r} is not in cache {cfg.cache} ({len(cache)} scans)")
+    scan = cache.read_scan(index)
+    points = np.asarray(scan.points)  # (N, 4)
+    camera = np.asarray(scan.camera)  # (N,)
+    uv = np.asarray(scan.uv)  # (N, 2)
+    paired = camera >= 0
+    if paired.sum() < 3:
+        raise ValueError(
+            f"scan {scan.token}: only {int(paired.sum())} paired points, nothing to draw"
+        )
+    target = np.asarray(scan.target)[paired].astype(np.float32)  # (P, D_t)
+
+    model, model_cfg = load_model(cfg.checkpoint, None, cfg.device)
+    feats = point_features(model, model_cfg, points, cfg.device)  # (N, D_s)
+    teacher_basis = fit_pca(target)
+    teacher_rgb = np.tile(np.array(UNPAIRED_GREY), (len(points), 1))
+    teacher_rgb[paired] = pca_rgb(target, teacher_basis)
+    panels = [("teacher targets (paired points; grey = unpaired)", teacher_rgb)]
+    head = load_projection_head(cfg.checkpoint, cfg.device)
+    if head is not None:
+        with torch.no_grad():
+            projected = head(feats.to(cfg.device)).float().cpu()  # (N, D_t)
+        panels.append(
+            ("student head, teacher's PCA basis (all points)", pca_rgb(projected, teacher_basis))
+        )
+    panels.append(("student backbone, own PCA basis", pca_rgb(feats, fit_pca(feats))))
+    out = Path(cfg.out)
+    written = [save_bev_panels(out / f"{scan.token}_bev.png", points[:, :2], panels, cfg.extent)]
+
+    if cfg.data is not None:
+        record = _find_scan_record(cfg, scan.token)
+        for c, frame in enumerate(record.cameras):
+            on = camera == c
+            if on.any():
+                written.append(
+                    save_camera_overlay(
+                        out / f"{scan.token}_{frame.channel}.png", frame.image_path, uv[on],
+                        teacher_rgb[on], f"{frame.channel}: teacher targets, PCA → RGB",
+                    )
+                )  # fmt: skip
+    for path in written:
+        print(path)
+    return written
