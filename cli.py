@@ -53,6 +53,43 @@ def check_data_command(
 # ---------------------------------------------------------------- stage one (pipeline/ → cache/) ----
 
 # ---------------------------------------------------------------- cache/ ----
+@cache_app.command("info")
+def cache_info_command(
+    root_or_path: Path = typer.Argument(
+        ..., help="A cache folder (ROOT/<digest>) or a cache root (lists its caches)."
+    ),
+) -> None:
+    """Key, scans, points, paired share, size and completeness of a cache."""
+    from cache import CacheError
+    from cache.store import describe
+
+    try:
+        typer.echo(describe(root_or_path))
+    except CacheError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+
+
+@cache_app.command("verify")
+def cache_verify_command(
+    path: Path = typer.Argument(..., help="A cache folder, or a root holding exactly one cache."),
+) -> None:
+    """Recompute every checksum and check offsets and row counts; exit 1 on any problem."""
+    from cache import CacheError, resolve_cache, verify_cache
+
+    try:
+        cache = resolve_cache(path)
+        problems = verify_cache(cache)
+    except CacheError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    for problem in problems:
+        typer.echo(problem)
+    if problems:
+        typer.echo(f"{cache}: {len(problems)} problem(s)", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"{cache}: ok (complete, all checksums match)")
+
 
 # ---------------------------------------------------------------- stage two (trainer/) ----
 

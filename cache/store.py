@@ -713,3 +713,46 @@ class CacheReader:
     def info(self) -> dict[str, Any]:
         """Key fields, scans, points, paired share, size on disk, completeness."""
         return cache_info(self.path)
+
+
+# ---------------------------------------------------------------- text for the CLI ----
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return ""
+
+
+def describe(root_or_path: str | Path) -> str:
+    """Readable summary of one cache, or a one-line-per-cache list when a root holds several."""
+    p = Path(root_or_path)
+    caches = [p] if (p / MANIFEST).is_file() else list_caches(p)
+    if not caches:
+        raise CacheError(f"{p} holds no cache (no {MANIFEST} in it or in its sub-folders)")
+    if len(caches) > 1:
+        lines = [f"{len(caches)} caches under {p}:"]
+        for c in caches:
+            i = cache_info(c)
+            k = i["key"]
+            state = "complete" if i["complete"] else f"{i['units_done']}/{i['units']} units"
+            lines.append(
+                f"  {c.name}  {k['split']:>10s}  {k['teacher']}  {k['image_size']}  "
+                f"D={i['feature_dim']}  {i['scans']} scans  {_size(i['bytes_on_disk'])}  {state}"
+            )
+        return "\n".join(lines)
+    i = cache_info(caches[0])
+    state = "yes" if i["complete"] else f"NO ({i['units'] - i['units_done']} units missing)"
+    lines = [
+        f"cache      {i['path']}",
+        f"complete   {state}",
+        f"schema     v{i['schema_version']}   feature dim {i['feature_dim']}   layout {i['layout']}",
+        *(f"key.{k:<22s} {v}" for k, v in i["key"].items()),
+        f"units      {i['units_done']}/{i['units']} done",
+        f"scans      {i['scans_done']}/{i['scans']} written",
+        f"points     {i['points']}  (paired share {i['paired_share']:.1%})",
+        f"size       {_size(i['bytes_on_disk'])}"
+        + (f"  ({i['bytes_on_disk'] / i['points']:.0f} bytes/point)" if i["points"] else ""),
+        f"created    {i['created_at']}",
+    ]
+    return "\n".join(lines)
