@@ -52,6 +52,81 @@ def check_data_command(
 
 # ---------------------------------------------------------------- stage one (pipeline/ → cache/) ----
 
+
+@app.command("make-teacher")
+def make_teacher_command(
+    out: Path = typer.Option(..., "--out", help="Folder to create (must not exist or be empty)."),
+    size: str = typer.Option("tiny", "--size", help="tiny (D=64, 2 layers) or small (D=96, 4 layers)."),
+    registers: int = typer.Option(0, "--registers", help="Register tokens (0: Dinov2Model, >0: Dinov2WithRegistersModel)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random initialisation."),
+) -> None:
+    """Save a RANDOM-initialised small DINOv2 (save_pretrained) for demos and tests.
+
+    Its features mean nothing: it stands in for a real DINOv2 where none can be downloaded.
+    """
+    from pipeline.teacher import save_random_teacher
+
+    path = save_random_teacher(out, size=size, registers=registers, seed=seed)
+    typer.echo(f"saved a RANDOM {size} DINOv2 ({registers} registers) to {path} (demo/test only)")
+
+
+@app.command("extract-teacher")
+def extract_teacher_command(
+    data: Path = typer.Option(..., "--data", help="nuScenes root (the folder holding v1.0-*/)."),
+    cache: Path = typer.Option(..., "--cache", help="Cache root; the cache is CACHE/<key digest>/."),
+    teacher: str = typer.Option(..., "--teacher", help="DINOv2 Hugging Face id or local folder (see make-teacher)."),
+    version: str = typer.Option(None, "--version", help="nuScenes version directory; default: the only one."),
+    split: str = typer.Option("train", "--split", help="Split to extract (train, val, mini_train, all, ...)."),
+    image_size: str = typer.Option("448x896", "--image-size", help="HEIGHTxWIDTH fed to the teacher; multiples of 14."),
+    scheduler: str = typer.Option(None, "--scheduler", help="Address of a running Dask scheduler; default: a LocalCluster."),
+    workers: int = typer.Option(1, "--workers", help="LocalCluster worker processes."),
+    threads: int = typer.Option(0, "--torch-threads", help="torch threads per worker; 0: cores / workers."),
+    processes: bool = typer.Option(True, "--processes/--threads", help="LocalCluster workers as processes or threads."),
+    batch_size: int = typer.Option(6, "--batch-size", help="Images per teacher forward."),
+    device: str = typer.Option("cpu", "--device", help="Teacher device on the workers (cpu, cuda)."),
+    dtype: str = typer.Option("float32", "--dtype", help="Teacher autocast dtype: float32, float16 (CUDA), bfloat16."),
+    scans_per_unit: int = typer.Option(4, "--scans-per-unit", help="Scans per work unit (one task, one atomic cache unit)."),
+    min_depth: float = typer.Option(1.0, "--min-depth", help="Pairing: minimum camera depth (m)."),
+    occlusion: bool = typer.Option(True, "--occlusion/--no-occlusion", help="Pairing: reject occluded points."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+) -> None:
+    """Stage one: DINOv2 features at every paired LiDAR point → the Zarr target cache (Dask).
+
+    Resumable and idempotent: finished units are kept, a re-run with the same arguments does no
+    teacher work. Prints the cache path and a summary line.
+    """
+    from pipeline.extract import ExtractConfig, extract_teacher
+    from pipeline.pairing import PairingConfig
+    from pipeline.teacher import parse_image_size
+
+    try:
+        size = parse_image_size(image_size)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--image-size") from None
+    cfg = ExtractConfig(
+        data=data,
+        cache_root=cache,
+        teacher=teacher,
+        version=version,
+        split=split,
+        image_size=size,
+        scheduler=scheduler,
+        n_workers=workers,
+        torch_threads=threads,
+        processes=processes,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        scans_per_unit=scans_per_unit,
+        pairing=PairingConfig(min_depth=min_depth, occlusion=occlusion),
+        progress=progress,
+    )
+    summary = extract_teacher(cfg)
+    if summary.teacher_random:
+        typer.echo("warning: the teacher is a RANDOM model (make-teacher): demo/test targets only", err=True)
+    typer.echo(f"cache: {summary.cache_path}")
+    typer.echo(summary.line())
+
 # ---------------------------------------------------------------- cache/ ----
 @cache_app.command("info")
 def cache_info_command(

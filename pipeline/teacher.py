@@ -347,7 +347,9 @@ def save_random_teacher(
         Dinov2WithRegistersConfig,
         Dinov2WithRegistersModel,
     )
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a one-file "Writing model shards" bar is noise
     if size not in TINY_SIZES:
         raise ValueError(
             f"unknown random teacher size {size!r}; choose one of {sorted(TINY_SIZES)}"

@@ -1,0 +1,380 @@
+"""Stage one: teacher features at every paired LiDAR point, written to the target cache by Dask.
+
+What happens (docs/extraction.md has the details and measurements):
+1. The client reads the split's scan records, cuts them into units of ``scans_per_unit`` scans (in
+   the reader's order: scene, then time) and builds the `CacheKey` (dataset fingerprint, split,
+   teacher name + weights sha256, image size, feature layer, pairing settings, schema version).
+2. ``CacheWriter.create`` makes or re-opens ``cache_root/<digest>/``; under the cache's writer
+   lock only the units without a valid ``.done`` marker are submitted, one Dask task per unit.
+3. A task (`extract_unit`) loads its scans' points, labels and images, pairs the points with the
+   cameras, runs the teacher over the unit's images in batches across cameras, samples the patch
+   grid of each point's camera at its pixel, and writes the unit atomically through the writer.
+   Unpaired points get zero targets and camera -1.
+4. The client shows a progress bar over units, then finalizes the cache and returns a summary.
+
+A unit's result depends only on its scans and the settings, never on which worker ran it, when,
+or next to which other unit: the cache is bit-identical whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cache import CacheKey, CacheWriter, UnitData, dataset_fingerprint
+from pipeline.datasets import NuScenesReader, Scan
+from pipeline.pairing import UNPAIRED, PairingConfig, pair_points
+from pipeline.teacher import FEATURE_LAYER, Teacher, TeacherConfig, cached_teacher, sample_features
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """One extraction run: which data, which teacher, where the cache goes, how Dask runs it."""
+
+    data: Path
+    """nuScenes root (the folder holding v1.0-*/, samples/, sweeps/)."""
+    cache_root: Path
+    """Folder of caches; this run's cache is ``cache_root/<key digest>/``."""
+    teacher: str
+    """Hugging Face id or local save_pretrained folder of a DINOv2 (with or without registers)."""
+    version: str | None = None
+    """nuScenes version directory ("v1.0-mini", ...); None: the only one under ``data``."""
+    split: str = "train"
+    """Split to extract ("train", "val", "mini_train", "all", ...)."""
+    image_size: tuple[int, int] = (448, 896)
+    """(H, W) the camera images are resized to; multiples of the patch size (14)."""
+    scheduler: str | None = None
+    """Address of a running Dask scheduler ("tcp://host:8786"); None: start a LocalCluster."""
+    n_workers: int = 1
+    """LocalCluster worker processes (ignored with ``scheduler``)."""
+    torch_threads: int = 0
+    """torch intra-op threads per worker; 0: CPU cores / workers on a LocalCluster, untouched
+    on an existing cluster."""
+    processes: bool = True
+    """LocalCluster workers are processes (True) or threads of this process (False)."""
+    batch_size: int = 6
+    """Images per teacher forward (batched across the cameras and scans of a unit)."""
+    device: str = "cpu"
+    """torch device of the teacher on the workers."""
+    dtype: str = "float32"
+    """Teacher autocast dtype: "float32", "float16" (CUDA) or "bfloat16"."""
+    scans_per_unit: int = 4
+    """Scans per work unit (one Dask task, one atomic cache unit)."""
+    pairing: PairingConfig = field(default_factory=PairingConfig)
+    """How points are paired with camera pixels (part of the cache key)."""
+    progress: bool = True
+    """Show a progress bar over units."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data", Path(self.data))
+        object.__setattr__(self, "cache_root", Path(self.cache_root))
+        object.__setattr__(self, "image_size", tuple(int(s) for s in self.image_size))
+        if self.n_workers < 1:
+            raise ValueError(f"n_workers must be >= 1, got {self.n_workers}")
+        if self.torch_threads < 0:
+            raise ValueError(f"torch_threads must be >= 0, got {self.torch_threads}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.scans_per_unit < 1:
+            raise ValueError(f"scans_per_unit must be >= 1, got {self.scans_per_unit}")
+
+    def teacher_config(self) -> TeacherConfig:
+        return TeacherConfig(
+            model=self.teacher, image_size=self.image_size, device=self.device, dtype=self.dtype
+        )
+
+
+@dataclass(frozen=True)
+class ExtractSummary:
+    """What one run did (printed by the CLI and stored in the cache's COMPLETE marker)."""
+
+    cache_path: str  # cache_root/<digest>
+    scans: int  # scans in the split (all units)
+    units: int  # units in the cache
+    units_computed: int  # units this run wrote
+    units_skipped: int  # units already complete before this run
+    images: int  # camera images this run passed through the teacher
+    points: int  # LiDAR points of the units this run wrote
+    points_paired: int  # of those, points paired with a camera
+    bytes_written: int  # bytes of the units this run wrote
+    teacher_forwards: int  # teacher forward calls (batches) this run made
+    wall_s: float  # seconds of the whole run (cluster start included)
+    compute_s: float  # seconds from first submission to last unit written
+    images_per_s: float  # images / compute_s
+    teacher_random: bool  # the teacher is a RANDOM test/demo model
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def line(self) -> str:
+        """One-line human summary."""
+        paired = self.points_paired / self.points if self.points else 0.0
+        return (
+            f"{self.units_computed} units computed, {self.units_skipped} skipped; "
+            f"{self.scans} scans, {self.images} images, {self.points} points "
+            f"({paired:.1%} paired), {self.bytes_written / 1e6:.1f} MB written; "
+            f"{self.images_per_s:.2f} images/s, {self.wall_s:.1f} s wall; "
+            f"{self.teacher_forwards} teacher forwards"
+        )
+
+
+# ---------------------------------------------------------------- one unit (runs on a worker) ----
+def extract_unit(
+    writer: CacheWriter,
+    unit_id: int,
+    scans: list[Scan],
+    reader: NuScenesReader,
+    teacher_cfg: TeacherConfig,
+    pairing: PairingConfig,
+    batch_size: int,
+    torch_threads: int = 0,
+) -> dict[str, Any]:
+    """Compute and write one unit; returns its statistics (counts and seconds per step)."""
+    t_start = time.perf_counter()
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    teacher = cached_teacher(teacher_cfg)
+
+    # 1. points, labels and their pairing with the cameras, scan by scan
+    points, labels, pairings = [], [], []
+    for scan in scans:
+        xyzi = reader.load_points(scan)  # (N, 4) float32
+        points.append(xyzi)
+        labels.append(reader.load_labels(scan))  # (N,) uint8
+        pairings.append(pair_points(xyzi[:, :3], scan, pairing))
+    t_paired = time.perf_counter()
+
+    # 2. teacher over all (scan, camera) images of the unit, batch_size images per forward
+    targets = [np.zeros((len(p), teacher.feature_dim), np.float16) for p in points]  # (N_i, D)
+    views = [(j, c) for j, scan in enumerate(scans) for c in range(len(scan.cameras))]
+    forwards0 = teacher.forward_count
+    t_images = 0.0
+    for start in range(0, len(views), batch_size):
+        batch = views[start : start + batch_size]
+        t0 = time.perf_counter()
+        images = [reader.load_image(scans[j].cameras[c]) for j, c in batch]  # (H0, W0, 3) uint8
+        t_images += time.perf_counter() - t0
+        grids = teacher.patch_grid(images)  # (B, D, h, w)
+        for k, (j, c) in enumerate(batch):
+            mask = pairings[j].camera == c  # (N_j,)
+            if mask.any():
+                uv = pairings[j].uv[mask]  # (M, 2) float32, exactly what the cache stores
+                features = sample_features(grids[k], uv, images[k].shape[:2])  # (M, D)
+                targets[j][mask] = features.half().numpy()
+    t_teacher = time.perf_counter()
+
+    # 3. one atomic unit
+    data = UnitData(
+        tokens=[s.token for s in scans],
+        lidar_paths=[s.lidar_path for s in scans],
+        points=points,
+        target=targets,
+        camera=[p.camera for p in pairings],
+        uv=[p.uv for p in pairings],
+        label=labels,
+    )
+    written = writer.write_unit(unit_id, data)
+    t_end = time.perf_counter()
+    return {
+        "unit": unit_id,
+        "scans": len(scans),
+        "images": len(views),
+        "points": int(sum(len(p) for p in points)),
+        "paired": int(sum((p.camera != UNPAIRED).sum() for p in pairings)),
+        "bytes": int(written),
+        "forwards": teacher.forward_count - forwards0,
+        "seconds": t_end - t_start,
+        "pair_s": t_paired - t_start,
+        "image_load_s": t_images,
+        "teacher_s": t_teacher - t_paired - t_images,
+        "write_s": t_end - t_teacher,
+        "worker_pid": os.getpid(),
+    }
+
+
+# ---------------------------------------------------------------- the client ----
+def split_units(scans: list[Scan], scans_per_unit: int) -> list[list[Scan]]:
+    """Consecutive blocks of ``scans_per_unit`` scans (the last one may be shorter)."""
+    return [scans[i : i + scans_per_unit] for i in range(0, len(scans), scans_per_unit)]
+
+
+def cache_key(cfg: ExtractConfig, reader: NuScenesReader, teacher: Teacher) -> CacheKey:
+    """Everything that determines the targets of this run."""
+    return CacheKey(
+        dataset_fingerprint=dataset_fingerprint(reader.metadata_files()),
+        split=cfg.split,
+        teacher=cfg.teacher,
+        teacher_weights_sha256=teacher.identity.weights_sha256,
+        image_size=cfg.image_size,
+        feature_layer=FEATURE_LAYER,
+        pairing=json.dumps(cfg.pairing.to_dict(), sort_keys=True, separators=(",", ":")),
+    )
+
+
+def _git_sha() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _run_meta(cfg: ExtractConfig, teacher: Teacher) -> dict[str, Any]:
+    import dask
+    import transformers
+
+    config = dataclasses.asdict(cfg)
+    config["pairing"] = cfg.pairing.to_dict()
+    return {
+        "extract_config": json.loads(json.dumps(config, default=str)),
+        "teacher": dataclasses.asdict(teacher.identity),
+        "git_sha": _git_sha(),
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "dask": dask.__version__,
+        },
+    }
+
+
+def _client(cfg: ExtractConfig):
+    """A Dask client: connected to ``cfg.scheduler``, or owning a fresh LocalCluster."""
+    import logging
+
+    from dask.distributed import Client, LocalCluster
+
+    if cfg.scheduler:
+        return Client(cfg.scheduler)
+    cluster = LocalCluster(
+        n_workers=cfg.n_workers,
+        threads_per_worker=1,  # one unit at a time per worker; torch parallelises inside it
+        processes=cfg.processes,
+        dashboard_address=None,
+        silence_logs=logging.ERROR,
+    )
+    return Client(cluster)
+
+
+def _torch_threads(cfg: ExtractConfig) -> int:
+    if cfg.torch_threads or cfg.scheduler:
+        return cfg.torch_threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    per_worker = max(1, (cores or 1) // cfg.n_workers)
+    # threads of one process share torch's one thread pool: size it for the whole process
+    return per_worker if cfg.processes else (cores or 1)
+
+
+def extract_teacher(cfg: ExtractConfig) -> ExtractSummary:
+    """Run stage one (see the module docstring); returns the run's summary."""
+    from dask.distributed import as_completed
+    from tqdm import tqdm
+
+    t_start = time.perf_counter()
+    reader = NuScenesReader(cfg.data, cfg.version)
+    scans = reader.scans(cfg.split)
+    if not scans:
+        raise ValueError(f"{reader.version_dir}: split {cfg.split!r} has no scans")
+    units = split_units(scans, cfg.scans_per_unit)
+    teacher_cfg = cfg.teacher_config()
+    teacher = cached_teacher(teacher_cfg)  # validates model and image size before any Dask work
+    key = cache_key(cfg, reader, teacher)
+    writer = CacheWriter.create(
+        cfg.cache_root,
+        key,
+        [[s.token for s in unit] for unit in units],
+        feature_dim=teacher.feature_dim,
+        meta=_run_meta(cfg, teacher),
+    )
+    totals = dict.fromkeys(("images", "points", "paired", "bytes", "forwards"), 0)
+    with writer.lock():
+        pending = writer.pending_units()
+        t_compute = time.perf_counter()
+        if pending:
+            threads = _torch_threads(cfg)
+            with _client(cfg) as client:
+                # shared arguments travel to each worker once, not once per task
+                writer_f, reader_f = client.scatter([writer, reader], broadcast=True)
+                futures = [
+                    client.submit(
+                        extract_unit,
+                        writer_f,
+                        u,
+                        units[u],
+                        reader_f,
+                        teacher_cfg,
+                        cfg.pairing,
+                        cfg.batch_size,
+                        threads,
+                        key=f"extract-unit-{key.digest()}-{u}",
+                        pure=False,
+                    )
+                    for u in pending
+                ]
+                bar = tqdm(
+                    total=len(units),
+                    initial=len(units) - len(pending),
+                    unit="unit",
+                    desc="extract",
+                    disable=not cfg.progress,
+                    dynamic_ncols=True,
+                )
+                try:
+                    for future in as_completed(futures):
+                        try:
+                            stats = future.result()
+                        except Exception as e:
+                            raise RuntimeError(
+                                f"extraction of a unit of cache {writer.path} failed: {e} "
+                                "(finished units are kept; re-run to resume)"
+                            ) from e
+                        for name in totals:
+                            totals[name] += stats[name]
+                        elapsed = time.perf_counter() - t_compute
+                        bar.set_postfix(img_s=f"{totals['images'] / elapsed:.2f}", refresh=False)
+                        bar.update(1)
+                finally:
+                    bar.close()
+                    for future in futures:
+                        future.cancel()
+        compute_s = time.perf_counter() - t_compute
+        summary = ExtractSummary(
+            cache_path=str(writer.path),
+            scans=len(scans),
+            units=len(units),
+            units_computed=len(pending),
+            units_skipped=len(units) - len(pending),
+            images=totals["images"],
+            points=totals["points"],
+            points_paired=totals["paired"],
+            bytes_written=totals["bytes"],
+            teacher_forwards=totals["forwards"],
+            wall_s=time.perf_counter() - t_start,
+            compute_s=compute_s,
+            images_per_s=totals["images"] / compute_s if pending and compute_s > 0 else 0.0,
+            teacher_random=teacher.identity.random,
+        )
+        if pending or not _is_final(writer):
+            writer.finalize(summary.to_dict())
+    return summary
+
+
+def _is_final(writer: CacheWriter) -> bool:
+    """True when the cache already has its COMPLETE marker (a re-run keeps its first summary)."""
+    from cache.schema import COMPLETE
+
+    return (writer.path / COMPLETE).is_file()
