@@ -53,6 +53,13 @@ class RankMeConfig:
         return Path(self.out) if self.out is not None else Path(self.checkpoint) / "eval"
 
 
+def paired_targets(scan) -> np.ndarray:
+    """(P, D) teacher targets of the paired points (camera >= 0), in point order."""
+    paired = np.asarray(scan.camera) >= 0
+    target = np.asarray(scan.target)
+    return target[paired] if len(target) == len(paired) else target
+
+
 def _evenly(n: int, k: int) -> list[int]:
     return sorted(set(np.linspace(0, n - 1, min(n, k)).round().astype(int).tolist()))
 
@@ -75,9 +82,10 @@ def run_rankme(cfg: RankMeConfig) -> dict:
             student.append(f[torch.from_numpy(take)])
             paired = np.flatnonzero(np.asarray(scan.camera) >= 0)
             if len(paired):
-                take = np.sort(rng.choice(paired, min(per_scan, len(paired)), replace=False))
-                student_paired.append(f[torch.from_numpy(take)])
-                teacher.append(torch.from_numpy(np.asarray(scan.target)[take].astype(np.float32)))
+                target = paired_targets(scan)  # (P, D_t), rows in the order of ``paired``
+                rows = np.sort(rng.choice(len(paired), min(per_scan, len(paired)), replace=False))
+                student_paired.append(f[torch.from_numpy(paired[rows])])
+                teacher.append(torch.from_numpy(target[rows].astype(np.float32)))
         source = str(cfg.cache)
     else:
         reader = open_reader(cfg.data)

@@ -168,6 +168,7 @@ def run_visualize(cfg: VisualizeConfig) -> list[Path]:
     """Draw the pictures of one scan; returns the PNG paths."""
     from cache.store import open_cache
     from trainer.evaluate.backbone import load_model, load_projection_head, point_features
+    from trainer.evaluate.rankme import paired_targets
 
     cache = open_cache(cfg.cache)
     if cfg.scan is None:
@@ -185,7 +186,7 @@ def run_visualize(cfg: VisualizeConfig) -> list[Path]:
         raise ValueError(
             f"scan {scan.token}: only {int(paired.sum())} paired points, nothing to draw"
         )
-    target = np.asarray(scan.target)[paired].astype(np.float32)  # (P, D_t)
+    target = paired_targets(scan).astype(np.float32)  # (P, D_t)
 
     model, model_cfg = load_model(cfg.checkpoint, None, cfg.device)
     feats = point_features(model, model_cfg, points, cfg.device)  # (N, D_s)
