@@ -160,3 +160,76 @@ def test_select_subset_deterministic_nested_and_nonempty():
     assert select_subset(tokens, 1.0) == tokens
     with pytest.raises(ValueError):
         select_subset(tokens, 0.0)
+
+
+# ---------------------------------------------------------------- ablation helpers
+
+
+def test_grid_parsing_product_and_names():
+    from trainer.evaluate.ablate import grid_runs, parse_grid, run_name
+
+    grid = parse_grid(["head=linear,mlp", "occupancy_weight=0,1", "epochs=2"])
+    runs = grid_runs(grid)
+    assert runs == [
+        {"head": "linear", "occupancy_weight": "0", "epochs": "2"},
+        {"head": "linear", "occupancy_weight": "1", "epochs": "2"},
+        {"head": "mlp", "occupancy_weight": "0", "epochs": "2"},
+        {"head": "mlp", "occupancy_weight": "1", "epochs": "2"},
+    ]
+    assert run_name(runs[1], grid) == "head=linear_occupancy_weight=1"  # fixed axes not in names
+    with pytest.raises(ValueError, match="key=value"):
+        parse_grid(["head"])
+
+
+def test_apply_overrides_converts_to_field_types():
+    from dataclasses import dataclass, field
+
+    from trainer.evaluate.ablate import apply_overrides
+
+    @dataclass(frozen=True)
+    class Inner:
+        width: int = 8
+
+    @dataclass(frozen=True)
+    class Cfg:
+        head: str = "mlp"
+        occupancy_weight: float = 1.0
+        amp: bool = False
+        limit: int | None = None
+        inner: Inner = field(default_factory=Inner)
+
+    cfg = apply_overrides(
+        Cfg(),
+        {
+            "head": "linear",
+            "occupancy_weight": "0",
+            "amp": "true",
+            "limit": "3",
+            "inner.width": "16",
+        },
+    )
+    assert cfg == Cfg("linear", 0.0, True, 3, Inner(16))
+    assert isinstance(cfg.occupancy_weight, float)
+    with pytest.raises(ValueError, match="unknown setting 'heads'"):
+        apply_overrides(Cfg(), {"heads": "mlp"})
+    with pytest.raises(ValueError, match="expected int"):
+        apply_overrides(Cfg(), {"inner.width": "wide"})
+
+
+def test_cache_fingerprint_detects_changes(tmp_path):
+    import os
+
+    from trainer.evaluate.ablate import cache_fingerprint, check_cache_untouched
+
+    (tmp_path / "units").mkdir()
+    (tmp_path / "manifest.json").write_text("{}")
+    (tmp_path / "units" / "u00000.done").write_text("{}")
+    (tmp_path / "units" / "shard").write_bytes(b"abc")
+    before = cache_fingerprint(tmp_path)
+    check_cache_untouched(before, tmp_path, "same")  # nothing changed: no error
+    st = os.stat(tmp_path / "units" / "shard")
+    (tmp_path / "units" / "shard").write_bytes(b"abd")
+    os.utime(tmp_path / "units" / "shard", ns=(st.st_atime_ns, st.st_mtime_ns))  # same size, mtime
+    (tmp_path / "units" / "u00000.done").write_text("{ }")
+    with pytest.raises(RuntimeError, match="modified cache.*u00000.done"):
+        check_cache_untouched(before, tmp_path, "r1")

@@ -89,3 +89,15 @@ def point_features(
 ) -> torch.Tensor:
     """(N, D) float32 backbone features of every input point (eval mode, no grad)."""
     raise NotImplementedError("lands with the trainer's model API")
+
+
+def forward_points(
+    model: torch.nn.Module, model_cfg: Any, batch: list[np.ndarray], device: str
+) -> list[torch.Tensor]:
+    """Per-scan (N_i, D) features of a batch of clouds, with grad (fine-tuning)."""
+    raise NotImplementedError("lands with the trainer's model API")
+
+
+def load_projection_head(checkpoint: str, device: str) -> torch.nn.Module | None:
+    """The run's projection head (backbone features → teacher space), None if not stored."""
+    raise NotImplementedError("lands with the trainer's model API")

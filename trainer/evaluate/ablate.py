@@ -1,0 +1,194 @@
+"""Ablations from one cache: a grid of train-config overrides → one train run each → linear probe
+of each → one table (Markdown + CSV).
+
+The cache is extracted once and only read: before and after every run the cache folder's files are
+fingerprinted (path, size, mtime, and the sha256 of the manifest and unit markers, which hold the
+checksums of the arrays) and compared; the teacher module must never have been imported. Either
+check failing stops the ablation with an error.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import itertools
+import os
+import sys
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORBIDDEN_MODULES = ("pipeline.teacher", "pipeline.extract")
+
+
+def parse_grid(specs: list[str]) -> dict[str, list[str]]:
+    """``["head=linear,mlp", "occupancy_weight=0,1"]`` → ``{"head": ["linear", "mlp"], ...}``."""
+    grid: dict[str, list[str]] = {}
+    for spec in specs:
+        key, sep, values = spec.partition("=")
+        key = key.strip()
+        if not sep or not key or not values:
+            raise ValueError(f"grid axis {spec!r}: expected key=value1,value2,...")
+        if key in grid:
+            raise ValueError(f"grid axis {key!r} given twice")
+        grid[key] = [v.strip() for v in values.split(",") if v.strip()]
+    return grid
+
+
+def grid_runs(grid: dict[str, list[str]]) -> list[dict[str, str]]:
+    """Cartesian product of the axes, in the order given (last axis varies fastest)."""
+    keys = list(grid)
+    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*grid.values())]
+
+
+def run_name(overrides: dict[str, str], grid: dict[str, list[str]]) -> str:
+    """Folder-safe name from the axes that vary (one-valued axes are fixed settings)."""
+    varying = [k for k in overrides if len(grid[k]) > 1] or list(overrides)
+    name = "_".join(f"{k.split('.')[-1]}={overrides[k]}" for k in varying)
+    return "".join(c if c.isalnum() or c in "=._-" else "-" for c in name) or "run"
+
+
+def _coerce(text: str, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if text.lower() in ("none", "null"):
+            return None
+        return _coerce(text, args[0], key)
+    if origin is typing.Literal:
+        if text not in typing.get_args(hint):
+            raise ValueError(f"{key}={text}: expected one of {typing.get_args(hint)}")
+        return text
+    if origin is tuple:
+        return tuple(_coerce(t, typing.get_args(hint)[0], key) for t in text.split("x"))
+    if hint is bool:
+        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"{key}={text}: expected true or false")
+        return text.lower() in ("true", "1", "yes")
+    if hint in (int, float, str, Path):
+        try:
+            return hint(text)
+        except ValueError:
+            raise ValueError(f"{key}={text}: expected {hint.__name__}") from None
+    return text
+
+
+def apply_overrides(cfg: Any, overrides: dict[str, str]) -> Any:
+    """A copy of dataclass ``cfg`` with ``key=value`` strings applied (dotted keys reach nested
+    dataclasses), each value converted to the field's annotated type."""
+    for key, text in overrides.items():
+        cfg = _replace_path(cfg, key.split("."), text, key)
+    return cfg
+
+
+def _replace_path(obj: Any, path: list[str], text: str, key: str) -> Any:
+    if not dataclasses.is_dataclass(obj):
+        raise ValueError(f"{key}: {type(obj).__name__} has no fields")
+    hints = typing.get_type_hints(type(obj))
+    name = path[0]
+    if name not in hints or name not in {f.name for f in dataclasses.fields(obj)}:
+        fields = ", ".join(f.name for f in dataclasses.fields(obj))
+        raise ValueError(f"unknown setting {key!r} (fields of {type(obj).__name__}: {fields})")
+    if len(path) == 1:
+        value = _coerce(text, hints[name], key)
+    else:
+        value = _replace_path(getattr(obj, name), path[1:], text, key)
+    return dataclasses.replace(obj, **{name: value})
+
+
+def cache_fingerprint(path: str | Path) -> dict[str, tuple]:
+    """relative path → (size, mtime_ns[, sha256]) of every file under the cache folder; the
+    small bookkeeping files (manifest, markers) are also hashed."""
+    root = Path(path)
+    out: dict[str, tuple] = {}
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            p = Path(dirpath) / f
+            st = p.stat()
+            entry: tuple = (st.st_size, st.st_mtime_ns)
+            if p.suffix in (".json", ".done") or f == "COMPLETE":
+                entry += (hashlib.sha256(p.read_bytes()).hexdigest(),)
+            out[str(p.relative_to(root))] = entry
+    if not out:
+        raise FileNotFoundError(f"{root}: no cache files found")
+    return out
+
+
+def check_cache_untouched(before: dict[str, tuple], path: str | Path, run: str) -> None:
+    """Raise if any cache file was added, removed or changed, or the teacher got imported."""
+    after = cache_fingerprint(path)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    if changed:
+        raise RuntimeError(
+            f"ablation run {run!r} modified cache {path}: {', '.join(changed[:5])}"
+            + (" ..." if len(changed) > 5 else "")
+        )
+    imported = [m for m in FORBIDDEN_MODULES if m in sys.modules]
+    if imported:
+        raise RuntimeError(f"ablation run {run!r} imported {imported}: training must not extract")
+
+
+def write_tables(
+    out: Path, rows: list[dict[str, Any]], class_names: list[str]
+) -> tuple[Path, Path]:
+    """``results.md`` (run, settings, mIoU) and ``results.csv`` (also per-class IoU), atomically."""
+    keys = [k for k in rows[0] if k not in ("run", "miou", "iou", "run_dir")]
+    md = ["| run | " + " | ".join(keys) + " | mIoU % |", "|" + "---|" * (len(keys) + 2)]
+    for r in rows:
+        md.append(
+            f"| {r['run']} | " + " | ".join(str(r[k]) for k in keys) + f" | {100 * r['miou']:.1f} |"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    md_path, csv_path = out / "results.md", out / "results.csv"
+    tmp = md_path.with_name(f".results.md.tmp-{os.getpid()}")
+    tmp.write_text("\n".join(md) + "\n")
+    tmp.replace(md_path)
+    tmp = csv_path.with_name(f".results.csv.tmp-{os.getpid()}")
+    with tmp.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["run", *keys, "miou", *[f"iou_{n}" for n in class_names]])
+        for r in rows:
+            ious = [r["iou"].get(n) for n in class_names]
+            writer.writerow([r["run"], *[r[k] for k in keys], r["miou"],
+                             *["" if v is None or np.isnan(v) else v for v in ious]])  # fmt: skip
+    tmp.replace(csv_path)
+    return md_path, csv_path
+
+
+@dataclass(frozen=True)
+class AblateConfig:
+    """An ablation grid over one cache."""
+
+    cache: Path
+    """Cache directory (extracted once; only read)."""
+    data: Path
+    """Dataset root (points and labels for training and the probe)."""
+    out: Path
+    """Output folder: one run folder per grid point, results.md, results.csv."""
+    grid: tuple[str, ...]
+    """Axes "key=v1,v2"; a one-valued axis is a fixed setting of every run."""
+    version: str | None = None
+    """nuScenes version folder."""
+    probe_epochs: int = 20
+    """Epochs of each run's linear probe."""
+    max_train_scans: int | None = None
+    """Probe: at most this many training scans."""
+    max_val_scans: int | None = None
+    """Probe: at most this many val scans."""
+    device: str = "cpu"
+    """torch device."""
+
+    def __post_init__(self) -> None:
+        if not self.grid:
+            raise ValueError("ablate needs at least one grid axis (key=v1,v2)")
+        parse_grid(list(self.grid))
+
+
+def run_ablation(cfg: AblateConfig) -> list[dict[str, Any]]:
+    """Train + probe every grid point; returns the table rows."""
+    raise NotImplementedError("lands with the trainer's train entry point")
