@@ -14,3 +14,16 @@ def tiny_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from pipeline.teacher import save_random_teacher
 
     return save_random_teacher(tmp_path_factory.mktemp("teacher") / "tiny-dinov2", size="tiny")
+
+
+# ---------------------------------------------------------------- SemanticKITTI (evaluation) ----
+@pytest.fixture(scope="session")
+def synthetic_semantickitti(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Root of a tiny synthetic SemanticKITTI set: sequences 00, 03 (train) and 08 (val), 2 scans
+    each, 16 beams x 180 azimuth steps (~2.5k points a scan)."""
+    from pipeline.synthetic.semantickitti import SyntheticKittiConfig, write_synthetic_semantickitti
+
+    cfg = SyntheticKittiConfig(
+        sequences=("00", "03", "08"), frames_per_sequence=2, beams=16, azimuth_steps=180
+    )
+    return write_synthetic_semantickitti(tmp_path_factory.mktemp("kitti") / "semantickitti", cfg)

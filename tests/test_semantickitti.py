@@ -11,16 +11,12 @@ from pipeline.datasets.semantickitti import (
     learning_map,
     map_labels,
 )
-from pipeline.synthetic.semantickitti import SyntheticKittiConfig, write_synthetic_semantickitti
+from pipeline.synthetic.semantickitti import write_synthetic_semantickitti
 
 
-@pytest.fixture(scope="module")
-def kitti_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("kitti") / "semantickitti"
-    cfg = SyntheticKittiConfig(
-        sequences=("00", "03", "08"), frames_per_sequence=2, beams=16, azimuth_steps=180
-    )
-    return write_synthetic_semantickitti(root, cfg)
+@pytest.fixture
+def kitti_root(synthetic_semantickitti):
+    return synthetic_semantickitti
 
 
 def test_learning_map_standard_entries():
