@@ -279,15 +279,17 @@ class CacheWriter:
 
     def pending_units(self, verify_checksums: bool = False) -> list[int]:
         """Units still to write. A unit with a marker whose files fail the check (sizes; also
-        sha256 with ``verify_checksums``) is pending again, with a warning naming the problem."""
+        sha256 with ``verify_checksums``) loses its marker and is pending again, with a warning
+        naming the problem. Call it from the run's driver, holding `lock()`."""
         pending = []
         for u, tokens in enumerate(self.units):
             if not self.marker_path(u).exists():
                 pending.append(u)
                 continue
             problems = unit_problems(self.path, u, tokens, checksums=verify_checksums)
-            if problems:
+            if problems:  # drop the marker: write_unit then rewrites the unit
                 warnings.warn(f"rewriting {'; '.join(problems)}", stacklevel=2)
+                self.marker_path(u).unlink(missing_ok=True)
                 pending.append(u)
         return pending
 

@@ -1,0 +1,465 @@
+"""cache/: key, atomic unit writer, reader, verify, lock, CLI. Tiny random data in tmp_path."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import os
+import pickle
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from cache import (
+    SCHEMA_VERSION,
+    CacheError,
+    CacheKey,
+    CacheKeyMismatch,
+    CacheWriter,
+    IncompleteCacheError,
+    LockHeldError,
+    SchemaVersionError,
+    UnitData,
+    cache_lock,
+    dataset_fingerprint,
+    open_cache,
+    resolve_cache,
+    verify_cache,
+)
+from cache.schema import LOCK_FILE
+
+D = 8  # feature dim of the tiny caches
+UNITS = [["s0", "s1", "s2"], ["s3", "s4"], ["s5"], ["s6", "s7"]]
+
+
+def make_key(**changes) -> CacheKey:
+    key = CacheKey(
+        dataset_fingerprint="f" * 64,
+        split="mini_train",
+        teacher="tiny-dinov2",
+        teacher_weights_sha256="a" * 64,
+        image_size=(224, 448),
+        feature_layer="last",
+        pairing='{"min_depth":1.0}',
+    )
+    return dataclasses.replace(key, **changes)
+
+
+def make_unit(tokens: list[str], seed: int) -> UnitData:
+    """Random scans; scan "s2" has no points, scan "s5" no paired point. Unpaired target rows
+    are NOT zero: the cache must drop them."""
+    rng = np.random.default_rng(seed)
+    sizes = [0 if t == "s2" else int(rng.integers(5, 60)) for t in tokens]
+    camera = [rng.integers(-1, 6, n).astype(np.int8) for n in sizes]
+    camera = [np.full_like(c, -1) if t == "s5" else c for c, t in zip(camera, tokens, strict=True)]
+    return UnitData(
+        tokens=list(tokens),
+        lidar_paths=[f"/data/samples/LIDAR_TOP/{t}.pcd.bin" for t in tokens],
+        points=[rng.normal(size=(n, 4)).astype(np.float32) for n in sizes],
+        target=[rng.normal(size=(n, D)).astype(np.float16) for n in sizes],
+        camera=camera,
+        uv=[rng.uniform(0, 1600, (n, 2)).astype(np.float32) for n in sizes],
+        label=[rng.integers(0, 17, n).astype(np.uint8) for n in sizes],
+    )
+
+
+def unit_data() -> list[UnitData]:
+    return [make_unit(tokens, seed) for seed, tokens in enumerate(UNITS)]
+
+
+def write_cache(root: Path, key: CacheKey | None = None, finalize: bool = True) -> CacheWriter:
+    writer = CacheWriter.create(root, key or make_key(), UNITS, D, {"config": {"seed": 0}})
+    with writer.lock():
+        for u, data in enumerate(unit_data()):
+            writer.write_unit(u, data)
+        if finalize:
+            writer.finalize({"note": "test"})
+    return writer
+
+
+def marker(writer: CacheWriter, unit: int) -> dict:
+    return json.loads(writer.marker_path(unit).read_text())
+
+
+def tree_digest(path: Path) -> dict[str, str]:
+    return {
+        p.relative_to(path).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
+
+
+def refresh_marker(writer: CacheWriter, unit: int) -> None:
+    """Re-record sizes/sha256 of a unit's files, so only the structural checks can notice."""
+    m = marker(writer, unit)
+    for rel, digest in tree_digest(writer.unit_dir(unit)).items():
+        m["files"][rel] = {"size": (writer.unit_dir(unit) / rel).stat().st_size, "sha256": digest}
+    writer.marker_path(unit).write_text(json.dumps(m))
+
+
+# ---------------------------------------------------------------- round trip ----
+def test_round_trip_is_exact(tmp_path: Path) -> None:
+    writer = write_cache(tmp_path)
+    reader = open_cache(writer.path)
+    assert len(reader) == 8 and reader.tokens == [t for u in UNITS for t in u]
+    assert reader.key == make_key() and reader.feature_dim == D
+    assert reader.meta == {"config": {"seed": 0}}
+    expected = {t: (d, j) for d in unit_data() for j, t in enumerate(d.tokens)}
+    for i, token in enumerate(reader.tokens):
+        s = reader.read_scan(i)
+        d, j = expected[token]
+        paired = d.camera[j] != -1
+        assert s.token == token and s.lidar_path == d.lidar_paths[j]
+        assert reader.num_points(i) == len(d.points[j])
+        for name in ("points", "camera", "uv", "label"):
+            got, want = getattr(s, name), getattr(d, name)[j]
+            assert got.dtype == want.dtype and np.array_equal(got, want), (token, name)
+        assert s.target.dtype == np.float16 and s.target.shape == (len(paired), D)
+        assert np.array_equal(s.target[paired], d.target[j][paired])
+        assert not s.target[~paired].any()  # unpaired rows come back as zeros
+    assert reader.read_scan(2).points.shape == (0, 4)  # the empty scan
+    with pytest.raises(IndexError, match="8 scans"):
+        reader.read_scan(8)
+    info = reader.info()
+    assert info["complete"] and info["scans"] == 8 and info["units_done"] == 4
+    assert info["points"] == sum(len(p) for d in unit_data() for p in d.points)
+    paired = sum(int((c != -1).sum()) for d in unit_data() for c in d.camera)
+    assert info["paired_share"] == pytest.approx(paired / info["points"])
+    assert info["bytes_on_disk"] > 0
+    assert reader.verify(progress=False) == []
+
+
+def _read_all(reader) -> list[str]:
+    return [hashlib.sha256(reader.read_scan(i).target.tobytes()).hexdigest() for i in range(8)]
+
+
+def test_reader_pickles_and_works_in_forked_workers(tmp_path: Path) -> None:
+    reader = open_cache(write_cache(tmp_path).path)
+    expected = _read_all(reader)  # opens units in the parent first, as a DataLoader would
+    clone = pickle.loads(pickle.dumps(reader))
+    assert clone._open == {} and _read_all(clone) == expected
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        assert pool.map(_read_all, [reader, reader]) == [expected, expected]
+
+
+def test_write_unit_rejects_bad_data(tmp_path: Path) -> None:
+    writer = CacheWriter.create(tmp_path, make_key(), UNITS, D, {})
+    data = make_unit(UNITS[0], 0)
+    data.target[1] = data.target[1].astype(np.float32)
+    with pytest.raises(ValueError, match=r"scan s1: 'target' must be float16"):
+        writer.write_unit(0, data)
+    data = make_unit(UNITS[0], 0)
+    data.uv[0] = data.uv[0][:-1]
+    with pytest.raises(ValueError, match=r"scan s0: 'uv' has shape"):
+        writer.write_unit(0, data)
+    with pytest.raises(ValueError, match="tokens differ from the manifest"):
+        writer.write_unit(1, make_unit(UNITS[0], 0))
+    assert writer.pending_units() == [0, 1, 2, 3]
+    assert not list((writer.path / "units").iterdir())  # nothing half-written left behind
+
+
+def test_create_is_idempotent_and_checks_the_manifest(tmp_path: Path) -> None:
+    a = CacheWriter.create(tmp_path, make_key(), UNITS, D, {"run": 1})
+    manifest = (a.path / "manifest.json").read_bytes()
+    b = CacheWriter.create(tmp_path, make_key(), UNITS, D, {"run": 2})
+    assert b.path == a.path and (a.path / "manifest.json").read_bytes() == manifest
+    with pytest.raises(CacheError, match="different 'units'"):
+        CacheWriter.create(tmp_path, make_key(), [["s0"], ["s1"]], D, {})
+    with pytest.raises(CacheError, match="different 'feature_dim'"):
+        CacheWriter.create(tmp_path, make_key(), UNITS, D + 1, {})
+    with pytest.raises(ValueError, match="repeated"):
+        CacheWriter.create(tmp_path, make_key(), [["s0"], ["s0"]], D, {})
+
+
+# ---------------------------------------------------------------- key ----
+KEY_CHANGES = {
+    "dataset_fingerprint": "e" * 64,
+    "split": "mini_val",
+    "teacher": "facebook/dinov2-base",
+    "teacher_weights_sha256": "b" * 64,
+    "image_size": (224, 224),
+    "feature_layer": "penultimate",
+    "pairing": '{"min_depth":2.0}',
+    "schema_version": SCHEMA_VERSION + 1,
+}
+
+
+def test_key_digest_changes_with_every_field_and_old_cache_stays(tmp_path: Path) -> None:
+    assert set(KEY_CHANGES) == {f.name for f in dataclasses.fields(CacheKey)}
+    base = make_key()
+    assert base.digest() == make_key().digest() and len(base.digest()) == 16
+    assert CacheKey.from_dict(json.loads(json.dumps(base.to_dict()))) == base
+    old = write_cache(tmp_path, base)
+    before = tree_digest(old.path)
+    digests = {base.digest()}
+    for name, value in KEY_CHANGES.items():
+        other = dataclasses.replace(base, **{name: value})
+        assert other.mismatches(base) == [name] and base.mismatches(other) == [name]
+        digests.add(other.digest())
+    assert len(digests) == len(KEY_CHANGES) + 1
+    new = write_cache(tmp_path, dataclasses.replace(base, teacher="facebook/dinov2-base"))
+    assert new.path != old.path and tree_digest(old.path) == before  # old cache untouched
+    assert open_cache(old.path).key == base
+
+
+def test_dataset_fingerprint_follows_content_not_location(tmp_path: Path) -> None:
+    a = tmp_path / "a" / "v1.0-mini"
+    a.mkdir(parents=True)
+    (a / "sample.json").write_text('[{"token": "x"}]')
+    (a / "scene.json").write_text("[]")
+    fp = dataset_fingerprint([a / "sample.json", a / "scene.json"])
+    b = tmp_path / "moved" / "v1.0-mini"
+    shutil.copytree(a, b)
+    assert dataset_fingerprint([b / "scene.json", b / "sample.json"]) == fp
+    (b / "scene.json").write_text('[{"token": "y"}]')
+    assert dataset_fingerprint([b / "sample.json", b / "scene.json"]) != fp
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        dataset_fingerprint([a / "missing.json"])
+
+
+def test_resolve_cache_root_or_path(tmp_path: Path) -> None:
+    first = write_cache(tmp_path)
+    assert resolve_cache(tmp_path) == first.path
+    assert resolve_cache(first.path, make_key()) == first.path
+    second_key = make_key(image_size=(448, 896))
+    write_cache(tmp_path, second_key, finalize=False)
+    with pytest.raises(CacheError, match="holds 2 caches"):
+        resolve_cache(tmp_path)
+    assert resolve_cache(tmp_path, second_key) == tmp_path / second_key.digest()
+    with pytest.raises(CacheKeyMismatch, match=r"differs in split, image_size"):
+        resolve_cache(tmp_path, make_key(split="mini_val", image_size=(448, 448)))
+    with pytest.raises(CacheKeyMismatch, match="teacher differ"):
+        resolve_cache(first.path, make_key(teacher="other"))
+
+
+# ---------------------------------------------------------------- parallel writers ----
+@pytest.mark.timeout(120)
+def test_parallel_dask_writers_equal_serial_writer(tmp_path: Path) -> None:
+    from dask.distributed import Client, LocalCluster
+
+    serial = write_cache(tmp_path / "serial")
+    parallel = CacheWriter.create(tmp_path / "parallel", make_key(), UNITS, D, {"config": {}})
+    data = unit_data()
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as client,
+        parallel.lock(),
+    ):
+        workers = sorted(client.scheduler_info()["workers"])
+        futures = [
+            client.submit(parallel.write_unit, u, data[u], workers=[workers[u % 2]], pure=False)
+            for u in parallel.pending_units()
+        ]
+        written = client.gather(futures)
+        parallel.finalize({})
+    assert all(b > 0 for b in written)
+    pids = {marker(parallel, u)["pid"] for u in range(len(UNITS))}
+    assert len(pids) == 2 and os.getpid() not in pids  # really two other processes
+    for u in range(len(UNITS)):
+        assert marker(parallel, u)["arrays"] == marker(serial, u)["arrays"]
+        assert tree_digest(parallel.unit_dir(u)) == tree_digest(serial.unit_dir(u))
+    assert verify_cache(parallel.path, progress=False) == []
+
+
+# ---------------------------------------------------------------- crashes and resume ----
+def test_killed_writer_leftovers_are_not_complete_and_are_cleaned(tmp_path: Path) -> None:
+    done = write_cache(tmp_path / "done")
+    writer = CacheWriter.create(tmp_path, make_key(), UNITS, D, {})
+    units = writer.path / "units"
+    # A writer killed mid-write of unit 0 leaves a temp dir (here: a truncated copy)...
+    tmp = units / ".u00000.tmp-0123456789abcdef"
+    shutil.copytree(done.unit_dir(0), tmp)
+    shard = tmp / "target" / "c" / "0" / "0"
+    shard.write_bytes(shard.read_bytes()[:10])
+    # ...one killed between rename and marker leaves a unit folder without marker.
+    shutil.copytree(done.unit_dir(1), units / "u00001")
+    writer.write_unit(2, unit_data()[2])
+    assert [writer.is_complete(u) for u in range(4)] == [False, False, True, False]
+    assert writer.pending_units() == [0, 1, 3]
+    with pytest.raises(
+        IncompleteCacheError, match=r"3 of 4 units not done \(u00000, u00001, u00003\)"
+    ):
+        writer.finalize({})
+    with pytest.raises(IncompleteCacheError, match="3 of 4 units missing"):
+        open_cache(writer.path)
+    # Re-run: taking the lock removes the temp dir; only pending units are written.
+    with writer.lock():
+        assert not tmp.exists()
+        for u in writer.pending_units():
+            assert writer.write_unit(u, unit_data()[u]) > 0
+        assert writer.write_unit(2, unit_data()[2]) == 0  # done: skipped
+        writer.finalize({})
+    assert not list(units.glob(".*"))
+    assert verify_cache(writer.path, progress=False) == []
+    for u in range(4):
+        assert marker(writer, u)["arrays"] == marker(done, u)["arrays"]
+
+
+def test_flipped_byte_is_detected_and_unit_rewritten(tmp_path: Path) -> None:
+    writer = write_cache(tmp_path)
+    shard = writer.unit_dir(1) / "target" / "c" / "0" / "0"
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    shard.write_bytes(bytes(raw))
+    problems = verify_cache(writer.path, progress=False)
+    assert problems == ["unit u00001: file target/c/0/0 checksum mismatch (corrupted)"]
+    assert writer.pending_units() == []  # sizes unchanged: the quick check cannot see it
+    with pytest.warns(UserWarning, match="u00001.*checksum"):
+        assert writer.pending_units(verify_checksums=True) == [1]
+    assert writer.write_unit(1, unit_data()[1]) > 0
+    assert verify_cache(writer.path, progress=False) == []
+
+
+def test_truncated_shard_missing_marker_and_missing_unit_are_detected(tmp_path: Path) -> None:
+    writer = write_cache(tmp_path)
+    shard = writer.unit_dir(0) / "points" / "c" / "0" / "0"
+    shard.write_bytes(shard.read_bytes()[:-7])
+    writer.marker_path(2).unlink()
+    shutil.rmtree(writer.unit_dir(3))
+    problems = verify_cache(writer.path, progress=False)
+    assert len(problems) == 3, problems
+    assert (
+        problems[0].startswith("unit u00000: file points/c/0/0 has") and "truncated" in problems[0]
+    )
+    assert problems[1] == "unit u00002: not done (no marker u00002.done)"
+    assert problems[2].startswith("unit u00003: marker present but folder")
+    with pytest.warns(UserWarning) as warned:
+        assert writer.pending_units() == [0, 2, 3]
+    assert sorted(str(w.message).split(":")[0] for w in warned) == [
+        "rewriting unit u00000",
+        "rewriting unit u00003",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("corruption", "message"),
+    [
+        ("offsets_not_monotonic", "unit u00001: offsets not monotonic from 0"),
+        ("offsets_last", "unit u00001: last of offsets is"),
+        ("label_rows", "unit u00001: per-point arrays have different row counts"),
+        ("target_offsets", "unit u00001: target_offsets disagree with the paired points"),
+    ],
+)
+def test_inconsistent_arrays_are_detected(tmp_path: Path, corruption: str, message: str) -> None:
+    writer = write_cache(tmp_path)
+    group = zarr.open_group(zarr.storage.LocalStore(writer.unit_dir(1)), mode="r+")
+    if corruption == "offsets_not_monotonic":
+        group["offsets"][1] = group["offsets"][2] + 1
+    elif corruption == "offsets_last":
+        group["offsets"][-1] = group["offsets"][-1] - 1
+    elif corruption == "label_rows":
+        label = group["label"][:]
+        group.create_array("label", data=label[:-1], chunks=(4,), overwrite=True)
+    else:
+        t = group["target_offsets"][:]
+        t[1:-1] = t[-1]  # same total, wrong split between the scans
+        group["target_offsets"][:] = t
+    refresh_marker(writer, 1)  # checksums match again: the structure must be checked
+    problems = verify_cache(writer.path, progress=False)
+    assert any(p.startswith(message) for p in problems), problems
+    assert all(p.startswith("unit u00001") for p in problems)
+
+
+# ---------------------------------------------------------------- refusing to open ----
+def test_open_cache_refuses_incomplete_and_other_schema(tmp_path: Path) -> None:
+    writer = CacheWriter.create(tmp_path, make_key(), UNITS, D, {})
+    writer.write_unit(0, unit_data()[0])
+    writer.write_unit(2, unit_data()[2])
+    with pytest.raises(IncompleteCacheError) as e:
+        open_cache(writer.path)
+    assert "2 of 4 units missing (u00001, u00003)" in str(e.value)
+    assert "extract-teacher" in str(e.value)
+    for u in (1, 3):
+        writer.write_unit(u, unit_data()[u])
+    with pytest.raises(IncompleteCacheError, match="all units done, not finalized"):
+        open_cache(writer.path)
+    writer.finalize({})
+    manifest_path = writer.path / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["schema_version"] = SCHEMA_VERSION + 1
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(SchemaVersionError) as e:
+        open_cache(writer.path)
+    assert f"schema version {SCHEMA_VERSION + 1}" in str(e.value)
+    assert f"reads version {SCHEMA_VERSION}" in str(e.value) and "update this code" in str(e.value)
+    with pytest.raises(CacheError, match="not a cache: no manifest.json"):
+        open_cache(tmp_path)
+
+
+# ---------------------------------------------------------------- lock ----
+def test_lock_excludes_a_second_writer(tmp_path: Path) -> None:
+    with cache_lock(tmp_path):
+        holder = json.loads((tmp_path / LOCK_FILE).read_text())
+        assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
+        with pytest.raises(LockHeldError, match=f"pid {os.getpid()} on host"):
+            with cache_lock(tmp_path):
+                pass
+        other = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import sys; from cache import cache_lock\n"
+                f"with cache_lock({str(tmp_path)!r}): pass",
+            ],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parents[1],
+        )
+        assert other.returncode != 0 and "LockHeldError" in other.stderr
+    assert not (tmp_path / LOCK_FILE).exists()
+    with cache_lock(tmp_path):  # released: can be taken again
+        pass
+
+
+def test_stale_lock_is_taken_over_live_foreign_lock_is_not(tmp_path: Path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = {"pid": dead.pid, "host": socket.gethostname(), "started": time.time() - 60, "id": "x"}
+    (tmp_path / LOCK_FILE).write_text(json.dumps(stale))
+    with pytest.warns(UserWarning, match=f"stale lock.*pid {dead.pid}"):
+        with cache_lock(tmp_path):
+            assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+    # Our own pid with a start time before this process began: the pid was reused → stale.
+    reused = {"pid": os.getpid(), "host": socket.gethostname(), "started": 1.0, "id": "y"}
+    (tmp_path / LOCK_FILE).write_text(json.dumps(reused))
+    with pytest.warns(UserWarning, match="stale lock"), cache_lock(tmp_path):
+        pass
+    foreign = {"pid": 1, "host": "another-host", "started": time.time(), "id": "z"}
+    (tmp_path / LOCK_FILE).write_text(json.dumps(foreign))
+    with pytest.raises(LockHeldError, match="host another-host"):
+        with cache_lock(tmp_path):
+            pass
+
+
+# ---------------------------------------------------------------- CLI ----
+def test_cli_info_and_verify(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    import cli
+
+    runner = CliRunner()
+    writer = write_cache(tmp_path)
+    result = runner.invoke(cli.app, ["cache", "info", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert writer.path.name in result.output and "complete   yes" in result.output
+    assert "scans      8/8" in result.output
+    result = runner.invoke(cli.app, ["cache", "verify", str(writer.path)])
+    assert result.exit_code == 0 and "ok" in result.output
+    write_cache(tmp_path, make_key(split="mini_val"), finalize=False)
+    result = runner.invoke(cli.app, ["cache", "info", str(tmp_path)])
+    assert result.exit_code == 0 and "2 caches under" in result.output
+    assert "mini_val" in result.output and "4/4 units" in result.output
+    (writer.unit_dir(2) / "label" / "c" / "0").write_bytes(b"garbage")
+    result = runner.invoke(cli.app, ["cache", "verify", str(writer.path)])
+    assert result.exit_code == 1 and "unit u00002: file label/c/0" in result.output
