@@ -26,6 +26,52 @@ app.add_typer(evaluate_app, name="evaluate")
 # ---------------------------------------------------------------- data side (pipeline/) ----
 
 
+@app.command("make-synthetic")
+def make_synthetic_command(
+    out: Path = typer.Option(..., "--out", help="Output root (the nuScenes dataroot) to create."),
+    scenes: int = typer.Option(2, "--scenes", help="Number of scenes (one log each)."),
+    samples_per_scene: int = typer.Option(
+        4, "--samples-per-scene", help="Keyframes per scene (2 Hz)."
+    ),
+    seed: int = typer.Option(
+        0, "--seed", help="Random seed; same arguments give byte-identical output."
+    ),
+    width: int = typer.Option(
+        640, "--width", help="Image width (nuScenes 1600; intrinsics scaled)."
+    ),
+    height: int = typer.Option(
+        360, "--height", help="Image height (nuScenes 900; intrinsics scaled)."
+    ),
+    workers: int = typer.Option(
+        2, "--workers", help="Rendering processes (does not change the output)."
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace OUT if it exists and is not empty."
+    ),
+) -> None:
+    """Generate a synthetic dataset in the nuScenes-lidarseg format (version v1.0-synthetic)."""
+    import time
+
+    from pipeline.synthetic import VERSION, SyntheticConfig, make_synthetic
+
+    cfg = SyntheticConfig(
+        out=out,
+        scenes=scenes,
+        samples_per_scene=samples_per_scene,
+        seed=seed,
+        width=width,
+        height=height,
+        workers=workers,
+        overwrite=overwrite,
+    )
+    start = time.perf_counter()
+    root = make_synthetic(cfg)
+    typer.echo(
+        f"wrote {VERSION} to {root}: {scenes} scenes x {samples_per_scene} samples "
+        f"in {time.perf_counter() - start:.1f} s"
+    )
+
+
 @app.command("check-data")
 def check_data_command(
     data: Path = typer.Option(..., "--data", help="nuScenes root (the folder holding v1.0-*/)."),
