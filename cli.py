@@ -256,8 +256,8 @@ def evaluate_linear_probe_command(
     checkpoint: str = _CKPT, data: Path = _DATA, dataset: str = _DATASET, version: str = _VERSION,
     train_split: str = _TRAIN_SPLIT, val_split: str = _VAL_SPLIT,
     max_train_scans: int = _MAX_TRAIN, max_val_scans: int = _MAX_VAL,
-    points_per_scan: int = typer.Option(20_000, "--points-per-scan", help="Training points kept per scan (0 = all)."),
-    epochs: int = typer.Option(20, "--epochs", help="Passes of the linear layer over the training points."),
+    points_per_scan: int = typer.Option(2_000, "--points-per-scan", help="Training points kept per scan (0 = all)."),
+    steps: int = typer.Option(1000, "--steps", help="AdamW steps of the linear layer (convex: fixed budget)."),
     lr: float = typer.Option(1e-2, "--lr", help="AdamW learning rate of the linear layer."),
     out: Path = _OUT, like: Path = _LIKE, device: str = _DEVICE, seed: int = _SEED,
 ) -> None:  # fmt: skip
@@ -271,7 +271,7 @@ def evaluate_linear_probe_command(
     cfg = LinearProbeConfig(
         checkpoint=checkpoint,
         data=_eval_data(data, dataset, version, train_split, val_split, max_train_scans, max_val_scans),
-        out=out, like=like, probe=ProbeConfig(epochs=epochs, lr=lr, seed=seed),
+        out=out, like=like, probe=ProbeConfig(steps=steps, lr=lr, seed=seed),
         points_per_scan=points_per_scan or None, device=device, seed=seed,
     )  # fmt: skip
     run_linear_probe(cfg)
@@ -338,7 +338,7 @@ def evaluate_robustness_command(
     baseline: Path = typer.Option(None, "--baseline", help="robustness.json of a baseline model, for the corruption error."),
     train_split: str = _TRAIN_SPLIT, val_split: str = _VAL_SPLIT,
     max_train_scans: int = _MAX_TRAIN, max_val_scans: int = _MAX_VAL,
-    points_per_scan: int = typer.Option(20_000, "--points-per-scan", help="Training points kept per scan (0 = all)."),
+    points_per_scan: int = typer.Option(2_000, "--points-per-scan", help="Training points kept per scan (0 = all)."),
     out: Path = _OUT, like: Path = _LIKE, device: str = _DEVICE, seed: int = _SEED,
 ) -> None:  # fmt: skip
     """Clean-trained linear probe under LiDAR corruptions: mIoU per corruption, mRR, mCE."""

@@ -130,7 +130,7 @@ def test_linear_probe_separable_features_reach_miou_one():
         feats.append(torch.tensor(x, dtype=torch.float16))
         labels.append(y)
     head = fit_linear_probe(
-        feats[:2], labels[:2], num_classes, ProbeConfig(epochs=30, batch_points=256)
+        feats[:2], labels[:2], num_classes, ProbeConfig(steps=150, batch_points=256)
     )
     conf = probe_confusion(head, feats[2], labels[2], num_classes)
     assert mean_iou(conf) > 0.99
@@ -141,7 +141,7 @@ def test_linear_probe_random_features_do_not_separate():
     rng = np.random.default_rng(1)
     feats = [torch.tensor(rng.normal(size=(800, 8)), dtype=torch.float32) for _ in range(2)]
     labels = [rng.integers(0, 4, 800).astype(np.uint8) for _ in range(2)]
-    head = fit_linear_probe(feats[:1], labels[:1], 4, ProbeConfig(epochs=5, batch_points=256))
+    head = fit_linear_probe(feats[:1], labels[:1], 4, ProbeConfig(steps=60, batch_points=256))
     assert mean_iou(probe_confusion(head, feats[1], labels[1], 4)) < 0.3
 
 

@@ -174,8 +174,8 @@ class AblateConfig:
     """Axes "key=v1,v2"; a one-valued axis is a fixed setting of every run."""
     version: str | None = None
     """nuScenes version folder."""
-    probe_epochs: int = 20
-    """Epochs of each run's linear probe."""
+    probe_steps: int = 1000
+    """AdamW steps of each run's linear probe."""
     max_train_scans: int | None = None
     """Probe: at most this many training scans."""
     max_val_scans: int | None = None

@@ -164,7 +164,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
             loss.backward()
             opt.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
             bar.update()
     bar.close()

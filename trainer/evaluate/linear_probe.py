@@ -38,7 +38,7 @@ class LinearProbeConfig:
     """With checkpoint "none": take the architecture from this run folder (default: trainer defaults)."""
     probe: ProbeConfig = ProbeConfig()
     """How the linear layer is fitted."""
-    points_per_scan: int | None = 20_000
+    points_per_scan: int | None = 2_000
     """Training points kept per scan (seeded random subset; None = all): bounds the memory."""
     device: str = "cpu"
     """torch device."""

@@ -1,8 +1,11 @@
 """The linear classifier of the linear-probe protocol, on precomputed (frozen) point features.
 
 Frozen features make the probe a convex problem (multinomial logistic regression per point), so
-the optimiser only has to converge: AdamW with a cosine-decayed learning rate over shuffled
-mini-batches of points pooled from all training scans.
+the optimiser only has to converge: a fixed number of AdamW steps with a cosine-decayed learning
+rate over shuffled mini-batches of points pooled from all training scans. The features are
+standardised first (per-dimension mean and std of the training points, folded into the
+classifier), which does not change what a linear layer can express but makes one learning rate
+work for every backbone, whatever the scale of its features.
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ from trainer.evaluate.metrics import IGNORE_INDEX, confusion_matrix
 class ProbeConfig:
     """How the linear classifier is fitted."""
 
-    epochs: int = 20
-    """Passes over the pooled training points."""
+    steps: int = 1000
+    """AdamW steps (the problem is convex: a fixed budget, independent of the dataset size)."""
     lr: float = 1e-2
     """Peak AdamW learning rate (a linear layer on frozen features tolerates a high one)."""
     weight_decay: float = 1e-4
@@ -32,8 +35,8 @@ class ProbeConfig:
     """Seed of the initialisation and of the shuffling."""
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_points < 1 or self.lr <= 0:
-            raise ValueError("epochs, batch_points and lr must be positive")
+        if self.steps < 1 or self.batch_points < 1 or self.lr <= 0:
+            raise ValueError("steps, batch_points and lr must be positive")
 
 
 def fit_linear_probe(
@@ -42,7 +45,7 @@ def fit_linear_probe(
     num_classes: int,
     cfg: ProbeConfig = ProbeConfig(),
     device: str = "cpu",
-) -> torch.nn.Linear:
+) -> torch.nn.Module:
     """Fit one linear layer features → classes with cross-entropy; ignored points are skipped."""
     x = torch.cat([f.float().cpu() for f in features])  # (N, D)
     y = torch.as_tensor(np.concatenate(labels).astype(np.int64))  # (N,)
@@ -54,23 +57,38 @@ def fit_linear_probe(
         raise ValueError("no labelled training points for the linear probe")
     g = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    head = torch.nn.Linear(x.shape[1], num_classes).to(device)
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)  # (D,), (D,)
+    head = torch.nn.Sequential(Standardize(mean, std), torch.nn.Linear(x.shape[1], num_classes))
+    head = head.to(device)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = -(-len(y) // cfg.batch_points)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps)
     head.train()
-    for _ in tqdm(range(cfg.epochs), desc="linear probe", unit="epoch", leave=False):
-        order = torch.randperm(len(y), generator=g)
-        for start in range(0, len(y), cfg.batch_points):
-            idx = order[start : start + cfg.batch_points]
-            logits = head(x[idx].to(device))  # (B, C)
-            loss = torch.nn.functional.cross_entropy(logits, y[idx].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+    order, pos = torch.randperm(len(y), generator=g), 0
+    for _ in tqdm(range(cfg.steps), desc="linear probe", unit="step", leave=False):
+        if pos >= len(y):  # next epoch: reshuffle
+            order, pos = torch.randperm(len(y), generator=g), 0
+        idx = order[pos : pos + cfg.batch_points]
+        pos += cfg.batch_points
+        logits = head(x[idx].to(device))  # (B, C)
+        loss = torch.nn.functional.cross_entropy(logits, y[idx].to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
     head.eval()
     return head
+
+
+class Standardize(torch.nn.Module):
+    """(x - mean) / std with fixed training statistics."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean)  # (D,)
+        self.register_buffer("std", std)  # (D,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
 
 
 @torch.no_grad()

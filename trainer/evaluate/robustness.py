@@ -57,7 +57,7 @@ class RobustnessConfig:
     """robustness.json of a baseline model, for the corruption error (CE)."""
     probe: ProbeConfig = ProbeConfig()
     """How the linear layer is fitted."""
-    points_per_scan: int | None = 20_000
+    points_per_scan: int | None = 2_000
     """Training points kept per scan for the probe."""
     device: str = "cpu"
     """torch device."""
