@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -27,3 +28,21 @@ def synthetic_semantickitti(tmp_path_factory: pytest.TempPathFactory) -> Path:
         sequences=("00", "03", "08"), frames_per_sequence=2, beams=16, azimuth_steps=180
     )
     return write_synthetic_semantickitti(tmp_path_factory.mktemp("kitti") / "semantickitti", cfg)
+
+
+# ---------------------------------------------------------------- synthetic nuScenes (pipeline/synthetic) ----
+class SyntheticNuScenes(NamedTuple):
+    """A generated nuScenes-lidarseg release; unpacks as ``root, version = synthetic_nuscenes``."""
+
+    root: Path  # the dataroot (holds v1.0-synthetic/, samples/, lidarseg/, maps/, synthetic_semantic/)
+    version: str  # "v1.0-synthetic"
+
+
+@pytest.fixture(scope="session")
+def synthetic_nuscenes(tmp_path_factory: pytest.TempPathFactory) -> SyntheticNuScenes:
+    """The demo synthetic nuScenes set (seed 0): scenes scene-0001 and scene-0002, 4 keyframes each,
+    6 cameras at 640x360, ~30k LiDAR points a sweep, lidarseg labels. Generated once per session."""
+    from pipeline.synthetic import VERSION, SyntheticConfig, make_synthetic
+
+    root = make_synthetic(SyntheticConfig(out=tmp_path_factory.mktemp("nuscenes") / "synthetic"))
+    return SyntheticNuScenes(root=root, version=VERSION)

@@ -53,29 +53,35 @@ def box_local(v: np.ndarray, yaw: float) -> np.ndarray:
     return np.stack([c * v[:, 0] + s * v[:, 1], -s * v[:, 0] + c * v[:, 1], v[:, 2]], axis=1)
 
 
+Dirs = tuple[np.ndarray, np.ndarray, np.ndarray]  # x, y, z components of unit directions, any shape
+
+
 def intersect_box(
-    origin: np.ndarray, dirs: np.ndarray, center: np.ndarray, size: np.ndarray, yaw: float
+    origin: np.ndarray, dirs: Dirs, center: np.ndarray, size: np.ndarray, yaw: float
 ) -> np.ndarray:
-    """Slab test. origin (3,), dirs (N, 3) unit → t (N,), inf where missed."""
-    o = box_local((origin - center)[None, :], yaw)[0]  # (3,)
-    d = box_local(dirs, yaw)  # (N, 3)
-    half = 0.5 * size
+    """Slab test. origin (3,), dirs components (...) → t (...), inf where missed."""
+    c, s = float(np.cos(yaw)), float(np.sin(yaw))
+    rx, ry, rz = (float(v) for v in origin - center)
+    o = (c * rx + s * ry, -s * rx + c * ry, rz)  # origin in the box frame
+    d = (c * dirs[0] + s * dirs[1], -s * dirs[0] + c * dirs[1], dirs[2])
+    t_near, t_far = -np.inf, np.inf
     with np.errstate(divide="ignore", invalid="ignore"):
-        inv = 1.0 / d
-        t1 = (-half - o) * inv
-        t2 = (half - o) * inv
-        t_near = np.minimum(t1, t2).max(axis=1)
-        t_far = np.maximum(t1, t2).min(axis=1)
+        for o_a, d_a, h_a in zip(o, d, (0.5 * float(v) for v in size), strict=True):
+            inv = 1.0 / d_a
+            t1 = (-h_a - o_a) * inv
+            t2 = (h_a - o_a) * inv
+            t_near = np.maximum(t_near, np.minimum(t1, t2))
+            t_far = np.minimum(t_far, np.maximum(t1, t2))
         hit = (t_near <= t_far) & (t_near > EPS)
     return np.where(hit, t_near, np.inf)
 
 
 def intersect_cylinder(
-    origin: np.ndarray, dirs: np.ndarray, base: np.ndarray, radius: float, height: float
+    origin: np.ndarray, dirs: Dirs, base: np.ndarray, radius: float, height: float
 ) -> np.ndarray:
-    """Vertical cylinder with a top cap (its base stands on something). → t (N,), inf = miss."""
-    ox, oy, oz = origin - base
-    dx, dy, dz = dirs[:, 0], dirs[:, 1], dirs[:, 2]
+    """Vertical cylinder with a top cap (its base stands on something). → t (...), inf = miss."""
+    ox, oy, oz = (float(v) for v in origin - base)
+    dx, dy, dz = dirs
     a = dx * dx + dy * dy
     b = ox * dx + oy * dy
     c = ox * ox + oy * oy - radius * radius
@@ -84,33 +90,36 @@ def intersect_cylinder(
         t_side = (-b - np.sqrt(disc)) / a
         z = oz + t_side * dz
         side_ok = (disc >= 0) & (a > 0) & (t_side > EPS) & (z >= 0) & (z <= height)
-        t_top = (height - oz) / dz
-        rx, ry = ox + t_top * dx, oy + t_top * dy
-        top_ok = (dz < 0) & (oz > height) & (t_top > EPS) & (rx * rx + ry * ry <= radius * radius)
-    return np.minimum(np.where(side_ok, t_side, np.inf), np.where(top_ok, t_top, np.inf))
+        t = np.where(side_ok, t_side, np.inf)
+        if oz > height:  # the top cap is visible only from above
+            t_top = (height - oz) / dz
+            rx, ry = ox + t_top * dx, oy + t_top * dy
+            top_ok = (dz < 0) & (t_top > EPS) & (rx * rx + ry * ry <= radius * radius)
+            t = np.minimum(t, np.where(top_ok, t_top, np.inf))
+    return t
 
 
 def intersect_sphere(
-    origin: np.ndarray, dirs: np.ndarray, center: np.ndarray, radius: float
+    origin: np.ndarray, dirs: Dirs, center: np.ndarray, radius: float
 ) -> np.ndarray:
-    """→ t (N,) of the near intersection, inf = miss."""
-    oc = origin - center  # (3,)
-    b = dirs @ oc  # (N,)
-    disc = b * b - (oc @ oc - radius * radius)
+    """→ t (...) of the near intersection, inf = miss."""
+    ox, oy, oz = (float(v) for v in origin - center)
+    b = dirs[0] * ox + dirs[1] * oy + dirs[2] * oz
+    disc = b * b - (ox * ox + oy * oy + oz * oz - radius * radius)
     with np.errstate(invalid="ignore"):
         t = -b - np.sqrt(disc)
     return np.where((disc >= 0) & (t > EPS), t, np.inf)
 
 
-def intersect_ground(origin: np.ndarray, dirs: np.ndarray) -> np.ndarray:
-    """The plane z = 0, seen from above. → t (N,), inf = miss."""
+def intersect_ground(origin: np.ndarray, dirs: Dirs) -> np.ndarray:
+    """The plane z = 0, seen from above. → t (...), inf = miss."""
     with np.errstate(divide="ignore"):
-        t = -origin[2] / dirs[:, 2]
-    return np.where((dirs[:, 2] < 0) & (t > EPS), t, np.inf)
+        t = -float(origin[2]) / dirs[2]
+    return np.where((dirs[2] < 0) & (t > EPS), t, np.inf)
 
 
-def intersect(prim: Primitive, origin: np.ndarray, dirs: np.ndarray) -> np.ndarray:
-    """Dispatch on ``prim.kind``. origin (3,), dirs (N, 3) → t (N,)."""
+def intersect(prim: Primitive, origin: np.ndarray, dirs: Dirs) -> np.ndarray:
+    """Dispatch on ``prim.kind``. origin (3,), dirs components (...) → t (...)."""
     center = np.asarray(prim.center, dtype=np.float64)
     if prim.kind == "box":
         return intersect_box(origin, dirs, center, np.asarray(prim.size, np.float64), prim.yaw)
@@ -173,15 +182,16 @@ def cast(
     ``regions(center, radius)`` returns the grid windows whose rays may hit a bounding sphere.
     """
     h, w, _ = dirs.shape
-    t = intersect_ground(origin, dirs.reshape(-1, 3)).reshape(h, w)
+    planes = tuple(np.ascontiguousarray(dirs[..., a]) for a in range(3))  # 3 x (H, W)
+    t = intersect_ground(origin, planes)
     prim_idx = np.where(np.isfinite(t), GROUND, NOTHING).astype(np.int32)
     for i, prim in enumerate(prims):
         center, radius = prim.bounding_sphere()
         for rows, cols in regions(center, radius):
-            sub = dirs[rows, cols]  # (h', w', 3)
-            if sub.size == 0:
+            sub = tuple(p[rows, cols] for p in planes)  # views (h', w')
+            if sub[0].size == 0:
                 continue
-            t_p = intersect(prim, origin, sub.reshape(-1, 3)).reshape(sub.shape[:2])
+            t_p = intersect(prim, origin, sub)
             t_sub = t[rows, cols]
             nearer = t_p < t_sub
             if nearer.any():
