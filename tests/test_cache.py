@@ -306,6 +306,45 @@ def test_killed_writer_leftovers_are_not_complete_and_are_cleaned(tmp_path: Path
         assert marker(writer, u)["arrays"] == marker(done, u)["arrays"]
 
 
+KILLED_WRITER = """
+import json, sys
+import numpy as np
+from cache import CacheKey, CacheWriter, UnitData
+n, d = 400_000, 64  # big enough that the write takes a while after the temp dir appears
+key = CacheKey.from_dict(json.loads(sys.argv[2]))
+writer = CacheWriter.create(sys.argv[1], key, [["big"]], d, {})
+rng = np.random.default_rng(0)
+data = UnitData(["big"], ["/x.bin"], [rng.normal(size=(n, 4)).astype(np.float32)],
+                [rng.normal(size=(n, d)).astype(np.float16)], [np.zeros(n, np.int8)],
+                [np.zeros((n, 2), np.float32)], [np.zeros(n, np.uint8)])
+print("ready", flush=True)
+writer.write_unit(0, data)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_really_killed_writer_leaves_nothing_complete(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WRITER, str(tmp_path), json.dumps(make_key().to_dict())],
+        cwd=Path(__file__).parents[1],
+        stdout=subprocess.PIPE,
+    )
+    assert proc.stdout.readline() == b"ready\n"
+    units = tmp_path / make_key().digest() / "units"
+    deadline = time.monotonic() + 30
+    while not list(units.glob(".u00000.tmp-*")) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    proc.kill()  # SIGKILL in the middle of the unit
+    proc.wait()
+    assert list(units.glob(".u00000.tmp-*")), "the writer finished before it could be killed"
+    writer = CacheWriter.create(tmp_path, make_key(), [["big"]], 64, {})
+    assert not writer.is_complete(0) and writer.pending_units() == [0]
+    with pytest.raises(IncompleteCacheError, match="1 of 1 units missing"):
+        open_cache(writer.path)
+    with writer.lock():  # the re-run's lock removes the leftovers
+        assert not list(units.glob(".*"))
+
+
 def test_flipped_byte_is_detected_and_unit_rewritten(tmp_path: Path) -> None:
     writer = write_cache(tmp_path)
     shard = writer.unit_dir(1) / "target" / "c" / "0" / "0"
