@@ -25,6 +25,7 @@ import socket
 import time
 import uuid
 import warnings
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -221,7 +222,8 @@ class CacheWriter:
         layout: StorageLayout = DEFAULT_LAYOUT,
     ) -> CacheWriter:
         """Make ``root/<digest>/`` and its manifest (atomically), or check the existing one
-        describes the same key, units, feature dim and layout (the first run's meta stays)."""
+        describes the same key, units and feature dim. The first run's meta and layout stay
+        (a resumed cache keeps one layout even if the default changed meanwhile)."""
         units = [list(u) for u in units]
         if not units or any(not u for u in units):
             raise ValueError(
@@ -229,7 +231,7 @@ class CacheWriter:
             )
         tokens = [t for u in units for t in u]
         if len(set(tokens)) != len(tokens):
-            dup = sorted({t for t in tokens if tokens.count(t) > 1})[:5]
+            dup = sorted(t for t, n in Counter(tokens).items() if n > 1)[:5]
             raise ValueError(f"CacheWriter.create: scan tokens repeated across units: {dup}")
         if feature_dim < 1:
             raise ValueError(f"CacheWriter.create: feature_dim must be >= 1, got {feature_dim}")
@@ -257,13 +259,14 @@ class CacheWriter:
             finally:
                 tmp.unlink()
         existing = _read_json(target, "cache manifest")
-        for name in ("schema_version", "key", "feature_dim", "layout", "units"):
+        for name in ("schema_version", "key", "feature_dim", "units"):
             if existing.get(name) != json.loads(json.dumps(manifest[name])):
                 raise CacheError(
                     f"cache {path} already exists with a different {name!r} "
                     f"({_short(existing.get(name))} vs {_short(manifest[name])}); "
                     "extract with the same settings, or delete that folder to start over"
                 )
+        layout = StorageLayout(**existing["layout"])
         return cls(path=path, key=key, units=units, feature_dim=feature_dim, layout=layout)
 
     # -- state --------------------------------------------------------------------------------
@@ -302,10 +305,9 @@ class CacheWriter:
             yield
 
     def remove_stale_temps(self) -> int:
-        """Delete ``units/.u*.tmp-*`` folders and temp files; returns how many were removed."""
-        stale = list((self.path / UNITS_DIR).glob(".u*.tmp-*")) + list(
-            (self.path / UNITS_DIR).glob(".*.done.tmp-*")
-        )
+        """Delete the temp folders and files of ``units/`` (``.u00000.tmp-*``,
+        ``.u00000.done.tmp-*``); returns how many were removed. Only while holding the lock."""
+        stale = list((self.path / UNITS_DIR).glob(".*.tmp-*"))
         for p in stale:
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
         return len(stale)
@@ -334,14 +336,21 @@ class CacheWriter:
             write_unit_group(tmp, data, self.feature_dim, self.layout)
             files = _file_digests(tmp)
             for rel in files:
-                with open(tmp / rel, "rb+") as fh:
+                with open(tmp / rel, "rb") as fh:
                     os.fsync(fh.fileno())
             final = self.unit_dir(unit_id)
             if final.exists():  # left by a writer killed before its marker: replace it
                 trash = units_dir / f".{unit_name(unit_id)}.tmp-{uuid.uuid4().hex}"
                 os.rename(final, trash)
                 shutil.rmtree(trash)
-            os.rename(tmp, final)
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                # A duplicate attempt of this task (Dask retry) renamed its copy first.
+                if self.is_complete(unit_id):
+                    shutil.rmtree(tmp)
+                    return 0
+                raise
             _fsync_dir(units_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -20,6 +20,7 @@ import pytest
 import zarr
 
 from cache import (
+    DEFAULT_LAYOUT,
     SCHEMA_VERSION,
     CacheError,
     CacheKey,
@@ -28,6 +29,7 @@ from cache import (
     IncompleteCacheError,
     LockHeldError,
     SchemaVersionError,
+    StorageLayout,
     UnitData,
     cache_lock,
     dataset_fingerprint,
@@ -170,8 +172,11 @@ def test_write_unit_rejects_bad_data(tmp_path: Path) -> None:
 def test_create_is_idempotent_and_checks_the_manifest(tmp_path: Path) -> None:
     a = CacheWriter.create(tmp_path, make_key(), UNITS, D, {"run": 1})
     manifest = (a.path / "manifest.json").read_bytes()
-    b = CacheWriter.create(tmp_path, make_key(), UNITS, D, {"run": 2})
+    b = CacheWriter.create(
+        tmp_path, make_key(), UNITS, D, {"run": 2}, layout=StorageLayout(target_codec="zstd")
+    )
     assert b.path == a.path and (a.path / "manifest.json").read_bytes() == manifest
+    assert b.layout == DEFAULT_LAYOUT  # a resumed cache keeps the layout it was started with
     with pytest.raises(CacheError, match="different 'units'"):
         CacheWriter.create(tmp_path, make_key(), [["s0"], ["s1"]], D, {})
     with pytest.raises(CacheError, match="different 'feature_dim'"):
@@ -251,7 +256,7 @@ def test_parallel_dask_writers_equal_serial_writer(tmp_path: Path) -> None:
     data = unit_data()
     with (
         LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
         ) as cluster,
         Client(cluster) as client,
         parallel.lock(),
