@@ -129,7 +129,8 @@ def render(
     rng: np.random.Generator,
 ) -> Frame:
     """Ray-cast every pixel centre of the camera at pose ``cam_to_global`` (4, 4)."""
-    dirs = pixel_rays(k, width, height) @ cam_to_global[:3, :3].T  # (H, W, 3) global
+    # float32 rays: half the memory traffic; t errors stay far below a millimetre
+    dirs = (pixel_rays(k, width, height) @ cam_to_global[:3, :3].T).astype(np.float32)  # (H, W, 3)
     origin = cam_to_global[:3, 3].copy()
     global_to_cam = np.linalg.inv(cam_to_global)
     hits = cast(
@@ -152,7 +153,7 @@ def render(
     lit = surf.albedo * light[:, None].astype(np.float32)
     haze = (1.0 - np.exp(-t[hit] / 250.0))[:, None].astype(np.float32)
     colour[hit] = lit * (1 - haze) + horizon * haze
-    colour += rng.normal(0.0, 0.012, colour.shape).astype(np.float32)
+    colour += np.float32(0.012) * rng.standard_normal(colour.shape, dtype=np.float32)
     rgb = np.round(np.clip(colour, 0.0, 1.0) * 255).astype(np.uint8).reshape(height, width, 3)
 
     classes = np.full(width * height, SKY, dtype=np.uint8)

@@ -84,8 +84,8 @@ def intersect_cylinder(
     dx, dy, dz = dirs
     a = dx * dx + dy * dy
     b = ox * dx + oy * dy
-    c = ox * ox + oy * oy - radius * radius
-    disc = b * b - a * c
+    cross = ox * dy - oy * dx
+    disc = a * (radius * radius) - cross * cross  # = b^2 - a (|o|^2 - r^2), without cancellation
     with np.errstate(divide="ignore", invalid="ignore"):
         t_side = (-b - np.sqrt(disc)) / a
         z = oz + t_side * dz
@@ -104,8 +104,14 @@ def intersect_sphere(
 ) -> np.ndarray:
     """→ t (...) of the near intersection, inf = miss."""
     ox, oy, oz = (float(v) for v in origin - center)
-    b = dirs[0] * ox + dirs[1] * oy + dirs[2] * oz
-    disc = b * b - (ox * ox + oy * oy + oz * oz - radius * radius)
+    dx, dy, dz = dirs
+    b = dx * ox + dy * oy + dz * oz
+    cx, cy, cz = (
+        oy * dz - oz * dy,
+        oz * dx - ox * dz,
+        ox * dy - oy * dx,
+    )  # |o x d| = ray-centre distance
+    disc = radius * radius - (cx * cx + cy * cy + cz * cz)  # = b^2 - (|o|^2 - r^2) for unit d
     with np.errstate(invalid="ignore"):
         t = -b - np.sqrt(disc)
     return np.where((disc >= 0) & (t > EPS), t, np.inf)
