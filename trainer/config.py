@@ -1,0 +1,171 @@
+"""The training run's configuration: one frozen dataclass, one docstring per field.
+
+`python cli.py train` builds it from (lowest to highest priority) the field defaults, a YAML file
+(`--config`, keys exactly the field names) and the command-line options. The resolved config is
+saved to RUN_DIR/config.yaml under the key ``config``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+BACKBONES = ("minkunet34", "tiny")
+HEADS = ("mlp", "linear")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on (besides the cache contents)."""
+
+    # ---- data ----
+    cache: Path
+    """Cache folder (ROOT/<digest>) or a cache root holding exactly one cache."""
+    data: Path
+    """nuScenes root the cache was extracted from: its fingerprint must match the cache key."""
+    out: Path
+    """Run folder: config.yaml, metrics.jsonl, checkpoint.pt."""
+    version: str | None = None
+    """nuScenes version folder (v1.0-trainval, v1.0-mini, ...); None = the only one present."""
+    split: str = "train"
+    """Split to train on; must equal the cache key's split."""
+
+    # ---- student ----
+    backbone: str = "minkunet34"
+    """"minkunet34" (full width, MinkUNet34C planes/depths) or "tiny" (tests, CPU demos)."""
+    voxel_size: float = 0.1
+    """Voxel edge of the sparse-conv input, metres."""
+    head: str = "mlp"
+    """Projection head to the teacher dimension: "mlp" (3 Linear + LayerNorm + GELU) or "linear"."""
+    head_hidden: int = 512
+    """Hidden width of the MLP head."""
+
+    # ---- occupancy (auxiliary) ----
+    occupancy_weight: float = 0.5
+    """Weight W of the occupancy loss in total = distill + W * occupancy; 0 disables it (no
+    masking, no decoder)."""
+    occupancy_stride: int = 8
+    """Coarse cell edge in voxels (2, 4 or 8: a decoder stride): 8 x 0.1 m = 0.8 m cells."""
+    occupancy_range: float = 32.0
+    """Cells with |x| or |y| beyond this (metres, lidar frame) get no occupancy target."""
+    occupancy_z: tuple[float, float] = (-4.0, 4.0)
+    """z range (metres, lidar frame) of cells that get an occupancy target."""
+    mask_block: int = 2
+    """Edge of a masked block, in coarse cells (2 x 0.8 m = 1.6 m blocks)."""
+    mask_ratio: float = 0.3
+    """Share of the occupied blocks whose points are dropped from the student input."""
+    rays_per_scan: int = 4096
+    """LiDAR rays traced per scan for free-space (negative) cells."""
+
+    # ---- augmentation ----
+    augment: bool = True
+    """Random z-rotation, x/y flips and scaling of each scan (targets are per point: they follow)."""
+    scale_range: tuple[float, float] = (0.95, 1.05)
+    """Uniform range of the random isotropic scale factor."""
+
+    # ---- optimisation ----
+    epochs: int = 50
+    """Passes over the cache's scans."""
+    batch_size: int = 4
+    """Scans per step and process."""
+    lr: float = 1e-3
+    """Peak AdamW learning rate."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay."""
+    warmup: float = 0.05
+    """Share of the steps with a linear warm-up from 0 to ``lr``; a cosine decay follows."""
+    min_lr_ratio: float = 0.01
+    """Final learning rate as a share of ``lr``."""
+    grad_clip: float = 1.0
+    """Max global gradient norm (0 = no clipping)."""
+    amp: bool = True
+    """Mixed precision (bfloat16 autocast) when the device is CUDA; ignored on CPU."""
+
+    # ---- runtime ----
+    workers: int = 2
+    """DataLoader worker processes (0 = load in the main process)."""
+    seed: int = 0
+    """Seed of the initialisation, the epoch permutations and the augmentations."""
+    device: str = "cpu"
+    """torch device: "cpu" or "cuda" (under torchrun: cuda:LOCAL_RANK)."""
+    log_every: int = 1
+    """Write a metrics line every this many steps."""
+    checkpoint_every: int = 500
+    """Write RUN_DIR/checkpoint.pt every this many steps (and at the end)."""
+    resume: bool = False
+    """Continue from RUN_DIR/checkpoint.pt (same config required)."""
+    progress: bool = True
+    """Show the tqdm bar (rank 0)."""
+
+    def __post_init__(self) -> None:
+        for name in ("cache", "data", "out"):
+            object.__setattr__(self, name, Path(getattr(self, name)))
+        for name in ("occupancy_z", "scale_range"):
+            value = tuple(float(v) for v in getattr(self, name))
+            if len(value) != 2 or value[0] > value[1]:
+                raise ValueError(f"{name} must be two numbers (low, high), got {value}")
+            object.__setattr__(self, name, value)
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
+        if self.occupancy_stride not in (2, 4, 8):
+            raise ValueError(f"occupancy_stride must be 2, 4 or 8, got {self.occupancy_stride}")
+        if not 0 <= self.mask_ratio < 1:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        positive = ("voxel_size", "epochs", "batch_size", "lr", "head_hidden", "mask_block")
+        for name in positive + ("log_every", "checkpoint_every", "rays_per_scan"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("occupancy_weight", "weight_decay", "grad_clip", "workers", "warmup"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain YAML/JSON-able dict (paths as strings, tuples as lists)."""
+        d = dataclasses.asdict(self)
+        for k, v in d.items():
+            if isinstance(v, Path):
+                d[k] = str(v)
+            elif isinstance(v, tuple):
+                d[k] = list(v)
+        return d
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+# Fields that may differ between a run and its resumption (they do not change the trajectory).
+RESUMABLE_CHANGES = ("resume", "workers", "progress", "device", "cache", "data", "out")
+
+
+def load_config(yaml_path: Path | None = None, **overrides: Any) -> TrainConfig:
+    """Defaults < YAML file (keys exactly the field names) < ``overrides`` (None = not given)."""
+    values: dict[str, Any] = {}
+    if yaml_path is not None:
+        yaml_path = Path(yaml_path)
+        try:
+            loaded = yaml.safe_load(yaml_path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ValueError(f"{yaml_path}: cannot read the config ({e})") from e
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{yaml_path}: expected a mapping of config fields")
+        unknown = sorted(set(loaded) - set(FIELDS))
+        if unknown:
+            raise ValueError(
+                f"{yaml_path}: unknown config key(s) {unknown}; known: {', '.join(FIELDS)}"
+            )
+        values.update(loaded)
+    unknown = sorted(set(overrides) - set(FIELDS))
+    if unknown:
+        raise ValueError(f"unknown config field(s) {unknown}")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    missing = [n for n in ("cache", "data", "out") if n not in values]
+    if missing:
+        raise ValueError(f"config needs {missing} (from --config or the command line)")
+    try:
+        return TrainConfig(**values)
+    except TypeError as e:
+        raise ValueError(f"bad config: {e}") from e

@@ -1,0 +1,167 @@
+"""Training data: scans and targets from the cache (never the teacher), augmented and voxelised.
+
+- `open_training_cache(cfg)`: the cache, checked against the dataset and split asked for.
+- `ScanDataset[(epoch, i)]`: scan i of the cache as numpy arrays; its randomness (augmentation,
+  masking, ray sampling) is a function of (seed, epoch, i) only, so any number of workers, and a
+  resumed run, see exactly the same samples.
+- `RunBatchSampler`: the batches of a whole run, epoch after epoch; epoch e's order is a
+  permutation drawn from (seed, e), sharded over the processes; it can start at any step.
+- `collate`: a list of samples → one batch of flat tensors (ME batched coordinates).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from cache import CacheKeyMismatch, CacheReader, dataset_fingerprint, open_cache, resolve_cache
+from trainer.config import TrainConfig
+from trainer.minkowski import ME
+from trainer.model import StudentConfig, input_features, voxel_coordinates
+from trainer.occupancy import block_mask, occupancy_targets
+
+
+def open_training_cache(cfg: TrainConfig) -> CacheReader:
+    """Open the cache and refuse it unless it was extracted from ``cfg.data`` (fingerprint of the
+    nuScenes metadata) for ``cfg.split``; an incomplete cache is refused by `open_cache`."""
+    from pipeline.datasets.nuscenes import NuScenesReader  # plain reader, no images/teacher
+
+    path = resolve_cache(cfg.cache)
+    reader = open_cache(path)
+    fingerprint = dataset_fingerprint(NuScenesReader(cfg.data, cfg.version).metadata_files())
+    asked = {"dataset_fingerprint": fingerprint, "split": cfg.split}
+    for field, want in asked.items():
+        have = getattr(reader.key, field)
+        if have != want:
+            what = f"dataset {cfg.data}" if field == "dataset_fingerprint" else f"split {want!r}"
+            raise CacheKeyMismatch(
+                f"cache {path} does not match the training data: key field {field!r} is "
+                f"{have!r} in the cache but {want!r} for {what}; extract a cache for it "
+                "(python cli.py extract-teacher) or pass the matching --data/--version/--split"
+            )
+    return reader
+
+
+def augment(xyz: np.ndarray, cfg: TrainConfig, rng: np.random.Generator) -> np.ndarray:
+    """(N, 3) points rotated about z, flipped in x and/or y, scaled; the sensor stays at the
+    origin (rays keep their meaning)."""
+    angle = rng.uniform(0.0, 2.0 * np.pi)
+    c, s = np.cos(angle), np.sin(angle)
+    rot = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+    flip = np.diag([rng.choice([-1.0, 1.0]), rng.choice([-1.0, 1.0]), 1.0])
+    scale = rng.uniform(*cfg.scale_range)
+    return (xyz.astype(np.float64) @ (rot @ flip).T * scale).astype(np.float32)
+
+
+class ScanDataset(Dataset):
+    """Item (epoch, i) → dict of numpy arrays for scan i (see `__getitem__`)."""
+
+    def __init__(self, reader: CacheReader, cfg: TrainConfig) -> None:
+        self.reader = reader
+        self.cfg = cfg
+        self.student = StudentConfig(backbone=cfg.backbone, voxel_size=cfg.voxel_size)
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, item: tuple[int, int]) -> dict[str, Any]:
+        epoch, i = item
+        cfg = self.cfg
+        rng = np.random.default_rng([cfg.seed, epoch, i])
+        # 1. read the scan and its targets from the cache (points, per-point targets, pairing)
+        scan = self.reader.read_scan(i)
+        xyz = scan.points[:, :3]  # (N, 3)
+        # 2. augment the points; the per-point targets need nothing (they are rows of the points)
+        if cfg.augment:
+            xyz = augment(xyz, cfg, rng)
+        voxels = voxel_coordinates(xyz, cfg.voxel_size).numpy()  # (N, 3) int32
+        # 3. occupancy: drop random blocks from the input; targets from the full scan
+        keep = np.ones(len(xyz), bool)
+        cells = np.zeros((0, 3), np.int64)
+        labels = np.zeros(0, np.float32)
+        if cfg.occupancy_weight > 0:
+            keep = block_mask(voxels, cfg.occupancy_stride, cfg.mask_block, cfg.mask_ratio, rng)
+            cells, labels = occupancy_targets(
+                voxels, keep, xyz, cfg.voxel_size, cfg.occupancy_stride, cfg.rays_per_scan,
+                cfg.occupancy_range, cfg.occupancy_z, rng,
+            )  # fmt: skip
+        # 4. the student's input: voxel indices and features of the kept points
+        points = np.concatenate([xyz, scan.points[:, 3:4]], axis=1)[keep]  # (n, 4)
+        feats = input_features(torch.from_numpy(points), self.student).numpy()  # (n, C_in)
+        return {
+            "coords": voxels[keep],  # (n, 3) int32
+            "feats": feats,  # (n, C_in) float32
+            "target": scan.target[keep],  # (n, D) float16
+            "paired": scan.camera[keep] >= 0,  # (n,) bool
+            "occ_cells": (cells * cfg.occupancy_stride).astype(np.int32),  # (M, 3) voxel units
+            "occ_labels": labels,  # (M,) float32
+            "epoch": epoch,
+        }
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Samples → one batch: ME batched coordinates (N, 4) and flat per-point tensors."""
+    coords = ME.utils.batched_coordinates(
+        [torch.from_numpy(it["coords"]) for it in items], dtype=torch.float32
+    )  # (N, 4) batch index, x, y, z
+    queries = ME.utils.batched_coordinates(
+        [torch.from_numpy(it["occ_cells"]) for it in items], dtype=torch.int32
+    )  # (M, 4)
+    return {
+        "coords": coords,
+        "feats": torch.from_numpy(np.concatenate([it["feats"] for it in items])),  # (N, C_in)
+        "target": torch.from_numpy(np.concatenate([it["target"] for it in items])),  # (N, D)
+        "paired": torch.from_numpy(np.concatenate([it["paired"] for it in items])),  # (N,)
+        "queries": queries,
+        "occ_labels": torch.from_numpy(np.concatenate([it["occ_labels"] for it in items])),
+        "epoch": items[0]["epoch"],
+        "scans": len(items),
+    }
+
+
+class RunBatchSampler:
+    """Batches of (epoch, index) for a whole run, starting at global step ``start_step``.
+
+    Epoch e uses the permutation of ``np.random.default_rng([seed, e])``, wrapped to a multiple
+    of ``world`` and sharded ``perm[rank::world]``; each process takes ``steps_per_epoch``
+    full batches of it (the remainder is left out, so every process makes the same steps).
+    """
+
+    def __init__(
+        self, n: int, batch_size: int, epochs: int, seed: int, rank: int = 0, world: int = 1,
+        start_step: int = 0,
+    ) -> None:  # fmt: skip
+        self.n, self.batch_size, self.epochs, self.seed = n, batch_size, epochs, seed
+        self.rank, self.world, self.start_step = rank, world, start_step
+        self.steps_per_epoch = -(-n // world) // batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"{n} scans are fewer than batch_size {batch_size} x {world} process(es): "
+                "no full batch; lower --batch-size"
+            )
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.epochs
+
+    def epoch_batches(self, epoch: int) -> list[list[tuple[int, int]]]:
+        perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        perm = np.resize(perm, -(-self.n // self.world) * self.world)  # wrap to equal shards
+        shard = perm[self.rank :: self.world]
+        b = self.batch_size
+        return [
+            [(epoch, int(i)) for i in shard[k * b : (k + 1) * b]]
+            for k in range(self.steps_per_epoch)
+        ]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        first_epoch, skip = divmod(self.start_step, self.steps_per_epoch)
+        for epoch in range(first_epoch, self.epochs):
+            yield from self.epoch_batches(epoch)[skip if epoch == first_epoch else 0 :]
+
+    def __len__(self) -> int:
+        return self.total_steps - self.start_step

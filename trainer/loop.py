@@ -1,0 +1,331 @@
+"""The training run: `train(cfg)` — student + head (+ occupancy decoder) on the cache's targets.
+
+Read top to bottom: setup (cache check, model, optimiser, schedule, resume, data), then one plain
+loop in sections (batch, forward, loss, step, log/checkpoint). Outputs in RUN_DIR: config.yaml
+(resolved config, versions, git SHA, cache key), metrics.jsonl (one line per logged step) and
+checkpoint.pt (written atomically: temp file + os.replace).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import random
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from trainer import distributed
+from trainer.config import RESUMABLE_CHANGES, TrainConfig
+from trainer.data import RunBatchSampler, ScanDataset, collate, open_training_cache
+from trainer.heads import build_head
+from trainer.loss import distill_loss
+from trainer.minkowski import ME
+from trainer.model import StudentConfig, build_student, make_field
+from trainer.occupancy import OccupancyDecoder, occupancy_loss
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+CONFIG = "config.yaml"
+
+
+class DistillModel(nn.Module):
+    """Backbone + projection head (+ occupancy decoder when its weight is > 0)."""
+
+    def __init__(self, cfg: TrainConfig, feature_dim: int) -> None:
+        super().__init__()
+        self.backbone = build_student(StudentConfig(cfg.backbone, cfg.voxel_size))
+        c = self.backbone.out_channels
+        self.head = build_head(cfg.head, c, feature_dim, cfg.head_hidden)
+        self.stride = cfg.occupancy_stride
+        self.occupancy = (
+            OccupancyDecoder(self.backbone.decoder_channels[self.stride])
+            if cfg.occupancy_weight > 0
+            else None
+        )
+
+    def forward(
+        self, coords: torch.Tensor, feats: torch.Tensor, queries: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(head output (N, D) per input point, occupancy logits (M,) per query or None)."""
+        field = make_field(coords, feats, feats.device)
+        point_feats, by_stride = self.backbone.forward_with_strides(field)  # (N, C)
+        pred = self.head(point_feats)  # (N, D)
+        logits = None
+        if self.occupancy is not None:
+            logits = self.occupancy(by_stride[self.stride], queries)  # (M,)
+        return pred, logits
+
+
+@dataclass
+class TrainResult:
+    """What a run did (every process returns one; numbers are this process's)."""
+
+    run_dir: Path
+    steps: int
+    final_loss: float
+    scans_per_s: float  # all processes together, first step (warm-up) left out
+    data_wait_share: float  # share of step time spent waiting for the next batch
+    model: DistillModel
+
+
+def lr_schedule(total_steps: int, cfg: TrainConfig) -> np.ndarray:
+    """(total_steps,) learning rate per step: linear warm-up, then cosine to lr * min_lr_ratio."""
+    warmup = min(int(round(cfg.warmup * total_steps)), total_steps)
+    steps = np.arange(total_steps, dtype=np.float64)
+    ramp = (steps + 1) / max(warmup, 1)
+    progress = (steps - warmup) / max(total_steps - warmup, 1)
+    floor = cfg.lr * cfg.min_lr_ratio
+    cosine = floor + (cfg.lr - floor) * 0.5 * (1 + np.cos(math.pi * np.clip(progress, 0, 1)))
+    return np.where(steps < warmup, cfg.lr * ramp, cosine)
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """torch.save to a temp file in the same folder, fsync, then os.replace: the final name only
+    ever holds a complete checkpoint."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _git_sha() -> str:
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=repo, capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha + ("+dirty" if dirty else "")
+
+
+def _versions() -> dict[str, str]:
+    import zarr
+
+    return {
+        "python": platform.python_version(),
+        "torch": str(torch.__version__),
+        "MinkowskiEngine": str(ME.__version__),
+        "zarr": str(zarr.__version__),
+        "numpy": str(np.__version__),
+    }
+
+
+def _rng_state() -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def _restore(
+    path: Path, model: DistillModel, optimizer: torch.optim.Optimizer, cfg: TrainConfig, digest: str
+) -> int:
+    """Load a checkpoint written by this config and cache; returns its step."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: --resume given but there is no checkpoint")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    now = cfg.to_dict()
+    changed = [
+        k for k, v in state["config"].items() if k not in RESUMABLE_CHANGES and now.get(k) != v
+    ]
+    if changed:
+        raise ValueError(
+            f"{path}: cannot resume with a different config; changed field(s): "
+            + ", ".join(f"{k} ({state['config'][k]!r} -> {now.get(k)!r})" for k in changed)
+        )
+    if state["cache_digest"] != digest:
+        raise ValueError(f"{path}: was trained on cache {state['cache_digest']}, not {digest}")
+    model.backbone.load_state_dict(state["model"]["backbone"])
+    model.head.load_state_dict(state["model"]["head"])
+    if model.occupancy is not None:
+        model.occupancy.load_state_dict(state["model"]["occupancy"])
+    optimizer.load_state_dict(state["optimizer"])
+    _set_rng_state(state["rng"])
+    return int(state["step"])
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the metrics lines up to ``step`` (a killed run may have logged past its checkpoint)."""
+    if path.exists():
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+        kept = [ln for ln in lines if json.loads(ln)["step"] <= step]
+        _write_text_atomic(path, "".join(ln + "\n" for ln in kept))
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train the student on the cache's targets; see the module docstring for the outputs."""
+    rt = distributed.setup(cfg.device)
+    try:
+        return _train(cfg, rt)
+    finally:
+        distributed.cleanup(rt)
+
+
+def _train(cfg: TrainConfig, rt: distributed.Runtime) -> TrainResult:
+    # ---------------------------------------------------------------- setup
+    reader = open_training_cache(cfg)  # refuses incomplete / mismatched caches
+    digest = reader.key.digest()
+    torch.manual_seed(cfg.seed)  # same initialisation on every process
+    model = DistillModel(cfg, reader.feature_dim).to(rt.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sampler = RunBatchSampler(len(reader), cfg.batch_size, cfg.epochs, cfg.seed, rt.rank, rt.world)
+    total = sampler.total_steps
+    schedule = lr_schedule(total, cfg)  # (total,)
+    run_dir, ckpt_path, metrics_path = cfg.out, cfg.out / CHECKPOINT, cfg.out / METRICS
+    step = 0
+    if cfg.resume:
+        step = _restore(ckpt_path, model, optimizer, cfg, digest)
+    elif ckpt_path.exists():
+        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue, or another --out")
+    sampler.start_step = step
+    if rt.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        record = {
+            "config": cfg.to_dict(),
+            "versions": _versions(),
+            "git_sha": _git_sha(),
+            "cache": {"path": str(reader.path), "digest": digest, "key": reader.key.to_dict()},
+            "feature_dim": reader.feature_dim,
+            "world_size": rt.world,
+            "steps": total,
+        }
+        _write_text_atomic(run_dir / CONFIG, yaml.safe_dump(record, sort_keys=False))
+        if cfg.resume:
+            _truncate_metrics(metrics_path, step)
+        else:
+            metrics_path.unlink(missing_ok=True)
+    net = DistributedDataParallel(model) if rt.distributed else model
+    loader = DataLoader(
+        ScanDataset(reader, cfg),
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=cfg.workers,
+        persistent_workers=cfg.workers > 0,
+        pin_memory=rt.device.type == "cuda",
+        generator=torch.Generator().manual_seed(cfg.seed),  # leaves the global RNG untouched
+    )
+    amp = cfg.amp and rt.device.type == "cuda"
+    dev = rt.device
+    bar = tqdm(total=total, initial=step, disable=not (rt.is_main and cfg.progress), unit="step")
+    metrics = open(metrics_path, "a") if rt.is_main else None
+    timed_scans, timed_seconds, waited = 0, 0.0, 0.0
+    loss = torch.zeros(())
+    model.train()
+    batches = iter(loader)
+    while step < total:
+        # ---------------------------------------------------------------- batch
+        t0 = time.perf_counter()
+        batch = next(batches)
+        t_data = time.perf_counter() - t0
+        for group in optimizer.param_groups:
+            group["lr"] = float(schedule[step])
+        # ---------------------------------------------------------------- forward
+        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp):
+            pred, logits = net(
+                batch["coords"].to(dev), batch["feats"].to(dev), batch["queries"].to(dev)
+            )  # (N, D), (M,) | None
+        # ---------------------------------------------------------------- loss
+        distill = distill_loss(pred, batch["target"].to(dev), batch["paired"].to(dev))
+        occupancy = torch.zeros((), device=dev)
+        if logits is not None:
+            occupancy = occupancy_loss(logits, batch["occ_labels"].to(dev))
+        loss = distill + cfg.occupancy_weight * occupancy
+        # ---------------------------------------------------------------- step
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = 0.0
+        if cfg.grad_clip > 0:
+            grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        optimizer.step()
+        step += 1
+        # ---------------------------------------------------------------- log / checkpoint
+        dt = time.perf_counter() - t0
+        scans_per_s = batch["scans"] * rt.world / dt
+        if step > sampler.start_step + 1:  # the first step pays worker start-up and warm-up
+            timed_scans, timed_seconds, waited = (
+                timed_scans + batch["scans"],
+                timed_seconds + dt,
+                waited + t_data,
+            )
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}", scans_s=f"{scans_per_s:.2f}")
+        if metrics is not None and (step % cfg.log_every == 0 or step == total):
+            line = {
+                "step": step,
+                "epoch": step / sampler.steps_per_epoch,
+                "loss": loss.item(),
+                "distill": distill.item(),
+                "occupancy": occupancy.item(),
+                "lr": float(schedule[step - 1]),
+                "grad_norm": grad_norm,
+                "scans_per_s": scans_per_s,
+                "data_wait": t_data / dt,
+            }
+            metrics.write(json.dumps(line) + "\n")
+            metrics.flush()
+        if rt.is_main and (step % cfg.checkpoint_every == 0 or step == total):
+            state = {
+                "model": {
+                    "backbone": model.backbone.state_dict(),
+                    "head": model.head.state_dict(),
+                    "occupancy": None if model.occupancy is None else model.occupancy.state_dict(),
+                },
+                "optimizer": optimizer.state_dict(),
+                "step": step,
+                "rng": _rng_state(),
+                "config": cfg.to_dict(),
+                "cache_digest": digest,
+                "feature_dim": reader.feature_dim,
+            }
+            save_checkpoint(ckpt_path, state)
+    bar.close()
+    if metrics is not None:
+        metrics.close()
+    result = TrainResult(
+        run_dir=run_dir,
+        steps=step,
+        final_loss=float(loss.item()),
+        scans_per_s=timed_scans * rt.world / timed_seconds if timed_seconds else float("nan"),
+        data_wait_share=waited / timed_seconds if timed_seconds else float("nan"),
+        model=model,
+    )
+    if rt.is_main:
+        summary = {k: v for k, v in vars(result).items() if k not in ("model", "run_dir")}
+        _write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
+    return result
