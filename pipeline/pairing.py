@@ -3,8 +3,9 @@
 Per camera the chain is lidar → ego(t_lidar) → global → ego(t_camera) → camera → pixels, with
 the devkit's conventions: a point is a candidate when its depth (camera z) exceeds ``min_depth``
 and ``1 < u < W - 1`` and ``1 < v < H - 1`` (pixel (0, 0)'s centre is at (0.5, 0.5)).
-Occlusion: a coarse z-buffer of the candidates' depths (min per cell of ``zbuffer_cell`` px, then
-min over the ``(2k+1)²`` neighbouring cells) rejects a point lying more than
+Occlusion: a coarse z-buffer of the candidates' depths (min per square cell, with
+``zbuffer_cells_across`` cells across the image width, then min over the ``(2k+1)²`` neighbouring
+cells) rejects a point lying more than
 ``max(occlusion_margin, occlusion_tolerance · z_ref)`` behind the nearest point of its
 neighbourhood. A point visible in several cameras goes to the one where it lies farthest from the
 image border (ties: the lower camera index).
@@ -31,11 +32,12 @@ class PairingConfig:
     """Minimum depth in the camera frame (m), as the devkit's ``min_dist``."""
     occlusion: bool = True
     """Reject points hidden behind a nearer surface in that camera (z-buffer test)."""
-    zbuffer_cell: int = 8
-    """Z-buffer cell size in pixels of the original image."""
+    zbuffer_cells_across: int = 160
+    """Z-buffer resolution: square cells, this many across the image width (the same angle at any
+    image size: 10 px cells on a 1600-px nuScenes image, 4 px on the 640-px synthetic one)."""
     zbuffer_neighbourhood: int = 1
     """Cells on each side of a point's cell that count as its neighbourhood (1 → 3x3)."""
-    occlusion_tolerance: float = 0.10
+    occlusion_tolerance: float = 0.15
     """Relative depth tolerance: occluded if depth > z_ref · (1 + tolerance) (and the margin)."""
     occlusion_margin: float = 0.5
     """Absolute depth tolerance (m); the larger of the two applies."""
@@ -46,8 +48,8 @@ class PairingConfig:
     def __post_init__(self) -> None:
         if not self.min_depth > 0:
             raise ValueError(f"min_depth must be > 0, got {self.min_depth}")
-        if self.zbuffer_cell < 1 or self.zbuffer_neighbourhood < 0:
-            raise ValueError("zbuffer_cell must be ≥ 1 and zbuffer_neighbourhood ≥ 0")
+        if self.zbuffer_cells_across < 1 or self.zbuffer_neighbourhood < 0:
+            raise ValueError("zbuffer_cells_across must be ≥ 1 and zbuffer_neighbourhood ≥ 0")
         if self.occlusion_tolerance < 0 or self.occlusion_margin < 0:
             raise ValueError("occlusion_tolerance and occlusion_margin must be ≥ 0")
 
@@ -105,11 +107,11 @@ def unoccluded(
     z_ref = min depth over the point's z-buffer neighbourhood; occluded when
     depth > z_ref + max(margin, tolerance · z_ref).
     """
-    cell = cfg.zbuffer_cell
-    grid_w, grid_h = -(-width // cell), -(-height // cell)
-    cells = (uv[:, 1] // cell).astype(np.int64) * grid_w + (uv[:, 0] // cell).astype(
-        np.int64
-    )  # (M,)
+    cell = width / cfg.zbuffer_cells_across  # px
+    grid_w, grid_h = cfg.zbuffer_cells_across, int(np.ceil(height / cell))
+    col = np.minimum((uv[:, 0] // cell).astype(np.int64), grid_w - 1)  # (M,)
+    row = np.minimum((uv[:, 1] // cell).astype(np.int64), grid_h - 1)  # (M,)
+    cells = row * grid_w + col  # (M,)
     zbuffer = np.full(grid_h * grid_w, np.inf)
     np.minimum.at(zbuffer, cells, depth)
     size = 2 * cfg.zbuffer_neighbourhood + 1
