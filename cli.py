@@ -214,6 +214,55 @@ def cache_verify_command(
 
 # ---------------------------------------------------------------- stage two (trainer/) ----
 
+
+@app.command("train")
+def train_command(
+    cache: Path = typer.Option(None, "--cache", help="Cache folder (ROOT/<digest>) or a root holding one cache."),
+    data: Path = typer.Option(None, "--data", help="nuScenes root the cache was extracted from (fingerprint check)."),
+    out: Path = typer.Option(None, "--out", help="Run folder: config.yaml, metrics.jsonl, checkpoint.pt."),
+    version: str = typer.Option(None, "--version", help="nuScenes version folder; default: the only one."),
+    split: str = typer.Option(None, "--split", help="Split to train on (must match the cache) (default train)."),
+    head: str = typer.Option(None, "--head", help="Projection head: mlp or linear (default mlp)."),
+    occupancy_weight: float = typer.Option(None, "--occupancy-weight", help="Weight of the occupancy loss; 0 = off (default 0.5)."),
+    epochs: int = typer.Option(None, "--epochs", help="Passes over the cache (default 50)."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Scans per step and process (default 4)."),
+    lr: float = typer.Option(None, "--lr", help="Peak AdamW learning rate (default 1e-3)."),
+    workers: int = typer.Option(None, "--workers", help="DataLoader worker processes (default 2)."),
+    seed: int = typer.Option(None, "--seed", help="Seed (default 0)."),
+    device: str = typer.Option(None, "--device", help="cpu or cuda (default cpu)."),
+    backbone: str = typer.Option(None, "--backbone", help="minkunet34 or tiny (default minkunet34)."),
+    checkpoint_every: int = typer.Option(None, "--checkpoint-every", help="Steps between checkpoints (default 500)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from RUN_DIR/checkpoint.pt."),
+    progress: bool = typer.Option(None, "--progress/--no-progress", help="Show the progress bar."),
+    config: Path = typer.Option(None, "--config", help="YAML with TrainConfig fields (options given here win)."),
+) -> None:  # fmt: skip
+    """Stage two: train the sparse-conv student on the cache's targets (no teacher, no images).
+
+    Multi-process: torchrun --nproc_per_node N cli.py train ... (gloo on CPU, nccl on CUDA).
+    """
+    from cache import CacheError
+    from pipeline.datasets import DataError
+    from trainer.config import load_config
+    from trainer.loop import train
+
+    try:
+        cfg = load_config(
+            config, cache=cache, data=data, out=out, version=version, split=split, head=head,
+            occupancy_weight=occupancy_weight, epochs=epochs, batch_size=batch_size, lr=lr,
+            workers=workers, seed=seed, device=device, backbone=backbone,
+            checkpoint_every=checkpoint_every, resume=resume or None, progress=progress,
+        )  # fmt: skip
+        result = train(cfg)
+    except (CacheError, DataError, ValueError, FileNotFoundError, FileExistsError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(
+        f"trained {result.steps} steps, final loss {result.final_loss:.4f}, "
+        f"{result.scans_per_s:.2f} scans/s, data wait {100 * result.data_wait_share:.0f}% "
+        f"-> {result.run_dir}"
+    )
+
+
 # ---------------------------------------------------------------- evaluation (trainer/) ----
 # Shared options of the evaluation commands (typer needs them per command; defaults live here).
 _CKPT = typer.Option(
@@ -236,7 +285,9 @@ _OUT = typer.Option(
     None, "--out", help="Output folder (default RUN_DIR/eval; required with --checkpoint none)."
 )
 _LIKE = typer.Option(
-    None, "--like", help="With --checkpoint none: take the architecture from this run folder."
+    None,
+    "--like",
+    help="With --checkpoint none: architecture of this run folder, or a name (tiny, minkunet34).",
 )
 _DEVICE = typer.Option("cpu", "--device", help="torch device (cpu, cuda).")
 _SEED = typer.Option(0, "--seed", help="Seed.")
@@ -361,14 +412,14 @@ def evaluate_robustness_command(
 
 @app.command("visualize")
 def visualize_command(
-    checkpoint: str = typer.Option(..., "--checkpoint", help="Run folder of the trained student."),
+    checkpoint: str = _CKPT,
     cache: Path = typer.Option(..., "--cache", help="Cache directory holding the scan's teacher targets."),
     data: Path = typer.Option(None, "--data", help="Dataset root, for the camera images (nuScenes)."),
     dataset: str = _DATASET, version: str = _VERSION,
     scan: str = typer.Option(None, "--scan", help="Scan token; default: the cache's first scan."),
     out: Path = typer.Option(..., "--out", help="Folder for the PNG files."),
     extent: float = typer.Option(40.0, "--extent", help="Half-width of the bird's-eye view, m."),
-    device: str = _DEVICE,
+    like: Path = _LIKE, device: str = _DEVICE,
 ) -> None:  # fmt: skip
     """PCA pictures: teacher targets vs student features (bird's-eye view) and the teacher's
     features drawn on the camera images."""
@@ -377,7 +428,7 @@ def visualize_command(
     run_visualize(
         VisualizeConfig(
             checkpoint=checkpoint, cache=cache, data=data, dataset=dataset, version=version,
-            scan=scan, out=out, extent=extent, device=device,
+            scan=scan, out=out, extent=extent, device=device, like=like,
         )
     )  # fmt: skip
 

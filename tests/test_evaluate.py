@@ -233,3 +233,94 @@ def test_cache_fingerprint_detects_changes(tmp_path):
     (tmp_path / "units" / "u00000.done").write_text("{ }")
     with pytest.raises(RuntimeError, match="modified cache.*u00000.done"):
         check_cache_untouched(before, tmp_path, "r1")
+
+
+# ---------------------------------------------------------------- end to end (tiny backbone)
+
+
+def _cli(*args: str) -> str:
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+    return result.output
+
+
+def test_linear_probe_cli_random_tiny_backbone(synthetic_semantickitti, tmp_path):
+    import json
+
+    out = _cli(
+        "evaluate", "linear-probe", "--checkpoint", "none", "--like", "tiny",
+        "--data", str(synthetic_semantickitti), "--dataset", "semantickitti",
+        "--steps", "200", "--out", str(tmp_path),
+    )  # fmt: skip
+    result = json.loads((tmp_path / "linear_probe.json").read_text())
+    assert set(result["iou"]) == set(SK_CLASSES) and len(result["iou"]) == 19
+    assert result["train_scans"] == 4 and result["val_scans"] == 2
+    conf = np.array(result["confusion"])
+    assert conf.shape == (19, 19) and conf.sum() > 1000  # every labelled val point counted once
+    assert 0.0 < result["miou"] <= 1.0
+    assert result["iou"]["road"] > 0.3  # the dominant class is found even by random features
+    assert result["iou"]["bicycle"] is None  # absent from truth and prediction: not in the mean
+    assert "mIoU" in out and "road" in out
+
+
+def test_finetune_cli_writes_the_deterministic_subset(synthetic_semantickitti, tmp_path):
+    import json
+
+    from pipeline.datasets.semantickitti import SemanticKITTIReader
+
+    _cli(
+        "evaluate", "finetune", "--checkpoint", "none", "--like", "tiny",
+        "--data", str(synthetic_semantickitti), "--dataset", "semantickitti",
+        "--fraction", "0.25", "--epochs", "2", "--batch-scans", "1", "--out", str(tmp_path),
+    )  # fmt: skip
+    tokens = [s.token for s in SemanticKITTIReader(synthetic_semantickitti).scans("train")]
+    listed = (tmp_path / "subset.txt").read_text().split()
+    assert listed == select_subset(tokens, 0.25, seed=0) and len(listed) == 1
+    result = json.loads((tmp_path / "finetune.json").read_text())
+    assert result["subset_scans"] == 1 and len(result["losses"]) == 2
+    assert all(np.isfinite(result["losses"])) and result["backbone_lr"] == pytest.approx(1e-2)
+    assert 0.0 <= result["miou"] <= 1.0
+
+
+def test_robustness_and_rankme_cli(synthetic_semantickitti, tmp_path):
+    import json
+
+    data = ["--data", str(synthetic_semantickitti), "--dataset", "semantickitti"]
+    out = _cli(
+        "evaluate", "robustness", "--checkpoint", "none", "--like", "tiny", *data,
+        "--corruptions", "point_drop,jitter", "--severity", "1,3", "--beams", "16",
+        "--max-val-scans", "1", "--out", str(tmp_path),
+    )  # fmt: skip
+    result = json.loads((tmp_path / "robustness.json").read_text())
+    assert set(result["corruptions"]) == {"point_drop@1", "point_drop@3", "jitter@1", "jitter@3"}
+    kept = {k: v["points_kept"] for k, v in result["corruptions"].items()}
+    assert kept["jitter@3"] == 1.0 and 0.7 < kept["point_drop@1"] < 0.8
+    assert 0.2 < kept["point_drop@3"] < 0.3
+    for r in result["corruptions"].values():
+        assert r["rr"] == pytest.approx(r["miou"] / result["clean_miou"])
+    assert "mRR" in out
+
+    _cli(
+        "evaluate",
+        "rankme",
+        "--checkpoint",
+        "none",
+        "--like",
+        "tiny",
+        *data,
+        "--out",
+        str(tmp_path),
+    )
+    rank = json.loads((tmp_path / "rankme.json").read_text())
+    assert 1.0 <= rank["student"] <= rank["student_dim"] == 16
+
+
+SK_CLASSES = (
+    "car", "bicycle", "motorcycle", "truck", "other-vehicle", "person", "bicyclist",
+    "motorcyclist", "road", "parking", "sidewalk", "other-ground", "building", "fence",
+    "vegetation", "trunk", "terrain", "pole", "traffic-sign",
+)  # fmt: skip

@@ -72,15 +72,45 @@ def open_reader(data: EvalData) -> Any:
     return NuScenesReader(data.root, data.version)
 
 
-def load_model(
-    checkpoint: str, like: Path | None, device: str, seed: int = 0
-) -> tuple[torch.nn.Module, Any]:
-    """(backbone in eval mode on ``device``, its model config).
+# Input intensity → the student's [0, 1] input feature: nuScenes intensities are 0..255 (the
+# trainer's default scale 1/255), SemanticKITTI remissions are already 0..1.
+INTENSITY_SCALE = {"nuscenes": 1.0 / 255.0, "semantickitti": 1.0}
 
-    ``checkpoint`` is a run folder, or "none" for a random-initialised backbone with the
-    architecture of run folder ``like`` (or the trainer's defaults without one).
+
+def load_model(
+    checkpoint: str, like: Path | str | None, device: str, seed: int = 0, dataset: str = "nuscenes"
+) -> tuple[torch.nn.Module, Any]:
+    """(backbone in eval mode on ``device``, its StudentConfig).
+
+    ``checkpoint`` is a run folder, or "none" for a random-initialised backbone (seeded) with the
+    architecture of ``like``: a run folder, or an architecture name ("minkunet34", "tiny");
+    the trainer's defaults without one. The input
+    intensity scale is set for ``dataset``.
     """
-    raise NotImplementedError("lands with the trainer's model API")
+    import dataclasses
+
+    from trainer.model import (
+        ARCHITECTURES,
+        StudentConfig,
+        build_student,
+        load_backbone,
+        student_config_of_run,
+    )
+
+    if checkpoint != "none":
+        model, cfg = load_backbone(checkpoint, device)
+    else:
+        if like is None:
+            cfg = StudentConfig()
+        elif str(like) in ARCHITECTURES and not Path(like).is_dir():
+            cfg = StudentConfig(backbone=str(like))
+        else:
+            cfg = student_config_of_run(like)
+        torch.manual_seed(seed)
+        model = build_student(cfg).to(device).eval()
+    cfg = dataclasses.replace(cfg, intensity_scale=INTENSITY_SCALE[dataset])
+    model.cfg = cfg
+    return model, cfg
 
 
 @torch.no_grad()
@@ -88,16 +118,22 @@ def point_features(
     model: torch.nn.Module, model_cfg: Any, points: np.ndarray, device: str
 ) -> torch.Tensor:
     """(N, D) float32 backbone features of every input point (eval mode, no grad)."""
-    raise NotImplementedError("lands with the trainer's model API")
+    from trainer.model import point_features as student_point_features
+
+    if model.training:
+        raise RuntimeError("point_features needs the backbone in eval mode (frozen BN statistics)")
+    return student_point_features(model, [points], device)[0].float()
 
 
 def forward_points(
     model: torch.nn.Module, model_cfg: Any, batch: list[np.ndarray], device: str
 ) -> list[torch.Tensor]:
     """Per-scan (N_i, D) features of a batch of clouds, with grad (fine-tuning)."""
-    raise NotImplementedError("lands with the trainer's model API")
+    from trainer.model import point_features as student_point_features
+
+    return student_point_features(model, batch, device)
 
 
 def load_projection_head(checkpoint: str, device: str) -> torch.nn.Module | None:
     """The run's projection head (backbone features → teacher space), None if not stored."""
-    raise NotImplementedError("lands with the trainer's model API")
+    return None

@@ -122,7 +122,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     """Fine-tune, evaluate on val; writes ``finetune.json`` and ``subset.txt`` into the output."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    model, model_cfg = load_model(cfg.checkpoint, cfg.like, cfg.device, cfg.seed)
+    model, model_cfg = load_model(cfg.checkpoint, cfg.like, cfg.device, cfg.seed, cfg.data.dataset)
     reader = open_reader(cfg.data)
     names = list(reader.class_names)
     train = cfg.data.train_scans(reader)

@@ -115,7 +115,7 @@ def write_json_atomic(path: Path, obj: Any) -> Path:
 def run_linear_probe(cfg: LinearProbeConfig) -> dict:
     """Run the protocol; writes ``<out>/linear_probe.json`` and returns its content."""
     torch.manual_seed(cfg.seed)
-    model, model_cfg = load_model(cfg.checkpoint, cfg.like, cfg.device, cfg.seed)
+    model, model_cfg = load_model(cfg.checkpoint, cfg.like, cfg.device, cfg.seed, cfg.data.dataset)
     reader = open_reader(cfg.data)
     names = list(reader.class_names)
     train_scans, val_scans = cfg.data.train_scans(reader), cfg.data.val_scans(reader)

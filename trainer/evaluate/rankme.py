@@ -66,7 +66,9 @@ def _evenly(n: int, k: int) -> list[int]:
 
 def run_rankme(cfg: RankMeConfig) -> dict:
     """Compute the RankMe numbers; writes ``<out>/rankme.json`` and returns its content."""
-    model, model_cfg = load_model(cfg.checkpoint, cfg.like, cfg.device, cfg.seed)
+    model, model_cfg = load_model(
+        cfg.checkpoint, cfg.like, cfg.device, cfg.seed, cfg.data.dataset if cfg.data else "nuscenes"
+    )
     rng = np.random.default_rng(cfg.seed)
     student, student_paired, teacher = [], [], []
     if cfg.cache is not None:

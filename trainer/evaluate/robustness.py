@@ -111,7 +111,7 @@ def run_robustness(cfg: RobustnessConfig) -> dict:
     """Run the protocol; writes ``<out>/robustness.json`` and returns its content."""
     baseline = json.loads(Path(cfg.baseline).read_text()) if cfg.baseline else None
     torch.manual_seed(cfg.seed)
-    model, model_cfg = load_model(cfg.checkpoint, cfg.like, cfg.device, cfg.seed)
+    model, model_cfg = load_model(cfg.checkpoint, cfg.like, cfg.device, cfg.seed, cfg.data.dataset)
     reader = open_reader(cfg.data)
     names = list(reader.class_names)
     c = len(names)

@@ -134,7 +134,7 @@ class VisualizeConfig:
     """Which pictures to draw."""
 
     checkpoint: str
-    """Run folder of the trained student."""
+    """Run folder of the trained student, or "none" (random init, architecture ``like``)."""
     cache: Path
     """Cache directory holding the scan (points, teacher targets, pairing)."""
     out: Path
@@ -151,6 +151,8 @@ class VisualizeConfig:
     """Half-width of the bird's-eye view, m."""
     device: str = "cpu"
     """torch device."""
+    like: Path | None = None
+    """With checkpoint "none": architecture from this run folder or name."""
 
 
 def _find_scan_record(cfg: VisualizeConfig, token: str):
@@ -188,13 +190,13 @@ def run_visualize(cfg: VisualizeConfig) -> list[Path]:
         )
     target = paired_targets(scan).astype(np.float32)  # (P, D_t)
 
-    model, model_cfg = load_model(cfg.checkpoint, None, cfg.device)
+    model, model_cfg = load_model(cfg.checkpoint, cfg.like, cfg.device, dataset=cfg.dataset)
     feats = point_features(model, model_cfg, points, cfg.device)  # (N, D_s)
     teacher_basis = fit_pca(target)
     teacher_rgb = np.tile(np.array(UNPAIRED_GREY), (len(points), 1))
     teacher_rgb[paired] = pca_rgb(target, teacher_basis)
     panels = [("teacher targets (paired points; grey = unpaired)", teacher_rgb)]
-    head = load_projection_head(cfg.checkpoint, cfg.device)
+    head = None if cfg.checkpoint == "none" else load_projection_head(cfg.checkpoint, cfg.device)
     if head is not None:
         with torch.no_grad():
             projected = head(feats.to(cfg.device)).float().cpu()  # (N, D_t)
