@@ -280,6 +280,10 @@ class CacheWriter:
         """Marker present and every file it lists present with its recorded size."""
         return not unit_problems(self.path, unit_id, self.units[unit_id], checksums=False)
 
+    def is_finalized(self) -> bool:
+        """True once `finalize` wrote the COMPLETE marker."""
+        return (self.path / COMPLETE).is_file()
+
     def pending_units(self, verify_checksums: bool = False) -> list[int]:
         """Units still to write. A unit with a marker whose files fail the check (sizes; also
         sha256 with ``verify_checksums``) loses its marker and is pending again, with a warning

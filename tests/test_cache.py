@@ -428,7 +428,9 @@ def test_open_cache_refuses_incomplete_and_other_schema(tmp_path: Path) -> None:
         writer.write_unit(u, unit_data()[u])
     with pytest.raises(IncompleteCacheError, match="all units done, not finalized"):
         open_cache(writer.path)
+    assert not writer.is_finalized()
     writer.finalize({})
+    assert writer.is_finalized()
     manifest_path = writer.path / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["schema_version"] = SCHEMA_VERSION + 1
