@@ -321,3 +321,15 @@ def test_missing_version_directory(tmp_path: Path) -> None:
         NuScenesReader(tmp_path)
     code, output = cli_output(tmp_path)
     assert code == 1
+
+
+def test_sample_pointing_at_a_missing_scene(copy: Path) -> None:
+    _, scan = first_scan(copy)
+
+    def edit(records: list[dict]) -> None:
+        next(r for r in records if r["token"] == scan.token)["scene_token"] = "f" * 32
+
+    edit_table(copy, "sample", edit)
+    with pytest.raises(DataError, match="no record with token") as error:
+        NuScenesReader(copy, VERSION).scans("all")
+    assert "scene.json" in str(error.value) and scan.token in str(error.value)

@@ -221,11 +221,22 @@ class NuScenesReader:
         scenes = {s["name"]: s["token"] for s in self._tables["scene"].values()}
         scene_order = {scenes[name]: i for i, name in enumerate(self.scene_names(split))}
         keyframes = self._keyframes_by_sample()
-        samples = [
-            s for s in self._tables["sample"].values() if s.get("scene_token") in scene_order
-        ]
+        samples = []
+        for sample in self._tables["sample"].values():
+            scene = self._get("scene", sample.get("scene_token"), f"sample {sample['token']}")
+            if scene["token"] in scene_order:
+                samples.append(sample)
         samples.sort(key=lambda s: (scene_order[s["scene_token"]], s["timestamp"]))
-        return [self._scan(sample, keyframes.get(sample["token"], {})) for sample in samples]
+        scans = []
+        for sample in samples:
+            try:
+                scans.append(self._scan(sample, keyframes.get(sample["token"], {})))
+            except KeyError as e:
+                raise DataError(
+                    f"{self.version_dir / 'sample.json'}: sample {sample['token']}: a record it "
+                    f"references has no field {e.args[0]!r}"
+                ) from e
+        return scans
 
     def _keyframes_by_sample(self) -> dict[str, dict[str, dict]]:
         """sample token → channel → keyframe sample_data record."""
@@ -234,9 +245,15 @@ class NuScenesReader:
             if not sd.get("is_key_frame"):
                 continue
             referrer = f"sample_data {sd['token']}"
-            cs = self._get("calibrated_sensor", sd["calibrated_sensor_token"], referrer)
-            sensor = self._get("sensor", cs["sensor_token"], f"calibrated_sensor {cs['token']}")
-            by_sample.setdefault(sd["sample_token"], {})[sensor["channel"]] = sd
+            try:
+                cs = self._get("calibrated_sensor", sd["calibrated_sensor_token"], referrer)
+                sensor = self._get("sensor", cs["sensor_token"], f"calibrated_sensor {cs['token']}")
+                by_sample.setdefault(sd["sample_token"], {})[sensor["channel"]] = sd
+            except KeyError as e:
+                raise DataError(
+                    f"{self.version_dir / 'sample_data.json'}: {referrer} (or a record it references): "
+                    f"missing field {e.args[0]!r}"
+                ) from e
         return by_sample
 
     def _pose(self, table: str, token: str, referrer: str) -> np.ndarray:
