@@ -190,5 +190,59 @@ class AblateConfig:
 
 
 def run_ablation(cfg: AblateConfig) -> list[dict[str, Any]]:
-    """Train + probe every grid point; returns the table rows."""
-    raise NotImplementedError("lands with the trainer's train entry point")
+    """Train + linear-probe every grid point; writes results.md / results.csv, returns the rows.
+
+    Re-running the same command skips the runs whose probe result exists and resumes a run whose
+    checkpoint exists without a summary (an interrupted training).
+    """
+    import json
+
+    from cache.store import resolve_cache
+    from trainer.config import load_config
+    from trainer.evaluate.backbone import EvalData
+    from trainer.evaluate.linear_probe import LinearProbeConfig, run_linear_probe
+    from trainer.evaluate.probe import ProbeConfig
+    from trainer.loop import train
+
+    grid = parse_grid(list(cfg.grid))
+    runs = grid_runs(grid)
+    names = [run_name(r, grid) for r in runs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"grid gives duplicate run names: {names}")
+    cache_path = resolve_cache(cfg.cache)
+    before = cache_fingerprint(cache_path)
+    base = load_config(None, cache=cache_path, data=cfg.data, out=cfg.out, version=cfg.version)
+    base = dataclasses.replace(base, device=cfg.device)
+    configs = [apply_overrides(dataclasses.replace(base, out=cfg.out / n), r) for n, r in zip(names, runs, strict=True)]  # fmt: skip
+    rows: list[dict[str, Any]] = []
+    class_names: list[str] = []
+    for i, (name, overrides, train_cfg) in enumerate(zip(names, runs, configs, strict=True)):
+        print(f"[ablate {i + 1}/{len(runs)}] {name}")
+        run_dir = train_cfg.out
+        probe_path = run_dir / "eval" / "linear_probe.json"
+        summary_path = run_dir / "summary.json"
+        if not (summary_path.is_file() and probe_path.is_file()):
+            resume = (run_dir / "checkpoint.pt").is_file() and not summary_path.is_file()
+            train(dataclasses.replace(train_cfg, resume=resume))
+            check_cache_untouched(before, cache_path, name)
+            probe_cfg = LinearProbeConfig(
+                checkpoint=str(run_dir),
+                data=EvalData(
+                    root=cfg.data, version=cfg.version, max_train_scans=cfg.max_train_scans,
+                    max_val_scans=cfg.max_val_scans,
+                ),
+                probe=ProbeConfig(steps=cfg.probe_steps), device=cfg.device,
+            )  # fmt: skip
+            run_linear_probe(probe_cfg)
+            check_cache_untouched(before, cache_path, name)
+        probe = json.loads(probe_path.read_text())
+        summary = json.loads(summary_path.read_text())
+        class_names = list(probe["iou"])
+        rows.append({
+            "run": name, **overrides, "final_loss": round(summary["final_loss"], 5),
+            "steps": summary["steps"], "miou": probe["miou"], "iou": probe["iou"],
+            "run_dir": str(run_dir),
+        })  # fmt: skip
+    md_path, _ = write_tables(cfg.out, rows, class_names)
+    print(md_path.read_text())
+    return rows

@@ -135,5 +135,20 @@ def forward_points(
 
 
 def load_projection_head(checkpoint: str, device: str) -> torch.nn.Module | None:
-    """The run's projection head (backbone features → teacher space), None if not stored."""
-    return None
+    """The run's projection head (backbone features → teacher space) in eval mode, or None when
+    the checkpoint holds none."""
+    import yaml
+
+    from trainer.heads import build_head
+    from trainer.model import ARCHITECTURES
+
+    run_dir = Path(checkpoint)
+    state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+    head_state = state.get("model", {}).get("head")
+    if head_state is None or "feature_dim" not in state:
+        return None
+    run_cfg = yaml.safe_load((run_dir / "config.yaml").read_text())["config"]
+    c_in = ARCHITECTURES[run_cfg["backbone"]][1][-1]  # backbone output = last decoder width
+    head = build_head(run_cfg["head"], c_in, state["feature_dim"], run_cfg["head_hidden"])
+    head.load_state_dict(head_state)
+    return head.to(device).eval()
