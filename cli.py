@@ -433,6 +433,33 @@ def visualize_command(
     )  # fmt: skip
 
 
+@app.command("ablate")
+def ablate_command(
+    cache: Path = typer.Option(..., "--cache", help="Cache folder (or a root holding one cache): extracted once, only read."),
+    data: Path = typer.Option(..., "--data", help="nuScenes root the cache was extracted from."),
+    out: Path = typer.Option(..., "--out", help="Output folder: one run folder per grid point, results.md, results.csv."),
+    grid: list[str] = typer.Option([], "--grid", help="Axis key=v1,v2 (train-config field; repeatable)."),
+    axes: list[str] = typer.Argument(None, help="More axes key=v1,v2; a one-valued axis (epochs=2) is a fixed setting."),
+    version: str = _VERSION,
+    probe_steps: int = typer.Option(1000, "--probe-steps", help="AdamW steps of each run's linear probe."),
+    max_train_scans: int = _MAX_TRAIN, max_val_scans: int = _MAX_VAL, device: str = _DEVICE,
+) -> None:  # fmt: skip
+    """Several train runs from ONE cache (grid of train-config overrides), each linear-probed;
+    one table. Fails if a run modifies the cache or imports the teacher.
+
+    Example: ablate --cache C --data D --out O --grid head=linear,mlp occupancy_weight=0,1 epochs=2
+    """
+    from trainer.evaluate.ablate import AblateConfig, run_ablation
+
+    run_ablation(
+        AblateConfig(
+            cache=cache, data=data, out=out, grid=tuple(grid) + tuple(axes or ()), version=version,
+            probe_steps=probe_steps, max_train_scans=max_train_scans, max_val_scans=max_val_scans,
+            device=device,
+        )
+    )  # fmt: skip
+
+
 # ---------------------------------------------------------------- benchmarks ----
 
 
