@@ -144,6 +144,13 @@ def camera_views(
 def pair_points(points_xyz: np.ndarray, scan: Scan, cfg: PairingConfig) -> Pairing:
     """Pair (N, 3) lidar-frame points with at most one camera each (see the module docstring)."""
     points_xyz = np.asarray(points_xyz, dtype=np.float64)[:, :3]
+    if not scan.cameras:  # e.g. a SemanticKITTI sequence without images
+        n = len(points_xyz)
+        return Pairing(
+            camera=np.full(n, UNPAIRED, dtype=np.int8),
+            uv=np.zeros((n, 2), dtype=np.float32),
+            depth=np.zeros(n, dtype=np.float32),
+        )
     uv, depth, visible = camera_views(points_xyz, scan, cfg)
     sizes = np.array([(f.width, f.height) for f in scan.cameras], dtype=np.float64)  # (C, 2)
     # Distance to the nearest image border, per camera and point.

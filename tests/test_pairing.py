@@ -294,3 +294,10 @@ def test_paired_pixels_show_the_points_class(reader: NuScenesReader, dataroot: P
     # it does not throw away much more than the occluded points
     assert on["paired"] > off["paired"] - 2.5 * (1 - off["agree"]) * off["paired"]
     assert 0.3 < on["paired"] < 0.95 and 0.0 < on["multi"] < 0.2
+
+
+def test_no_points_or_no_cameras() -> None:
+    empty = pair_points(np.zeros((0, 3)), scan(camera()), PairingConfig())
+    assert empty.camera.shape == (0,) and empty.uv.shape == (0, 2) and empty.depth.shape == (0,)
+    blind = pair_points(np.ones((4, 3)), scan(), PairingConfig())
+    assert blind.camera.tolist() == [-1] * 4 and blind.camera.dtype == np.int8
