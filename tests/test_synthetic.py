@@ -153,6 +153,28 @@ def test_chains_and_timestamps_are_consistent(nusc) -> None:
         assert n == inst["nbr_annotations"] and ann["token"] == inst["last_annotation_token"]
 
 
+def test_annotation_boxes_hold_their_lidar_points(synthetic_nuscenes, nusc) -> None:
+    from nuscenes.utils.geometry_utils import points_in_box
+
+    root = synthetic_nuscenes.root
+    sample = nusc.sample[1]
+    lidar = nusc.get("sample_data", sample["data"]["LIDAR_TOP"])
+    raw = np.fromfile(root / lidar["filename"], dtype=np.float32).reshape(-1, 5)
+    labels = np.fromfile(root / nusc.get("lidarseg", lidar["token"])["filename"], dtype=np.uint8)
+    to_global = _matrix(nusc.get("ego_pose", lidar["ego_pose_token"])) @ _matrix(
+        nusc.get("calibrated_sensor", lidar["calibrated_sensor_token"])
+    )
+    xyz = raw[:, :3].astype(np.float64) @ to_global[:3, :3].T + to_global[:3, 3]  # (N, 3) global
+    cars = [nusc.get("sample_annotation", t) for t in sample["anns"]]
+    cars = [a for a in cars if a["category_name"] == "vehicle.car"]
+    assert len(cars) >= 3
+    for ann in cars:
+        inside = points_in_box(nusc.get_box(ann["token"]), xyz.T, wlh_factor=1.02)
+        n_car = int((labels[inside] == 17).sum())
+        assert abs(n_car - ann["num_lidar_pts"]) <= max(2, 0.05 * ann["num_lidar_pts"])
+        assert set(labels[inside].tolist()) <= {17, 24, 26}  # the car, or ground under it
+
+
 def _matrix(rec: dict) -> np.ndarray:
     m = np.eye(4)
     m[:3, :3] = Quaternion(rec["rotation"]).rotation_matrix
