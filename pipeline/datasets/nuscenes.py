@@ -120,7 +120,8 @@ class NuScenesReader:
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state.pop("_tables", None)
+        for derived in ("_tables", "_keyframes_by_sample"):  # reloaded on demand
+            state.pop(derived, None)
         return state
 
     # ------------------------------------------------------------------ tables ----
@@ -220,7 +221,7 @@ class NuScenesReader:
         """Keyframe scans of ``split``, ordered by scene then timestamp."""
         scenes = {s["name"]: s["token"] for s in self._tables["scene"].values()}
         scene_order = {scenes[name]: i for i, name in enumerate(self.scene_names(split))}
-        keyframes = self._keyframes_by_sample()
+        keyframes = self._keyframes_by_sample
         samples = []
         for sample in self._tables["sample"].values():
             scene = self._get("scene", sample.get("scene_token"), f"sample {sample['token']}")
@@ -238,6 +239,7 @@ class NuScenesReader:
                 ) from e
         return scans
 
+    @cached_property
     def _keyframes_by_sample(self) -> dict[str, dict[str, dict]]:
         """sample token → channel → keyframe sample_data record."""
         by_sample: dict[str, dict[str, dict]] = {}
