@@ -324,3 +324,73 @@ SK_CLASSES = (
     "motorcyclist", "road", "parking", "sidewalk", "other-ground", "building", "fence",
     "vegetation", "trunk", "terrain", "pole", "traffic-sign",
 )  # fmt: skip
+
+
+def _cache_for_synthetic(root, version, out, dim: int = 16):
+    """A complete cache of the synthetic set's train split, written through the real CacheWriter:
+    targets are a fixed function of each point's class and position (learnable), x > 0 paired."""
+    from cache import CacheKey, CacheWriter, UnitData, dataset_fingerprint
+    from pipeline.datasets.nuscenes import NuScenesReader
+
+    reader = NuScenesReader(root, version)
+    scans = reader.scans("train")
+    key = CacheKey(
+        dataset_fingerprint=dataset_fingerprint(reader.metadata_files()), split="train",
+        teacher="test-targets", teacher_weights_sha256="0" * 64, image_size=(28, 56),
+        feature_layer="last", pairing='{"test": true}',
+    )  # fmt: skip
+    writer = CacheWriter.create(out, key, [[s.token for s in scans]], dim, meta={"test": True})
+    basis = np.random.default_rng(0)
+    class_vec, mix = basis.normal(size=(256, dim)), basis.normal(size=(3, dim))
+    parts = {k: [] for k in ("points", "target", "camera", "uv", "label")}
+    for scan in scans:
+        pts, lab = reader.load_points(scan), reader.load_labels(scan)
+        target = class_vec[lab] + 0.3 * np.tanh(pts[:, :3] / 10) @ mix
+        parts["points"].append(pts)
+        parts["target"].append(target.astype(np.float16))
+        parts["camera"].append(np.where(pts[:, 0] > 0, 0, -1).astype(np.int8))
+        parts["uv"].append(np.zeros((len(pts), 2), np.float32))
+        parts["label"].append(lab)
+    writer.write_unit(
+        0,
+        UnitData(
+            tokens=[s.token for s in scans], lidar_paths=[s.lidar_path for s in scans], **parts
+        ),
+    )
+    writer.finalize({"test": True})
+    return writer.path
+
+
+@pytest.mark.slow
+def test_ablate_two_configs_from_one_cache(synthetic_nuscenes, tmp_path):
+    """Real CLI in a fresh process: 2 train runs + probes from one cache, table rows as expected,
+    cache files untouched, teacher never imported (ablate itself checks both after each run)."""
+    import csv
+    import subprocess
+    import sys
+
+    from trainer.evaluate.ablate import cache_fingerprint
+
+    root, version = synthetic_nuscenes
+    cache = _cache_for_synthetic(root, version, tmp_path / "cache")
+    before = cache_fingerprint(cache)
+    out = tmp_path / "ablate"
+    cmd = [
+        sys.executable, "cli.py", "ablate", "--cache", str(cache), "--data", str(root),
+        "--version", version, "--out", str(out), "--probe-steps", "100", "--max-val-scans", "2",
+        "--grid", "head=linear,mlp", "epochs=1", "batch_size=2", "backbone=tiny",
+        "occupancy_weight=0", "workers=0", "progress=false",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert cache_fingerprint(cache) == before
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [r["run"] for r in rows] == ["head=linear", "head=mlp"]
+    assert [r["head"] for r in rows] == ["linear", "mlp"]
+    assert all(r["epochs"] == "1" and 0 <= float(r["miou"]) <= 1 for r in rows)
+    assert "iou_driveable_surface" in rows[0]
+    md = (out / "results.md").read_text().splitlines()
+    assert md[0].startswith("| run | head |") and len(md) == 4
+    for r in rows:
+        assert (out / r["run"] / "checkpoint.pt").is_file()
+        assert (out / r["run"] / "eval" / "linear_probe.json").is_file()

@@ -119,8 +119,12 @@ def cache_fingerprint(path: str | Path) -> dict[str, tuple]:
     return out
 
 
-def check_cache_untouched(before: dict[str, tuple], path: str | Path, run: str) -> None:
-    """Raise if any cache file was added, removed or changed, or the teacher got imported."""
+def check_cache_untouched(
+    before: dict[str, tuple], path: str | Path, run: str, preloaded: frozenset[str] = frozenset()
+) -> None:
+    """Raise if any cache file was added, removed or changed, or a teacher/extraction module was
+    imported (``preloaded``: those already imported before the ablation started, e.g. by an
+    embedding program; the CLI starts with none)."""
     after = cache_fingerprint(path)
     changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
     if changed:
@@ -128,7 +132,7 @@ def check_cache_untouched(before: dict[str, tuple], path: str | Path, run: str) 
             f"ablation run {run!r} modified cache {path}: {', '.join(changed[:5])}"
             + (" ..." if len(changed) > 5 else "")
         )
-    imported = [m for m in FORBIDDEN_MODULES if m in sys.modules]
+    imported = [m for m in FORBIDDEN_MODULES if m in sys.modules and m not in preloaded]
     if imported:
         raise RuntimeError(f"ablation run {run!r} imported {imported}: training must not extract")
 
@@ -211,6 +215,7 @@ def run_ablation(cfg: AblateConfig) -> list[dict[str, Any]]:
         raise ValueError(f"grid gives duplicate run names: {names}")
     cache_path = resolve_cache(cfg.cache)
     before = cache_fingerprint(cache_path)
+    preloaded = frozenset(m for m in FORBIDDEN_MODULES if m in sys.modules)
     base = load_config(None, cache=cache_path, data=cfg.data, out=cfg.out, version=cfg.version)
     base = dataclasses.replace(base, device=cfg.device)
     configs = [apply_overrides(dataclasses.replace(base, out=cfg.out / n), r) for n, r in zip(names, runs, strict=True)]  # fmt: skip
@@ -224,7 +229,7 @@ def run_ablation(cfg: AblateConfig) -> list[dict[str, Any]]:
         if not (summary_path.is_file() and probe_path.is_file()):
             resume = (run_dir / "checkpoint.pt").is_file() and not summary_path.is_file()
             train(dataclasses.replace(train_cfg, resume=resume))
-            check_cache_untouched(before, cache_path, name)
+            check_cache_untouched(before, cache_path, name, preloaded)
             probe_cfg = LinearProbeConfig(
                 checkpoint=str(run_dir),
                 data=EvalData(
@@ -234,7 +239,7 @@ def run_ablation(cfg: AblateConfig) -> list[dict[str, Any]]:
                 probe=ProbeConfig(steps=cfg.probe_steps), device=cfg.device,
             )  # fmt: skip
             run_linear_probe(probe_cfg)
-            check_cache_untouched(before, cache_path, name)
+            check_cache_untouched(before, cache_path, name, preloaded)
         probe = json.loads(probe_path.read_text())
         summary = json.loads(summary_path.read_text())
         class_names = list(probe["iou"])
