@@ -156,7 +156,7 @@ def extract_unit(
     # 2. teacher over all (scan, camera) images of the unit, batch_size images per forward
     targets = [np.zeros((len(p), teacher.feature_dim), np.float16) for p in points]  # (N_i, D)
     views = [(j, c) for j, scan in enumerate(scans) for c in range(len(scan.cameras))]
-    forwards0 = teacher.forward_count
+    forwards = 0  # counted here: with thread workers the teacher (and its counter) is shared
     t_images = 0.0
     for start in range(0, len(views), batch_size):
         batch = views[start : start + batch_size]
@@ -164,6 +164,7 @@ def extract_unit(
         images = [reader.load_image(scans[j].cameras[c]) for j, c in batch]  # (H0, W0, 3) uint8
         t_images += time.perf_counter() - t0
         grids = teacher.patch_grid(images)  # (B, D, h, w)
+        forwards += 1
         for k, (j, c) in enumerate(batch):
             mask = pairings[j].camera == c  # (N_j,)
             if mask.any():
@@ -191,7 +192,7 @@ def extract_unit(
         "points": int(sum(len(p) for p in points)),
         "paired": int(sum((p.camera != UNPAIRED).sum() for p in pairings)),
         "bytes": int(written),
-        "forwards": teacher.forward_count - forwards0,
+        "forwards": forwards,
         "seconds": t_end - t_start,
         "pair_s": t_paired - t_start,
         "image_load_s": t_images,
@@ -347,10 +348,11 @@ def extract_teacher(cfg: ExtractConfig) -> ExtractSummary:
                         elapsed = time.perf_counter() - t_compute
                         bar.set_postfix(img_s=f"{totals['images'] / elapsed:.2f}", refresh=False)
                         bar.update(1)
+                except BaseException:
+                    client.cancel(futures)  # stop what has not started; done units stay done
+                    raise
                 finally:
                     bar.close()
-                    for future in futures:
-                        future.cancel()
         compute_s = time.perf_counter() - t_compute
         summary = ExtractSummary(
             cache_path=str(writer.path),

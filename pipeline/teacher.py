@@ -265,7 +265,8 @@ class Teacher(nn.Module):
             batch = [im[None] for im in images]
         out = []
         for group in batch:
-            t = torch.as_tensor(np.asarray(group) if not isinstance(group, torch.Tensor) else group)
+            # np.array copies: decoded images are often read-only views torch will not wrap
+            t = group if isinstance(group, torch.Tensor) else torch.from_numpy(np.array(group))
             if t.dtype != torch.uint8 or t.ndim != 4 or t.shape[-1] != 3:
                 raise ValueError(
                     f"teacher input must be uint8 RGB images (B, H, W, 3), got {t.dtype} {tuple(t.shape)}"

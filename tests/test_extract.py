@@ -1,0 +1,242 @@
+"""pipeline/extract.py: Dask extraction into the cache, against direct recomputation and itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cache import IncompleteCacheError, open_cache
+from pipeline.datasets import NuScenesReader
+from pipeline.extract import ExtractConfig, extract_teacher
+from pipeline.teacher import Teacher, TeacherConfig, sample_features
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGE_SIZE = (56, 98)  # tiny: 4 x 7 patches; keeps the tests in seconds
+SPLIT = "val"  # the last scene of the synthetic set: 4 scans
+
+
+@pytest.fixture(scope="module")
+def serial(synthetic_nuscenes, tiny_teacher: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One extraction with a single thread worker: 2 units of 2 scans, 3 forwards of 4 images each."""
+    cfg = ExtractConfig(
+        data=synthetic_nuscenes.root,
+        version=synthetic_nuscenes.version,
+        cache_root=tmp_path_factory.mktemp("cache-serial"),
+        teacher=str(tiny_teacher),
+        split=SPLIT,
+        image_size=IMAGE_SIZE,
+        n_workers=1,
+        processes=False,
+        batch_size=4,  # not a multiple of 6: batches straddle scans
+        scans_per_unit=2,
+        progress=False,
+    )
+    return cfg, extract_teacher(cfg)
+
+
+def _arrays(path: str | Path) -> list[dict[str, np.ndarray]]:
+    reader = open_cache(path)
+    fields = ("points", "target", "camera", "uv", "label")
+    return [
+        {"token": np.array(s.token), **{f: getattr(s, f) for f in fields}}
+        for s in (reader.read_scan(i) for i in range(len(reader)))
+    ]
+
+
+def _markers(path: str | Path) -> dict[str, dict]:
+    """Per unit: the sha256 of each array, from the .done markers."""
+    return {
+        p.name: json.loads(p.read_text())["arrays"]
+        for p in sorted(Path(path, "units").glob("*.done"))
+    }
+
+
+def test_summary_counts_what_was_written(serial, synthetic_nuscenes) -> None:
+    cfg, summary = serial
+    reader = NuScenesReader(*synthetic_nuscenes)
+    scans = reader.scans(SPLIT)
+    cache = open_cache(summary.cache_path)
+    assert cache.tokens == [s.token for s in scans]
+    assert summary.scans == len(scans) == 4
+    assert summary.images == 6 * len(scans)
+    assert summary.units == 2 and summary.units_computed == 2 and summary.units_skipped == 0
+    assert summary.teacher_forwards == 2 * 3  # batches of 4 straddle the 2 scans of a unit
+    assert summary.points == sum(len(reader.load_points(s)) for s in scans)
+    assert summary.points_paired == sum(
+        int((s["camera"] >= 0).sum()) for s in _arrays(summary.cache_path)
+    )
+    assert 0 < summary.points_paired < summary.points
+    assert summary.teacher_random is True
+    assert cache.key.image_size == IMAGE_SIZE and cache.key.feature_layer == "last"
+    assert cache.feature_dim == 64
+    assert cache.verify(progress=False) == []
+
+
+def _devkit_uv(nusc, sample_token: str, channel: str) -> np.ndarray:
+    """(n, 2) pixel coordinates of the lidar points the official devkit projects into a camera."""
+    sample = nusc.get("sample", sample_token)
+    pts, _, _ = nusc.explorer.map_pointcloud_to_image(
+        sample["data"]["LIDAR_TOP"], sample["data"][channel]
+    )
+    return pts[:2].T
+
+
+def test_cached_targets_equal_teacher_at_devkit_pixels(
+    serial, synthetic_nuscenes, tiny_teacher: Path
+) -> None:
+    """Target of a paired point = teacher forward on its image, bilinear at the devkit's pixel."""
+    from nuscenes.nuscenes import NuScenes
+    from scipy.spatial import cKDTree
+
+    cfg, summary = serial
+    reader = NuScenesReader(*synthetic_nuscenes)
+    scan = reader.scans(SPLIT)[0]
+    cached = open_cache(summary.cache_path).read_scan(0)
+    assert np.array_equal(cached.points, reader.load_points(scan))
+    assert np.array_equal(cached.label, reader.load_labels(scan))
+    unpaired = cached.camera == -1
+    assert unpaired.any() and not cached.target[unpaired].any()  # zeros, camera -1
+
+    teacher = Teacher(TeacherConfig(str(tiny_teacher), image_size=IMAGE_SIZE))
+    nusc = NuScenes(version=reader.version, dataroot=str(reader.root), verbose=False)
+    checked = 0
+    for c, frame in enumerate(scan.cameras):
+        ours = cached.camera == c
+        if not ours.any():
+            continue
+        devkit_uv = _devkit_uv(nusc, scan.token, frame.channel)
+        dist, idx = cKDTree(devkit_uv).query(cached.uv[ours].astype(np.float64))
+        # the devkit transforms float32 points in float32: ~1e-3 px from our float64 chain
+        assert dist.max() < 1e-2, f"{frame.channel}: cached uv is not the devkit's projection"
+        image = reader.load_image(frame)
+        grid = teacher.patch_grid(image[None])[0]  # (D, h, w), batch of one
+        want = sample_features(grid, devkit_uv[idx], image.shape[:2])  # (M, D)
+        got = torch.from_numpy(cached.target[ours].astype(np.float32))
+        assert torch.allclose(got, want, atol=2e-2, rtol=1e-2)
+        # and not trivially: features differ between points
+        assert want.std(dim=0).mean() > 0.05
+        checked += int(ours.sum())
+    assert checked > 50
+
+
+def test_parallel_on_an_existing_cluster_equals_serial_bit_for_bit(serial, tmp_path: Path) -> None:
+    """Two worker processes of a cluster we started (reached through --scheduler) give the same
+    bytes as one thread worker: scheduling order and worker count do not enter the result."""
+    import logging
+
+    from dask.distributed import LocalCluster
+
+    cfg, summary = serial
+    with LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=None,
+        silence_logs=logging.ERROR,
+    ) as cluster:
+        parallel = extract_teacher(
+            replace(cfg, cache_root=tmp_path, scheduler=cluster.scheduler_address)
+        )
+        assert not cluster.scheduler.workers == {}  # the cluster is still ours, still running
+    assert Path(parallel.cache_path).name == Path(summary.cache_path).name  # same key
+    assert _markers(parallel.cache_path) == _markers(summary.cache_path)
+    for a, b in zip(_arrays(parallel.cache_path), _arrays(summary.cache_path), strict=True):
+        for name in a:
+            assert np.array_equal(a[name], b[name]), name
+
+
+def test_rerun_does_no_teacher_work(serial) -> None:
+    cfg, first = serial
+    complete = Path(first.cache_path, "COMPLETE")
+    before = (complete.stat().st_mtime_ns, _markers(first.cache_path))
+    again = extract_teacher(cfg)
+    assert again.cache_path == first.cache_path
+    assert again.teacher_forwards == 0 and again.images == 0
+    assert again.units_computed == 0 and again.units_skipped == first.units
+    assert (complete.stat().st_mtime_ns, _markers(first.cache_path)) == before
+
+
+def test_other_image_size_makes_a_new_cache_and_leaves_the_old_one(serial) -> None:
+    cfg, first = serial
+    old = _markers(first.cache_path)
+    other = extract_teacher(replace(cfg, image_size=(42, 70), scans_per_unit=2))
+    assert other.cache_path != first.cache_path
+    assert Path(other.cache_path).parent == Path(first.cache_path).parent
+    assert other.teacher_forwards > 0
+    assert _markers(first.cache_path) == old
+    assert open_cache(other.cache_path).key.image_size == (42, 70)
+    assert open_cache(first.cache_path).key.image_size == IMAGE_SIZE
+
+
+def test_bad_image_size_fails_before_any_work(serial, tmp_path: Path) -> None:
+    cfg, _ = serial
+    with pytest.raises(ValueError, match="multiple of the teacher's patch size 14"):
+        extract_teacher(replace(cfg, cache_root=tmp_path, image_size=(50, 98)))
+    assert list(tmp_path.iterdir()) == []
+
+
+def _cli(cfg: ExtractConfig) -> list[str]:
+    """The command line of ``cfg`` (only the options these tests set)."""
+    h, w = cfg.image_size
+    return [
+        sys.executable, str(REPO / "cli.py"), "extract-teacher",
+        "--data", str(cfg.data), "--version", cfg.version, "--cache", str(cfg.cache_root),
+        "--teacher", cfg.teacher, "--split", cfg.split, "--image-size", f"{h}x{w}",
+        "--scans-per-unit", str(cfg.scans_per_unit), "--batch-size", str(cfg.batch_size),
+        "--workers", str(cfg.n_workers), "--no-progress",
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_kill_9_then_rerun_equals_an_uninterrupted_run(serial, tmp_path: Path) -> None:
+    """kill -9 the whole CLI process group (client and its Dask worker process) after its first
+    unit, re-run: the cache equals one written without interruption."""
+    cfg = replace(
+        serial[0], cache_root=tmp_path / "killed", image_size=(224, 392), scans_per_unit=1
+    )
+    n_units = 4
+    proc = subprocess.Popen(
+        _cli(cfg),
+        cwd=REPO,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 240
+    done: list[Path] = []
+    while not done and proc.poll() is None and time.monotonic() < deadline:
+        done = list(cfg.cache_root.glob("*/units/*.done"))
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    output = proc.communicate()[0].decode(errors="replace")
+    done = list(cfg.cache_root.glob("*/units/*.done"))
+    assert 1 <= len(done) < n_units, f"killed too late or never: {len(done)}/{n_units}\n{output}"
+    (path,) = {d.parents[1] for d in done}
+    assert (path / "writer.lock").exists()  # the killed run's lock is left behind: stale
+    with pytest.raises(IncompleteCacheError):
+        open_cache(path)
+
+    # Re-run (in this process, threads: same settings, so same key and, as tested above, the
+    # same bytes): takes the stale lock over, skips the finished units, writes the others.
+    with pytest.warns(UserWarning, match="stale lock"):
+        resumed = extract_teacher(replace(cfg, processes=False))
+    assert resumed.cache_path == str(path)
+    assert resumed.units_skipped == len(done) and resumed.units_computed == n_units - len(done)
+    assert open_cache(path).verify(progress=False) == []
+
+    fresh = extract_teacher(replace(cfg, processes=False, cache_root=tmp_path / "fresh"))
+    assert Path(fresh.cache_path).name == path.name and fresh.units_computed == n_units
+    assert _markers(path) == _markers(fresh.cache_path)
+    for a, b in zip(_arrays(path), _arrays(fresh.cache_path), strict=True):
+        for name in a:
+            assert np.array_equal(a[name], b[name]), name
