@@ -8,6 +8,7 @@ its end-of-sweep azimuth (0–45 ms, as in nuScenes).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,6 +82,12 @@ def firing_offset_us(yaw_deg: float) -> int:
 
 def pixel_rays(k: np.ndarray, width: int, height: int) -> np.ndarray:
     """Unit ray directions (H, W, 3) in the camera frame through the pixel centres (u = col + 0.5)."""
+    return _pixel_rays(tuple(k.ravel().tolist()), width, height).copy()
+
+
+@functools.lru_cache(maxsize=8)
+def _pixel_rays(k_flat: tuple[float, ...], width: int, height: int) -> np.ndarray:
+    k = np.asarray(k_flat).reshape(3, 3)
     u, v = np.meshgrid(np.arange(width) + 0.5, np.arange(height) + 0.5)
     d = np.stack([(u - k[0, 2]) / k[0, 0], (v - k[1, 2]) / k[1, 1], np.ones_like(u)], axis=-1)
     return d / np.linalg.norm(d, axis=-1, keepdims=True)

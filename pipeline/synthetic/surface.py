@@ -34,8 +34,9 @@ def cell_noise(p: np.ndarray, scale: float) -> np.ndarray:
     return _hash(np.floor(p / scale).astype(np.int64))
 
 
-def value_noise(p: np.ndarray, scale: float) -> np.ndarray:
-    """Smooth noise: trilinear interpolation of lattice values. p (N, 3) → (N,) in [0, 1)."""
+def value_noise(p: np.ndarray, scale: float, planar: bool = False) -> np.ndarray:
+    """Smooth noise: trilinear interpolation of lattice values. p (N, 3) → (N,) in [0, 1).
+    ``planar``: the points lie on z = 0 (bilinear in x, y: half the work)."""
     q = p / scale
     base = np.floor(q)
     f = (q - base).astype(np.float32)
@@ -44,7 +45,7 @@ def value_noise(p: np.ndarray, scale: float) -> np.ndarray:
     out = np.zeros(len(p), dtype=np.float32)
     for dx in (0, 1):
         for dy in (0, 1):
-            for dz in (0, 1):
+            for dz in (0,) if planar else (0, 1):
                 w = (
                     (f[:, 0] if dx else 1 - f[:, 0])
                     * (f[:, 1] if dy else 1 - f[:, 1])
@@ -70,7 +71,7 @@ def _ground(world: World, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
     s, d = world.road.to_road(p[:, :2])
     label = world.road.ground_label(d)
     ad = np.abs(d)
-    n1, n2 = value_noise(p, 0.7), cell_noise(p, 0.06)
+    n1, n2 = value_noise(p, 0.7, planar=True), cell_noise(p, 0.06)
     grey = np.empty(len(p), dtype=np.float32)
     albedo = np.empty((len(p), 3), dtype=np.float32)
     refl = np.empty(len(p), dtype=np.float32)
@@ -183,6 +184,7 @@ def describe(
     refl = np.empty(n_hits, dtype=np.float32)
 
     g = prim == GROUND
+    p[g, 2] = 0.0  # exactly on the plane, so textures agree between views
     normal[g] = (0.0, 0.0, 1.0)
     label[g], albedo[g], refl[g] = _ground(world, p[g])
 
