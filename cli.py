@@ -102,7 +102,7 @@ def check_data_command(
 @app.command("make-teacher")
 def make_teacher_command(
     out: Path = typer.Option(..., "--out", help="Folder to create (must not exist or be empty)."),
-    size: str = typer.Option("tiny", "--size", help="tiny (D=64, 2 layers) or small (D=96, 4 layers)."),
+    size: str = typer.Option("tiny", "--size", help="tiny (D=64, 2 layers), small (D=96, 4 layers), vits14 / vitb14 (the shapes of ViT-S/14, ViT-B/14: timing only)."),
     registers: int = typer.Option(0, "--registers", help="Register tokens (0: Dinov2Model, >0: Dinov2WithRegistersModel)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random initialisation."),
 ) -> None:

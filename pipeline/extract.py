@@ -265,7 +265,7 @@ def _client(cfg: ExtractConfig):
         n_workers=cfg.n_workers,
         threads_per_worker=1,  # one unit at a time per worker; torch parallelises inside it
         processes=cfg.processes,
-        dashboard_address=None,
+        dashboard_address=":0",  # a free port: never collides with another cluster's 8787
         silence_logs=logging.ERROR,
     )
     return Client(cluster)

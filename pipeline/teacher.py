@@ -318,10 +318,12 @@ def cached_teacher(cfg: TeacherConfig) -> Teacher:
 
 
 # ---------------------------------------------------------------- random teachers for tests ----
-TINY_SIZES = {
+RANDOM_SIZES = {
     # name: (hidden size D, layers, heads); MLP ratio 4, patch 14 as DINOv2
-    "tiny": (64, 2, 2),
+    "tiny": (64, 2, 2),  # tests and the demo
     "small": (96, 4, 3),
+    "vits14": (384, 12, 6),  # the shape of DINOv2 ViT-S/14 (random weights): for timing only
+    "vitb14": (768, 12, 12),  # the shape of DINOv2 ViT-B/14 (random weights): for timing only
 }
 
 RANDOM_README = """# RANDOM DINOv2 — for demos and tests only
@@ -351,16 +353,16 @@ def save_random_teacher(
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a one-file "Writing model shards" bar is noise
-    if size not in TINY_SIZES:
+    if size not in RANDOM_SIZES:
         raise ValueError(
-            f"unknown random teacher size {size!r}; choose one of {sorted(TINY_SIZES)}"
+            f"unknown random teacher size {size!r}; choose one of {sorted(RANDOM_SIZES)}"
         )
     if registers < 0:
         raise ValueError(f"registers must be >= 0, got {registers}")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose another --out or delete it")
-    dim, layers, heads = TINY_SIZES[size]
+    dim, layers, heads = RANDOM_SIZES[size]
     common = dict(
         hidden_size=dim,
         num_hidden_layers=layers,

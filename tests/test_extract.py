@@ -141,7 +141,7 @@ def test_parallel_on_an_existing_cluster_equals_serial_bit_for_bit(serial, tmp_p
         n_workers=2,
         threads_per_worker=1,
         processes=True,
-        dashboard_address=None,
+        dashboard_address=":0",
         silence_logs=logging.ERROR,
     ) as cluster:
         parallel = extract_teacher(
