@@ -279,6 +279,19 @@ def make_synthetic(cfg: SyntheticConfig) -> Path:
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
+    try:
+        _write_release(cfg, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written release behind
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def _write_release(cfg: SyntheticConfig, tmp: Path) -> None:
+    """Everything of the release, written under ``tmp``."""
     channels = ["LIDAR_TOP"] + [s.channel for s in CAMERA_RIG]
     for ch in channels:
         (tmp / "samples" / ch).mkdir(parents=True)
@@ -330,11 +343,6 @@ def make_synthetic(cfg: SyntheticConfig) -> Path:
         "semantic_images": "synthetic_semantic/<CAM>/<jpg basename>.png, uint8 lidarseg index, 255 = sky",
     }
     (tmp / "synthetic_meta.json").write_text(json.dumps(meta, indent=1))
-
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
 
 
 def _tables(
