@@ -326,11 +326,18 @@ SK_CLASSES = (
 )  # fmt: skip
 
 
+@pytest.fixture(scope="module")
+def synthetic_cache(synthetic_nuscenes, tmp_path_factory):
+    root, version = synthetic_nuscenes
+    return _cache_for_synthetic(root, version, tmp_path_factory.mktemp("eval_cache"))
+
+
 def _cache_for_synthetic(root, version, out, dim: int = 16):
-    """A complete cache of the synthetic set's train split, written through the real CacheWriter:
-    targets are a fixed function of each point's class and position (learnable), x > 0 paired."""
+    """A complete cache of the synthetic set's train split, written through the real CacheWriter
+    and the real pairing: targets are a fixed function of each point's class and position."""
     from cache import CacheKey, CacheWriter, UnitData, dataset_fingerprint
     from pipeline.datasets.nuscenes import NuScenesReader
+    from pipeline.pairing import PairingConfig, pair_points
 
     reader = NuScenesReader(root, version)
     scans = reader.scans("train")
@@ -348,8 +355,9 @@ def _cache_for_synthetic(root, version, out, dim: int = 16):
         target = class_vec[lab] + 0.3 * np.tanh(pts[:, :3] / 10) @ mix
         parts["points"].append(pts)
         parts["target"].append(target.astype(np.float16))
-        parts["camera"].append(np.where(pts[:, 0] > 0, 0, -1).astype(np.int8))
-        parts["uv"].append(np.zeros((len(pts), 2), np.float32))
+        pairing = pair_points(pts[:, :3], scan, PairingConfig())
+        parts["camera"].append(pairing.camera)
+        parts["uv"].append(pairing.uv)
         parts["label"].append(lab)
     writer.write_unit(
         0,
@@ -362,7 +370,7 @@ def _cache_for_synthetic(root, version, out, dim: int = 16):
 
 
 @pytest.mark.slow
-def test_ablate_two_configs_from_one_cache(synthetic_nuscenes, tmp_path):
+def test_ablate_two_configs_from_one_cache(synthetic_nuscenes, synthetic_cache, tmp_path):
     """Real CLI in a fresh process: 2 train runs + probes from one cache, table rows as expected,
     cache files untouched, teacher never imported (ablate itself checks both after each run)."""
     import csv
@@ -372,12 +380,13 @@ def test_ablate_two_configs_from_one_cache(synthetic_nuscenes, tmp_path):
     from trainer.evaluate.ablate import cache_fingerprint
 
     root, version = synthetic_nuscenes
-    cache = _cache_for_synthetic(root, version, tmp_path / "cache")
+    cache = synthetic_cache
     before = cache_fingerprint(cache)
     out = tmp_path / "ablate"
     cmd = [
         sys.executable, "cli.py", "ablate", "--cache", str(cache), "--data", str(root),
-        "--version", version, "--out", str(out), "--probe-steps", "100", "--max-val-scans", "2",
+        "--version", version, "--out", str(out), "--probe-steps", "50", "--max-val-scans", "1",
+        "--max-train-scans", "2",
         "--grid", "head=linear,mlp", "epochs=1", "batch_size=2", "backbone=tiny",
         "occupancy_weight=0", "workers=0", "progress=false",
     ]  # fmt: skip
@@ -394,3 +403,35 @@ def test_ablate_two_configs_from_one_cache(synthetic_nuscenes, tmp_path):
     for r in rows:
         assert (out / r["run"] / "checkpoint.pt").is_file()
         assert (out / r["run"] / "eval" / "linear_probe.json").is_file()
+
+
+def test_visualize_writes_bev_and_camera_pictures(synthetic_nuscenes, synthetic_cache, tmp_path):
+    from PIL import Image
+
+    from cache.store import open_cache
+
+    root, version = synthetic_nuscenes
+    reader = open_cache(synthetic_cache)
+    token = reader.tokens[1]
+    cameras = set(np.unique(reader.read_scan(1).camera).tolist()) - {-1}
+    _cli(
+        "visualize", "--checkpoint", "none", "--like", "tiny", "--cache", str(synthetic_cache),
+        "--data", str(root), "--version", version, "--scan", token, "--out", str(tmp_path),
+    )  # fmt: skip
+    bev = np.asarray(Image.open(tmp_path / f"{token}_bev.png").convert("RGB"))
+    assert bev.shape[1] > 1.5 * bev.shape[0]  # two panels side by side (no head without a run)
+    assert len(np.unique(bev.reshape(-1, 3), axis=0)) > 50  # coloured points, not a blank figure
+    pictures = sorted(p.name for p in tmp_path.glob(f"{token}_CAM_*.png"))
+    assert len(pictures) == len(cameras) >= 1
+
+
+def test_pca_colours_follow_the_basis():
+    from trainer.evaluate.visualize import fit_pca, pca_rgb
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(500, 8)) * [10, 5, 2, 0.1, 0.1, 0.1, 0.1, 0.1] + 3
+    basis = fit_pca(x)
+    rgb = pca_rgb(x, basis)
+    assert rgb.shape == (500, 3) and rgb.min() >= 0 and rgb.max() <= 1
+    np.testing.assert_allclose(pca_rgb(x * 7.0, basis), rgb, atol=1e-9)  # scale-free (cosine)
+    assert 0.2 < np.median(rgb[:, 0]) < 0.8  # stretched over the percentile range
