@@ -54,18 +54,22 @@ def make_synthetic_command(
 
     from pipeline.synthetic import VERSION, SyntheticConfig, make_synthetic
 
-    cfg = SyntheticConfig(
-        out=out,
-        scenes=scenes,
-        samples_per_scene=samples_per_scene,
-        seed=seed,
-        width=width,
-        height=height,
-        workers=workers,
-        overwrite=overwrite,
-    )
     start = time.perf_counter()
-    root = make_synthetic(cfg)
+    try:
+        cfg = SyntheticConfig(
+            out=out,
+            scenes=scenes,
+            samples_per_scene=samples_per_scene,
+            seed=seed,
+            width=width,
+            height=height,
+            workers=workers,
+            overwrite=overwrite,
+        )
+        root = make_synthetic(cfg)
+    except (ValueError, FileExistsError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
     typer.echo(
         f"wrote {VERSION} to {root}: {scenes} scenes x {samples_per_scene} samples "
         f"in {time.perf_counter() - start:.1f} s"

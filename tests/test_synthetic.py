@@ -312,3 +312,7 @@ def test_cli_make_synthetic(tmp_path: Path) -> None:
     assert len(scenes) == 1 and scenes[0]["nbr_samples"] == 2
     meta = json.loads((out / "synthetic_meta.json").read_text())
     assert meta["config"]["seed"] == 7 and meta["split"]["val"] == ["scene-0001"]
+    again = CliRunner().invoke(app, args)  # refuses to overwrite, with a clear message
+    assert again.exit_code == 1 and "not empty" in again.output
+    bad = CliRunner().invoke(app, ["make-synthetic", "--out", str(tmp_path / "x"), "--scenes", "0"])
+    assert bad.exit_code == 1 and "scenes" in bad.output
