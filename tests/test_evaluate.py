@@ -254,7 +254,7 @@ def test_linear_probe_cli_random_tiny_backbone(synthetic_semantickitti, tmp_path
     out = _cli(
         "evaluate", "linear-probe", "--checkpoint", "none", "--like", "tiny",
         "--data", str(synthetic_semantickitti), "--dataset", "semantickitti",
-        "--steps", "200", "--out", str(tmp_path),
+        "--steps", "100", "--out", str(tmp_path),
     )  # fmt: skip
     result = json.loads((tmp_path / "linear_probe.json").read_text())
     assert set(result["iou"]) == set(SK_CLASSES) and len(result["iou"]) == 19
@@ -293,7 +293,7 @@ def test_robustness_and_rankme_cli(synthetic_semantickitti, tmp_path):
     out = _cli(
         "evaluate", "robustness", "--checkpoint", "none", "--like", "tiny", *data,
         "--corruptions", "point_drop,jitter", "--severity", "1,3", "--beams", "16",
-        "--max-val-scans", "1", "--out", str(tmp_path),
+        "--max-val-scans", "1", "--probe-steps", "50", "--out", str(tmp_path),
     )  # fmt: skip
     result = json.loads((tmp_path / "robustness.json").read_text())
     assert set(result["corruptions"]) == {"point_drop@1", "point_drop@3", "jitter@1", "jitter@3"}
