@@ -34,12 +34,12 @@ POINTS_PER_SCAN = 34_700  # nuScenes LIDAR_TOP sweep
 PAIRED_SHARE = 0.5  # rough share of nuScenes points seen by one of the six cameras
 
 LAYOUTS = {
-    "none (chunk 16k)": StorageLayout(chunk_rows=16384, other_codec="none"),
-    "none (chunk 4k)": StorageLayout(chunk_rows=4096, other_codec="none"),
-    "none (chunk 64k)": StorageLayout(chunk_rows=65536, other_codec="none"),
+    "none, chunk 16k (default)": StorageLayout(),
+    "none, chunk 4k": StorageLayout(chunk_rows=4096),
+    "none, chunk 64k": StorageLayout(chunk_rows=65536),
     "zstd-1 all": StorageLayout(target_codec="zstd", other_codec="zstd"),
-    "blosc target, none others": StorageLayout(target_codec="blosc", other_codec="none"),
-    "none target, zstd others (default)": StorageLayout(other_codec="zstd"),
+    "blosc target, none others": StorageLayout(target_codec="blosc"),
+    "none target, zstd others": StorageLayout(other_codec="zstd"),
 }
 
 
@@ -112,19 +112,17 @@ def measure(
     order = rng.integers(0, len(reader), reads)
     for i in range(len(units)):  # open every unit first: measure steady-state reads
         reader.num_points(i * len(units[0].tokens))
-    read_s = []
+    read_s = []  # seconds per scan; medians are robust to a busy machine
     for i in order:
         t0 = time.perf_counter()
         reader.read_scan(int(i))
         read_s.append(time.perf_counter() - t0)
-    read_ms = float(np.median(read_s)) * 1e3  # median: robust to a busy machine
     mb = np.mean([raw_bytes(u) for u in units]) / 1e6
     return {
-        "layout": name,
         "bytes/point": stored / points,
         "ratio": sum(raw_bytes(u) for u in units) / stored,
-        "write MB/s": mb / np.median(times),
-        "scan read ms": read_ms,
+        "write MB/s": [mb / t for t in times],
+        "scan read ms": [t * 1e3 for t in read_s],
     }
 
 
@@ -137,9 +135,10 @@ def main(
     dir: Path = typer.Option(
         Path(tempfile.gettempdir()), help="Scratch folder (its disk is measured)."
     ),
+    rounds: int = typer.Option(3, help="Rounds over all layouts (spreads a busy machine's noise)."),
     seed: int = typer.Option(0),
 ) -> None:
-    """Print a table comparing the layouts in LAYOUTS."""
+    """Print a table comparing the layouts in LAYOUTS (medians over all rounds)."""
     rng = np.random.default_rng(seed)
     data = [
         synthetic_unit(rng, [f"s{u}_{j}" for j in range(scans_per_unit)], dim) for u in range(units)
@@ -152,15 +151,23 @@ def main(
     print(
         f"{'layout':36s} {'bytes/pt':>9s} {'ratio':>6s} {'write MB/s':>11s} {'scan read ms':>13s}"
     )
-    for name, layout in LAYOUTS.items():
-        workdir = Path(tempfile.mkdtemp(dir=dir, prefix="cache-bench-"))
-        try:
-            r = measure(name, layout, data, workdir, reads, repeats, seed)
-        finally:
-            shutil.rmtree(workdir)
+    results: dict[str, dict] = {}
+    for r in range(rounds):
+        for name, layout in LAYOUTS.items():
+            workdir = Path(tempfile.mkdtemp(dir=dir, prefix="cache-bench-"))
+            try:
+                m = measure(name, layout, data, workdir, reads, repeats, seed + r)
+            finally:
+                shutil.rmtree(workdir)
+            if name not in results:
+                results[name] = m
+            else:
+                results[name]["write MB/s"] += m["write MB/s"]
+                results[name]["scan read ms"] += m["scan read ms"]
+    for name, m in results.items():
         print(
-            f"{r['layout']:36s} {r['bytes/point']:9.0f} {r['ratio']:6.2f} "
-            f"{r['write MB/s']:11.0f} {r['scan read ms']:13.1f}"
+            f"{name:36s} {m['bytes/point']:9.0f} {m['ratio']:6.2f} "
+            f"{np.median(m['write MB/s']):11.0f} {np.median(m['scan read ms']):13.1f}"
         )
 
 
