@@ -48,9 +48,31 @@ def make_synthetic_command(
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace OUT if it exists and is not empty."
     ),
+    format: str = typer.Option(
+        "nuscenes", "--format", help="nuscenes | semantickitti (sequences = scenes, scans = samples)."
+    ),
 ) -> None:
-    """Generate a synthetic dataset in the nuScenes-lidarseg format (version v1.0-synthetic)."""
+    """Generate a synthetic dataset in the nuScenes-lidarseg format (version v1.0-synthetic), or
+    with --format semantickitti a LiDAR-only set in the SemanticKITTI layout."""
     import time
+
+    if format == "semantickitti":  # evaluation's writer (pipeline/synthetic/semantickitti.py)
+        from pipeline.synthetic.semantickitti import SyntheticKittiConfig, kitti_sequences
+        from pipeline.synthetic.semantickitti import write_synthetic_semantickitti as write_kitti
+
+        kitti = SyntheticKittiConfig(
+            sequences=kitti_sequences(scenes), frames_per_sequence=samples_per_scene, seed=seed
+        )
+        try:
+            root = write_kitti(out, kitti, overwrite=overwrite)
+        except (ValueError, FileExistsError) as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(1) from None
+        typer.echo(f"wrote SemanticKITTI sequences {', '.join(kitti.sequences)} to {root}")
+        return
+    if format != "nuscenes":
+        typer.echo(f"error: unknown --format {format!r} (nuscenes, semantickitti)", err=True)
+        raise typer.Exit(1)
 
     from pipeline.synthetic import VERSION, SyntheticConfig, make_synthetic
 

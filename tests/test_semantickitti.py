@@ -102,3 +102,21 @@ def test_writer_refuses_non_empty_output(tmp_path):
     (tmp_path / "x" / "file").write_text("")
     with pytest.raises(FileExistsError):
         write_synthetic_semantickitti(tmp_path / "x")
+
+
+def test_make_synthetic_cli_semantickitti_format(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    out = tmp_path / "kitti"
+    args = ["make-synthetic", "--format", "semantickitti", "--out", str(out), "--scenes", "3"]
+    result = CliRunner().invoke(app, [*args, "--samples-per-scene", "1"])
+    assert result.exit_code == 0, result.output
+    reader = SemanticKITTIReader(out)
+    assert reader.available_sequences() == ["00", "01", "08"]
+    assert [s.token for s in reader.scans("val")] == ["08_000000"]
+    labels = reader.load_labels(reader.scans("train")[0])
+    assert (labels != IGNORE_LABEL).all()  # every synthetic return is labelled
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 1 and "not empty" in again.output

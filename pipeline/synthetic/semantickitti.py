@@ -139,16 +139,30 @@ def cast(
     return dist, labels.astype(np.uint32), box_idx
 
 
-def write_synthetic_semantickitti(out: str | Path, cfg: SyntheticKittiConfig | None = None) -> Path:
+def kitti_sequences(n: int) -> tuple[str, ...]:
+    """``n`` sequence names: the first n - 1 training sequences and the val sequence 08
+    (n = 1: only "00")."""
+    if n < 1:
+        raise ValueError(f"need at least one sequence, got {n}")
+    train = ("00", "01", "02", "03", "04", "05", "06", "07", "09", "10")
+    if n - 1 > len(train):
+        raise ValueError(f"at most {len(train) + 1} sequences (00-10), got {n}")
+    return ("00",) if n == 1 else (*train[: n - 1], "08")
+
+
+def write_synthetic_semantickitti(
+    out: str | Path, cfg: SyntheticKittiConfig | None = None, overwrite: bool = False
+) -> Path:
     """Write the synthetic set under ``out`` (which then holds ``sequences/``); returns ``out``.
 
     The tree is built in a temporary sibling folder and renamed into place, so an interrupted
-    run never leaves a complete-looking dataset. ``out`` must not exist or be empty.
+    run never leaves a complete-looking dataset. ``out`` must not exist or be empty unless
+    ``overwrite`` (then the old folder is replaced once the new one is complete).
     """
     cfg = cfg or SyntheticKittiConfig()
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out}: exists and is not empty")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out}: exists and is not empty (--overwrite replaces it)")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     dirs, _ring = lidar_rays(cfg.beams, cfg.azimuth_steps)
@@ -184,6 +198,10 @@ def write_synthetic_semantickitti(out: str | Path, cfg: SyntheticKittiConfig | N
         np.savetxt(seq_dir / "poses.txt", np.array(poses), fmt="%.12e")
         np.savetxt(seq_dir / "times.txt", np.array(times), fmt="%.6e")
     if out.exists():
-        out.rmdir()
-    tmp.rename(out)
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
     return out
