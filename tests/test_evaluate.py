@@ -435,3 +435,17 @@ def test_pca_colours_follow_the_basis():
     assert rgb.shape == (500, 3) and rgb.min() >= 0 and rgb.max() <= 1
     np.testing.assert_allclose(pca_rgb(x * 7.0, basis), rgb, atol=1e-9)  # scale-free (cosine)
     assert 0.2 < np.median(rgb[:, 0]) < 0.8  # stretched over the percentile range
+
+
+def test_rankme_cli_with_cache_pairs_teacher_and_student(synthetic_cache, tmp_path):
+    import json
+
+    _cli(
+        "evaluate", "rankme", "--checkpoint", "none", "--like", "tiny",
+        "--cache", str(synthetic_cache), "--max-points", "3000", "--out", str(tmp_path),
+    )  # fmt: skip
+    r = json.loads((tmp_path / "rankme.json").read_text())
+    assert r["teacher_dim"] == 16 and r["student_dim"] == 16 and r["paired_points"] > 100
+    # targets = one vector per class + a small smooth term: effective rank well below 16 but > 2
+    assert 2.0 < r["teacher_paired"] < 16.0
+    assert 1.0 <= r["student_paired"] <= 16.0 and 1.0 <= r["student"] <= 16.0
