@@ -251,9 +251,13 @@ class CacheWriter:
         target = path / MANIFEST
         if not target.exists():
             tmp = path / f".{MANIFEST}.tmp-{uuid.uuid4().hex}"
-            tmp.write_text(json.dumps(manifest, indent=1, default=str))
+            with open(tmp, "w") as fh:
+                json.dump(manifest, fh, indent=1, default=str)
+                fh.flush()
+                os.fsync(fh.fileno())
             try:
                 os.link(tmp, target)  # atomic and never overwrites a concurrent creator's manifest
+                _fsync_dir(path)
             except FileExistsError:
                 pass
             finally:
