@@ -449,3 +449,20 @@ def test_rankme_cli_with_cache_pairs_teacher_and_student(synthetic_cache, tmp_pa
     # targets = one vector per class + a small smooth term: effective rank well below 16 but > 2
     assert 2.0 < r["teacher_paired"] < 16.0
     assert 1.0 <= r["student_paired"] <= 16.0 and 1.0 <= r["student"] <= 16.0
+
+
+def test_ring_ids_come_from_the_nuscenes_files(synthetic_nuscenes):
+    from pipeline.datasets.nuscenes import NuScenesReader
+    from trainer.evaluate.robustness import ring_ids
+
+    root, version = synthetic_nuscenes
+    reader = NuScenesReader(root, version)
+    scan = reader.scans("val")[0]
+    points = reader.load_points(scan)
+    ring = ring_ids("nuscenes", scan, points, 32)
+    assert ring is not None and ring.shape == (len(points),) and len(np.unique(ring)) > 16
+    out = corrupt("fewer_beams", points, 1, seed=0, beam=ring)
+    assert set(np.unique(ring[out.index]).tolist()) == {
+        r for r in np.unique(ring).tolist() if r % 2 == 0
+    }
+    assert ring_ids("semantickitti", scan, points, 64) is None  # KITTI: elevation bins instead

@@ -133,8 +133,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
 
     # Labels and points of a few-shot subset fit in memory; read them once.
     data = [(reader.load_points(s), reader.load_labels(s)) for s in subset]
-    dim = forward_points(model, model_cfg, [data[0][0][:64]], cfg.device)[0].shape[1]
-    head = torch.nn.Linear(dim, len(names)).to(cfg.device)
+    head = torch.nn.Linear(model.out_channels, len(names)).to(cfg.device)
     opt = torch.optim.AdamW(
         [
             {"params": model.parameters(), "lr": cfg.resolved_backbone_lr()},
