@@ -509,3 +509,31 @@ def test_cli_info_and_verify(tmp_path: Path) -> None:
     (writer.unit_dir(2) / "label" / "c" / "0").write_bytes(b"garbage")
     result = runner.invoke(cli.app, ["cache", "verify", str(writer.path)])
     assert result.exit_code == 1 and "unit u00002: file label/c/0" in result.output
+
+
+def _race(args: tuple[str, object]) -> bool:
+    """Wait at the barrier, then create the cache and try to take its lock; True if taken."""
+    root, barrier = args
+    barrier.wait()
+    writer = CacheWriter.create(root, make_key(), UNITS, D, {"pid": os.getpid()})
+    try:
+        with writer.lock():
+            time.sleep(1.5)  # hold it while the others try
+            return True
+    except LockHeldError:
+        return False
+
+
+def test_racing_runs_one_manifest_one_lock_holder(tmp_path: Path) -> None:
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Manager() as manager:
+        barrier = manager.Barrier(4)
+        with ctx.Pool(4) as pool:
+            taken = pool.map(_race, [(str(tmp_path), barrier)] * 4)
+    assert sorted(taken) == [False, False, False, True]
+    manifest = json.loads((tmp_path / make_key().digest() / "manifest.json").read_text())
+    assert manifest["units"] == UNITS and "pid" in manifest["meta"]
+    assert sorted(p.name for p in (tmp_path / make_key().digest()).iterdir()) == [
+        "manifest.json",
+        "units",
+    ]
