@@ -184,3 +184,23 @@ def test_sample_features_maps_original_pixels_through_the_resize(tiny_teacher: P
     v = (i + 0.5) * 14 * h0 / 42
     out = sample_features(grid, np.array([[u, v]]), (h0, w0))
     assert torch.allclose(out[0], grid[:, i, j], atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_cuda_autocast_matches_float32(tiny_teacher: Path, dtype: str) -> None:
+    images = _images(2, 90, 160, seed=4)
+    ref = Teacher(TeacherConfig(str(tiny_teacher), (56, 98), "cpu", "float32")).patch_grid(images)
+    cuda32 = Teacher(TeacherConfig(str(tiny_teacher), (56, 98), "cuda", "float32"))
+    low = Teacher(TeacherConfig(str(tiny_teacher), (56, 98), "cuda", dtype))
+    assert torch.allclose(cuda32.patch_grid(images), ref, atol=1e-3)  # same resize on every device
+    grid = low.patch_grid(images)
+    assert grid.dtype == torch.float32 and grid.device.type == "cpu"
+    cos = torch.nn.functional.cosine_similarity(grid, ref, dim=1)  # (B, h, w)
+    assert cos.min() > 0.99
+    assert not torch.equal(grid, ref)  # autocast did run in low precision
+
+
+def test_float16_on_cpu_is_refused(tiny_teacher: Path) -> None:
+    with pytest.raises(ValueError, match="float16 needs a CUDA device"):
+        TeacherConfig(str(tiny_teacher), dtype="float16")
