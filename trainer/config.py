@@ -92,6 +92,9 @@ class TrainConfig:
     """Seed of the initialisation, the epoch permutations and the augmentations."""
     device: str = "cpu"
     """torch device: "cpu" or "cuda" (under torchrun: cuda:LOCAL_RANK)."""
+    threads: int = 0
+    """CPU threads of torch and of ME's kernel maps (0 = their defaults). Results are
+    bit-reproducible (resume, reruns) for a fixed thread count."""
     log_every: int = 1
     """Write a metrics line every this many steps."""
     checkpoint_every: int = 500
@@ -121,7 +124,14 @@ class TrainConfig:
         for name in positive + ("log_every", "checkpoint_every", "rays_per_scan"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("occupancy_weight", "weight_decay", "grad_clip", "workers", "warmup"):
+        for name in (
+            "occupancy_weight",
+            "weight_decay",
+            "grad_clip",
+            "workers",
+            "warmup",
+            "threads",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -138,7 +148,7 @@ class TrainConfig:
 
 FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 # Fields that may differ between a run and its resumption (they do not change the trajectory).
-RESUMABLE_CHANGES = ("resume", "workers", "progress", "device", "cache", "data", "out")
+RESUMABLE_CHANGES = ("resume", "workers", "threads", "progress", "device", "cache", "data", "out")
 
 
 def load_config(yaml_path: Path | None = None, **overrides: Any) -> TrainConfig:

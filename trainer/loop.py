@@ -46,6 +46,7 @@ class DistillModel(nn.Module):
 
     def __init__(self, cfg: TrainConfig, feature_dim: int) -> None:
         super().__init__()
+        self.threads = cfg.threads
         self.backbone = build_student(StudentConfig(cfg.backbone, cfg.voxel_size))
         c = self.backbone.out_channels
         self.head = build_head(cfg.head, c, feature_dim, cfg.head_hidden)
@@ -60,7 +61,7 @@ class DistillModel(nn.Module):
         self, coords: torch.Tensor, feats: torch.Tensor, queries: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(head output (N, D) per input point, occupancy logits (M,) per query or None)."""
-        field = make_field(coords, feats, feats.device)
+        field = make_field(coords, feats, feats.device, self.threads)
         point_feats, by_stride = self.backbone.forward_with_strides(field)  # (N, C)
         pred = self.head(point_feats)  # (N, D)
         logits = None
@@ -199,6 +200,8 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 def _train(cfg: TrainConfig, rt: distributed.Runtime) -> TrainResult:
     # ---------------------------------------------------------------- setup
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
     reader = open_training_cache(cfg)  # refuses incomplete / mismatched caches
     digest = reader.key.digest()
     torch.manual_seed(cfg.seed)  # same initialisation on every process
@@ -315,6 +318,9 @@ def _train(cfg: TrainConfig, rt: distributed.Runtime) -> TrainResult:
             }
             save_checkpoint(ckpt_path, state)
     bar.close()
+    if rt.distributed:  # BN running stats follow each rank's own batches: take rank 0's (saved)
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, src=0)
     if metrics is not None:
         metrics.close()
     result = TrainResult(

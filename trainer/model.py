@@ -162,16 +162,28 @@ def voxel_coordinates(xyz: np.ndarray | torch.Tensor, voxel_size: float) -> torc
 
 
 def make_field(
-    coords: torch.Tensor, feats: torch.Tensor, device: str | torch.device
+    coords: torch.Tensor, feats: torch.Tensor, device: str | torch.device, threads: int = 0
 ) -> ME.TensorField:
     """A batch of scans as one TensorField: coords (N, 4) batch index + voxel indices (as
-    ``ME.utils.batched_coordinates`` makes them), feats (N, IN_CHANNELS). Points keep their order."""
+    ``ME.utils.batched_coordinates`` makes them), feats (N, IN_CHANNELS). Points keep their order.
+
+    ``threads`` > 0 sets the CPU threads ME builds kernel maps with (ME's default: all cores, or
+    OMP_NUM_THREADS). The kernel maps' order decides the float summation order, so results are
+    bit-reproducible only for a fixed thread count."""
+    device = torch.device(device)
+    manager = ME.CoordinateManager(
+        D=3,
+        num_threads=threads if threads > 0 else -1,
+        coordinate_map_type=(
+            ME.CoordinateMapType.CUDA if device.type == "cuda" else ME.CoordinateMapType.CPU
+        ),
+        minkowski_algorithm=ME.MinkowskiAlgorithm.SPEED_OPTIMIZED,
+    )
     return ME.TensorField(
         feats.to(device=device, dtype=torch.float32),
         coordinates=coords.to(device=device, dtype=torch.float32),
         quantization_mode=ME.SparseTensorQuantizationMode.UNWEIGHTED_AVERAGE,
-        minkowski_algorithm=ME.MinkowskiAlgorithm.SPEED_OPTIMIZED,
-        device=str(device),
+        coordinate_manager=manager,
     )
 
 

@@ -1,0 +1,238 @@
+"""Training: loss goes down, resume after kill -9, atomic checkpoints, DDP, cache checks, config."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from cache import CacheKeyMismatch, IncompleteCacheError
+from trainer.config import TrainConfig, load_config
+from trainer.data import RunBatchSampler
+from trainer.loop import lr_schedule, save_checkpoint, train
+from trainer.model import load_backbone, point_features
+
+REPO = Path(__file__).resolve().parent.parent
+# tiny backbone, 2 scans a step; 8 scans → 4 steps an epoch
+SMALL = dict(
+    backbone="tiny", batch_size=2, lr=3e-3, warmup=0.1, progress=False, workers=0, threads=1
+)
+
+
+def _cfg(train_cache, out: Path, **kw) -> TrainConfig:
+    return load_config(cache=train_cache.cache, data=train_cache.data, out=out, **{**SMALL, **kw})
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, str(REPO / "cli.py"), "train", *args]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("head", "occupancy_weight"), [("mlp", 0.5), ("mlp", 0.0), ("linear", 0.5), ("linear", 0.0)]
+)
+def test_loss_decreases(train_cache, tmp_path, head, occupancy_weight) -> None:
+    cfg = _cfg(
+        train_cache, tmp_path / "run", head=head, occupancy_weight=occupancy_weight, epochs=3
+    )
+    result = train(cfg)
+    m = _metrics(cfg.out)
+    assert [r["step"] for r in m] == list(range(1, 13)) and result.steps == 12
+    first = np.mean([r["loss"] for r in m[:2]])
+    last = np.mean([r["loss"] for r in m[-3:]])
+    assert last < 0.75 * first, (first, last)
+    distill_first = np.mean([r["distill"] for r in m[:2]])
+    assert np.mean([r["distill"] for r in m[-3:]]) < 0.75 * distill_first
+    if occupancy_weight > 0:
+        assert all(r["occupancy"] > 0 for r in m)
+        assert m[-1]["loss"] == pytest.approx(m[-1]["distill"] + 0.5 * m[-1]["occupancy"], rel=1e-5)
+    else:
+        assert all(r["occupancy"] == 0 for r in m) and result.model.occupancy is None
+    assert 0 <= m[-1]["data_wait"] < 1 and m[-1]["scans_per_s"] > 0
+    # the run folder: resolved config, versions, git SHA, cache key; the backbone loads back
+    record = yaml.safe_load((cfg.out / "config.yaml").read_text())
+    assert record["config"]["head"] == head and record["config"]["cache"] == str(cfg.cache)
+    assert {"torch", "MinkowskiEngine", "zarr"} <= set(record["versions"])
+    assert record["git_sha"] and record["cache"]["key"]["split"] == "train"
+    backbone, student_cfg = load_backbone(cfg.out)
+    assert student_cfg.backbone == "tiny"
+    pts = np.random.default_rng(0).uniform(-10, 10, (300, 4)).astype(np.float32)
+    with torch.no_grad():
+        ours = point_features(result.model.backbone.eval(), [pts], "cpu")[0]
+        loaded = point_features(backbone, [pts], "cpu")[0]
+    torch.testing.assert_close(ours, loaded)
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_continues_the_same_trajectory(train_cache, tmp_path) -> None:
+    common = dict(epochs=2, checkpoint_every=3, occupancy_weight=0.5)
+    reference = _cfg(train_cache, tmp_path / "reference", **common)
+    train(reference)
+    expected = _metrics(reference.out)
+
+    run = tmp_path / "killed"
+    args = [
+        "--cache", str(train_cache.cache), "--data", str(train_cache.data), "--out", str(run),
+        "--backbone", "tiny", "--batch-size", "2", "--lr", "3e-3", "--epochs", "2",
+        "--checkpoint-every", "3", "--occupancy-weight", "0.5", "--no-progress",
+        "--config", str(tmp_path / "extra.yaml"),
+    ]  # fmt: skip
+    (tmp_path / "extra.yaml").write_text("warmup: 0.1\nworkers: 1\nthreads: 1\n")
+    proc = subprocess.Popen(_cli(*args), cwd=REPO, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while not (run / "checkpoint.pt").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < deadline, "no checkpoint written"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 3
+    assert len(_metrics(run)) < len(expected)  # really interrupted
+
+    done = subprocess.run(_cli(*args, "--resume"), cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = _metrics(run)
+    assert [r["step"] for r in got] == [r["step"] for r in expected]
+    for a, b in zip(got, expected, strict=True):
+        for k in ("loss", "distill", "occupancy", "lr"):
+            assert a[k] == pytest.approx(b[k], abs=1e-6), (a["step"], k, a[k], b[k])
+    # resuming with another trajectory-changing setting is refused, naming the field
+    bad = subprocess.run(
+        _cli(*args, "--resume", "--lr", "1e-2"), cwd=REPO, capture_output=True, text=True
+    )
+    assert bad.returncode == 1 and "lr" in bad.stderr and "changed field" in bad.stderr
+
+
+def test_checkpoint_is_never_half_written(tmp_path) -> None:
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"step": 1, "w": torch.arange(3)})
+    with pytest.raises(Exception, match="pickle|lambda"):
+        save_checkpoint(path, {"step": 2, "w": torch.arange(1000), "bad": lambda: 0})
+    assert torch.load(path, weights_only=False)["step"] == 1  # the old one is intact
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temp file left
+
+
+def _ddp_worker(rank: int, world: int, port: int, cfg: TrainConfig, out: Path) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # fmt: skip
+    torch.set_num_threads(1)
+    result = train(cfg)
+    torch.save(
+        {k: v.detach().clone() for k, v in result.model.state_dict().items()},
+        out / f"rank{rank}.pt",
+    )
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_keep_identical_parameters(train_cache, tmp_path) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = _cfg(train_cache, tmp_path / "run", epochs=2, occupancy_weight=0.5)
+    mp.spawn(_ddp_worker, args=(2, port, cfg, tmp_path), nprocs=2, join=True)
+    a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    m = _metrics(cfg.out)
+    assert len(m) == 4  # 8 scans / (2 processes x 2 scans) = 2 steps an epoch
+    assert yaml.safe_load((cfg.out / "config.yaml").read_text())["world_size"] == 2
+    init = torch.load(cfg.out / "checkpoint.pt", weights_only=False)["model"]["head"]
+    assert init.keys() and all(torch.equal(init[k], a[f"head.{k}"]) for k in init)
+
+
+def test_train_never_imports_the_teacher(train_cache, tmp_path) -> None:
+    argv = _cli(
+        "--cache", str(train_cache.cache), "--data", str(train_cache.data),
+        "--out", str(tmp_path / "run"), "--backbone", "tiny", "--batch-size", "4",
+        "--epochs", "1", "--workers", "1", "--no-progress",
+    )[2:]  # fmt: skip
+    code = f"""
+import sys
+from cli import app
+try:
+    app({argv!r})
+except SystemExit as e:
+    assert e.code in (0, None), e.code
+bad = [m for m in ("pipeline.teacher", "pipeline.extract", "transformers") if m in sys.modules]
+assert not bad, bad
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
+    assert len(_metrics(tmp_path / "run")) == 2
+
+
+def test_cache_for_another_split_or_dataset_or_incomplete_is_refused(train_cache, tmp_path) -> None:
+    from conftest import write_nuscenes_tables, write_train_cache
+
+    with pytest.raises(CacheKeyMismatch, match="'split' is 'train' in the cache but 'val'"):
+        train(_cfg(train_cache, tmp_path / "a", split="val"))
+    other = write_nuscenes_tables(tmp_path / "other", tag="another dataset")
+    with pytest.raises(CacheKeyMismatch, match="'dataset_fingerprint'"):
+        train(load_config(cache=train_cache.cache, data=other, out=tmp_path / "b", **SMALL))
+    incomplete = write_train_cache(tmp_path / "partial", train_cache.data, scans=8, finalize=False)
+    with pytest.raises(IncompleteCacheError, match="incomplete: 1 of 2 units missing"):
+        train(_cfg(train_cache._replace(cache=incomplete), tmp_path / "c"))
+    # through the CLI: exit 1, one clear line
+    done = subprocess.run(
+        _cli("--cache", str(incomplete), "--data", str(train_cache.data), "--out", str(tmp_path / "d")),
+        cwd=REPO, capture_output=True, text=True,
+    )  # fmt: skip
+    assert (
+        done.returncode == 1
+        and done.stderr.startswith("error: cache")
+        and "incomplete" in done.stderr
+    )
+    assert not (tmp_path / "a").exists() and not (tmp_path / "d").exists()
+
+
+def test_config_yaml_keys_are_the_fields(tmp_path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 0.01\nhead: linear\nocupancy_weight: 1\n")
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['ocupancy_weight'\]"):
+        load_config(path, cache="c", data="d", out="o")
+    path.write_text("lr: 0.01\nhead: linear\nscale_range: [0.9, 1.1]\n")
+    cfg = load_config(path, cache="c", data="d", out="o", lr=0.02)
+    assert (cfg.lr, cfg.head, cfg.scale_range) == (0.02, "linear", (0.9, 1.1))  # CLI wins
+    with pytest.raises(ValueError, match="head must be one of"):
+        load_config(None, cache="c", data="d", out="o", head="conv")
+
+
+def test_sampler_epochs_are_seeded_permutations_sharded_and_resumable() -> None:
+    full = RunBatchSampler(10, 2, epochs=3, seed=5)
+    batches = list(full)
+    assert len(batches) == full.total_steps == 15
+    epoch0 = [i for b in batches[:5] for e, i in b]
+    assert sorted(epoch0) == list(range(10)) and all(e == 0 for b in batches[:5] for e, _ in b)
+    assert epoch0 != [i for b in batches[5:10] for _, i in b]  # a new order each epoch
+    assert list(RunBatchSampler(10, 2, epochs=3, seed=5, start_step=7)) == batches[7:]
+    r0 = [i for b in RunBatchSampler(10, 2, 1, 5, rank=0, world=2) for _, i in b]
+    r1 = [i for b in RunBatchSampler(10, 2, 1, 5, rank=1, world=2) for _, i in b]
+    assert len(r0) == len(r1) == 4 and not set(r0) & set(r1)
+    with pytest.raises(ValueError, match="fewer than batch_size"):
+        RunBatchSampler(3, 2, 1, 0, world=4)
+
+
+def test_lr_schedule_warms_up_then_decays() -> None:
+    cfg = load_config(cache="c", data="d", out="o", lr=1.0, warmup=0.1, min_lr_ratio=0.01)
+    lr = lr_schedule(100, cfg)
+    assert lr[0] == pytest.approx(0.1) and lr[9] == pytest.approx(1.0)
+    assert np.all(np.diff(lr[10:]) <= 0) and lr[-1] == pytest.approx(0.01, abs=1e-3)
