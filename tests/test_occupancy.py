@@ -109,7 +109,7 @@ def test_occupancy_decoder_beats_a_constant_predictor(train_cache) -> None:
 
     cfg = load_config(
         cache=train_cache.cache, data=train_cache.data, out=train_cache.cache.parent / "unused",
-        backbone="tiny", occupancy_weight=1.0,
+        backbone="tiny", occupancy_weight=1.0, threads=1,
     )  # fmt: skip
     dataset = ScanDataset(open_training_cache(cfg), cfg)
     torch.manual_seed(0)
@@ -117,7 +117,7 @@ def test_occupancy_decoder_beats_a_constant_predictor(train_cache) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for step in range(14):
         b = collate([dataset[(step, 2 * step % 6)], dataset[(step, (2 * step + 1) % 6)]])
-        _, logits = model(b["coords"], b["feats"], b["queries"])
+        _, logits = model(b["coords"], b["feats"], b["queries"], b["paired"])
         loss = occupancy_loss(logits, b["occ_labels"])
         opt.zero_grad()
         loss.backward()
@@ -125,7 +125,7 @@ def test_occupancy_decoder_beats_a_constant_predictor(train_cache) -> None:
     model.eval()
     with torch.no_grad():
         b = collate([dataset[(99, 6)], dataset[(99, 7)]])  # scans never trained on
-        _, logits = model(b["coords"], b["feats"], b["queries"])
+        _, logits = model(b["coords"], b["feats"], b["queries"], b["paired"])
         held_out = occupancy_loss(logits, b["occ_labels"]).item()
     assert b["occ_labels"].sum() > 10 and (b["occ_labels"] == 0).sum() > 10
     assert held_out < 0.85 * math.log(2), held_out

@@ -28,6 +28,14 @@ SMALL = dict(
 )
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """train(threads=1) sets torch's thread count for the process: give the others theirs back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 def _cfg(train_cache, out: Path, **kw) -> TrainConfig:
     return load_config(cache=train_cache.cache, data=train_cache.data, out=out, **{**SMALL, **kw})
 

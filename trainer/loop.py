@@ -58,12 +58,15 @@ class DistillModel(nn.Module):
         )
 
     def forward(
-        self, coords: torch.Tensor, feats: torch.Tensor, queries: torch.Tensor
+        self, coords: torch.Tensor, feats: torch.Tensor, queries: torch.Tensor, paired: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(head output (N, D) per input point, occupancy logits (M,) per query or None)."""
+        """(head output (P, D) of the paired points, occupancy logits (M,) per query or None).
+
+        The head runs on the paired points only: the others carry no target, and on CPU the MLP
+        over every point would cost more than the backbone."""
         field = make_field(coords, feats, feats.device, self.threads)
         point_feats, by_stride = self.backbone.forward_with_strides(field)  # (N, C)
-        pred = self.head(point_feats)  # (N, D)
+        pred = self.head(point_feats[paired])  # (P, D)
         logits = None
         if self.occupancy is not None:
             logits = self.occupancy(by_stride[self.stride], queries)  # (M,)
@@ -260,11 +263,13 @@ def _train(cfg: TrainConfig, rt: distributed.Runtime) -> TrainResult:
             group["lr"] = float(schedule[step])
         # ---------------------------------------------------------------- forward
         with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp):
+            paired = batch["paired"].to(dev)  # (N,)
             pred, logits = net(
-                batch["coords"].to(dev), batch["feats"].to(dev), batch["queries"].to(dev)
-            )  # (N, D), (M,) | None
+                batch["coords"].to(dev), batch["feats"].to(dev), batch["queries"].to(dev), paired
+            )  # (P, D), (M,) | None
         # ---------------------------------------------------------------- loss
-        distill = distill_loss(pred, batch["target"].to(dev), batch["paired"].to(dev))
+        target = batch["target"].to(dev)[paired]  # (P, D)
+        distill = distill_loss(pred, target, torch.ones_like(paired[paired]))
         occupancy = torch.zeros((), device=dev)
         if logits is not None:
             occupancy = occupancy_loss(logits, batch["occ_labels"].to(dev))
