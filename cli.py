@@ -256,7 +256,7 @@ def train_command(
     workers: int = typer.Option(None, "--workers", help="DataLoader worker processes (default 2)."),
     seed: int = typer.Option(None, "--seed", help="Seed (default 0)."),
     device: str = typer.Option(None, "--device", help="cpu or cuda (default cpu)."),
-    threads: int = typer.Option(None, "--threads", help="CPU threads of torch and ME; 0 = their defaults (default 0)."),
+    threads: int = typer.Option(None, "--threads", help="torch CPU threads; 0 = torch's default (default 0)."),
     backbone: str = typer.Option(None, "--backbone", help="minkunet34 or tiny (default minkunet34)."),
     checkpoint_every: int = typer.Option(None, "--checkpoint-every", help="Steps between checkpoints (default 500)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from RUN_DIR/checkpoint.pt."),

@@ -46,7 +46,7 @@ class DistillModel(nn.Module):
 
     def __init__(self, cfg: TrainConfig, feature_dim: int) -> None:
         super().__init__()
-        self.threads = cfg.threads
+        self.kernel_map_threads = cfg.kernel_map_threads
         self.backbone = build_student(StudentConfig(cfg.backbone, cfg.voxel_size))
         c = self.backbone.out_channels
         self.head = build_head(cfg.head, c, feature_dim, cfg.head_hidden)
@@ -64,7 +64,7 @@ class DistillModel(nn.Module):
 
         The head runs on the paired points only: the others carry no target, and on CPU the MLP
         over every point would cost more than the backbone."""
-        field = make_field(coords, feats, feats.device, self.threads)
+        field = make_field(coords, feats, feats.device, self.kernel_map_threads)
         point_feats, by_stride = self.backbone.forward_with_strides(field)  # (N, C)
         pred = self.head(point_feats[paired])  # (P, D)
         logits = None

@@ -162,14 +162,14 @@ def voxel_coordinates(xyz: np.ndarray | torch.Tensor, voxel_size: float) -> torc
 
 
 def make_field(
-    coords: torch.Tensor, feats: torch.Tensor, device: str | torch.device, threads: int = 0
+    coords: torch.Tensor, feats: torch.Tensor, device: str | torch.device, threads: int = 1
 ) -> ME.TensorField:
     """A batch of scans as one TensorField: coords (N, 4) batch index + voxel indices (as
     ``ME.utils.batched_coordinates`` makes them), feats (N, IN_CHANNELS). Points keep their order.
 
-    ``threads`` > 0 sets the CPU threads ME builds kernel maps with (ME's default: all cores, or
+    ``threads``: CPU threads ME builds the kernel maps with (0 = ME's default: all cores, or
     OMP_NUM_THREADS). The kernel maps' order decides the float summation order, so results are
-    bit-reproducible only for a fixed thread count."""
+    bit-reproducible only for a fixed count; 1 was also the fastest on a loaded 2-core VM."""
     device = torch.device(device)
     manager = ME.CoordinateManager(
         D=3,
