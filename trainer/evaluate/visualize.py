@@ -67,7 +67,7 @@ def pca_rgb(features: np.ndarray | torch.Tensor, basis: PCABasis) -> np.ndarray:
 
 def _bev_axis(ax, xy: np.ndarray, rgb: np.ndarray, title: str, extent: float) -> None:
     order = np.argsort(np.linalg.norm(xy, axis=1))[::-1]  # near points drawn last (on top)
-    ax.scatter(xy[order, 0], xy[order, 1], c=rgb[order], s=0.6, marker=".", linewidths=0)
+    ax.scatter(xy[order, 0], xy[order, 1], c=rgb[order], s=1.5, marker=".", linewidths=0)
     ax.set_xlim(-extent, extent)
     ax.set_ylim(-extent, extent)
     ax.set_aspect("equal")
