@@ -19,14 +19,16 @@ import torch
 from pipeline.teacher import Teacher, TeacherConfig, parse_image_size
 
 
-def images_per_second(teacher: Teacher, images: np.ndarray, repeats: int) -> float:
+def images_per_second(teacher: Teacher, images: np.ndarray, repeats: int) -> tuple[float, float]:
+    """(images per wall second, CPU seconds of this process per image)."""
     teacher.patch_grid(images)  # warm-up (allocations, kernels)
     if teacher.cfg.device.startswith("cuda"):
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(repeats):
         teacher.patch_grid(images)  # returns on the CPU: includes the copy back
-    return repeats * len(images) / (time.perf_counter() - start)
+    n = repeats * len(images)
+    return n / (time.perf_counter() - start), (time.process_time() - cpu) / n
 
 
 def main() -> None:
@@ -39,7 +41,10 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--compare-dtypes", action="store_true")
+    p.add_argument("--torch-threads", type=int, default=0, help="0: torch's default")
     args = p.parse_args()
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     h0, w0 = parse_image_size(args.source_size)
     images = np.random.default_rng(0).integers(0, 256, (args.batch, h0, w0, 3), dtype=np.uint8)
     size = parse_image_size(args.image_size)
@@ -54,7 +59,9 @@ def main() -> None:
     grids = {}
     for dtype in dtypes:
         teacher = Teacher(TeacherConfig(args.teacher, size, args.device, dtype))
-        result[f"images_per_s_{dtype}"] = round(images_per_second(teacher, images, args.repeats), 2)
+        rate, cpu = images_per_second(teacher, images, args.repeats)
+        result[f"images_per_s_{dtype}"] = round(rate, 2)
+        result[f"cpu_s_per_image_{dtype}"] = round(cpu, 3)
         grids[dtype] = teacher.patch_grid(images)
     for dtype in dtypes[1:]:
         cos = torch.nn.functional.cosine_similarity(grids[dtype], grids["float32"], dim=1)

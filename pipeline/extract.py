@@ -54,13 +54,14 @@ class ExtractConfig:
     """(H, W) the camera images are resized to; multiples of the patch size (14)."""
     scheduler: str | None = None
     """Address of a running Dask scheduler ("tcp://host:8786"); None: start a LocalCluster."""
-    n_workers: int = 1
-    """LocalCluster worker processes (ignored with ``scheduler``)."""
+    n_workers: int = 2
+    """LocalCluster workers, each running one unit at a time (ignored with ``scheduler``)."""
     torch_threads: int = 0
     """torch intra-op threads per worker; 0: CPU cores / workers on a LocalCluster, untouched
     on an existing cluster."""
-    processes: bool = True
-    """LocalCluster workers are processes (True) or threads of this process (False)."""
+    processes: bool = False
+    """LocalCluster workers are processes (True) or threads of this process (False, measured
+    faster here: no per-process start-up, imports and teacher copy; docs/extraction.md)."""
     batch_size: int = 6
     """Images per teacher forward (batched across the cameras and scans of a unit)."""
     device: str = "cpu"
@@ -275,9 +276,9 @@ def _torch_threads(cfg: ExtractConfig) -> int:
     if cfg.torch_threads or cfg.scheduler:
         return cfg.torch_threads
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    per_worker = max(1, (cores or 1) // cfg.n_workers)
-    # threads of one process share torch's one thread pool: size it for the whole process
-    return per_worker if cfg.processes else (cores or 1)
+    # Workers x threads = cores. With thread workers torch's setting is process-wide and each
+    # concurrent forward then runs on its own thread: no oversubscription, no spinning pools.
+    return max(1, (cores or 1) // cfg.n_workers)
 
 
 def extract_teacher(cfg: ExtractConfig) -> ExtractSummary:

@@ -193,7 +193,8 @@ def _cli(cfg: ExtractConfig) -> list[str]:
         "--data", str(cfg.data), "--version", cfg.version, "--cache", str(cfg.cache_root),
         "--teacher", cfg.teacher, "--split", cfg.split, "--image-size", f"{h}x{w}",
         "--scans-per-unit", str(cfg.scans_per_unit), "--batch-size", str(cfg.batch_size),
-        "--workers", str(cfg.n_workers), "--no-progress",
+        "--workers", str(cfg.n_workers), "--processes" if cfg.processes else "--threads",
+        "--no-progress",
     ]  # fmt: skip
 
 
@@ -202,7 +203,11 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(serial, tmp_path: Path) -
     """kill -9 the whole CLI process group (client and its Dask worker process) after its first
     unit, re-run: the cache equals one written without interruption."""
     cfg = replace(
-        serial[0], cache_root=tmp_path / "killed", image_size=(224, 392), scans_per_unit=1
+        serial[0],
+        cache_root=tmp_path / "killed",
+        image_size=(224, 392),
+        scans_per_unit=1,
+        processes=True,  # a worker process in the killed group, not only the client
     )
     n_units = 4
     proc = subprocess.Popen(
