@@ -7,6 +7,7 @@ the teacher.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import typer
@@ -320,6 +321,16 @@ _DEVICE = typer.Option("cpu", "--device", help="torch device (cpu, cuda).")
 _SEED = typer.Option(0, "--seed", help="Seed.")
 
 
+@contextlib.contextmanager
+def _eval_errors():
+    """Bad input (missing files, bad data, bad options) → one clear line and exit status 1."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError, FileExistsError) as e:  # DataError is a ValueError
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+
+
 def _eval_data(data, dataset, version, train_split, val_split, max_train, max_val):
     from trainer.evaluate.backbone import EvalData
 
@@ -343,16 +354,17 @@ def evaluate_linear_probe_command(
 
     Writes RUN_DIR/eval/linear_probe.json (or OUT/linear_probe.json) and prints the IoU table.
     """
-    from trainer.evaluate.linear_probe import LinearProbeConfig, run_linear_probe
-    from trainer.evaluate.probe import ProbeConfig
+    with _eval_errors():
+        from trainer.evaluate.linear_probe import LinearProbeConfig, run_linear_probe
+        from trainer.evaluate.probe import ProbeConfig
 
-    cfg = LinearProbeConfig(
-        checkpoint=checkpoint,
-        data=_eval_data(data, dataset, version, train_split, val_split, max_train_scans, max_val_scans),
-        out=out, like=like, probe=ProbeConfig(steps=steps, lr=lr, seed=seed),
-        points_per_scan=points_per_scan or None, device=device, seed=seed,
-    )  # fmt: skip
-    run_linear_probe(cfg)
+        cfg = LinearProbeConfig(
+            checkpoint=checkpoint,
+            data=_eval_data(data, dataset, version, train_split, val_split, max_train_scans, max_val_scans),
+            out=out, like=like, probe=ProbeConfig(steps=steps, lr=lr, seed=seed),
+            points_per_scan=points_per_scan or None, device=device, seed=seed,
+        )  # fmt: skip
+        run_linear_probe(cfg)
 
 
 @evaluate_app.command("finetune")
@@ -372,15 +384,16 @@ def evaluate_finetune_command(
 
     Writes finetune.json and subset.txt (the scan tokens used) to RUN_DIR/eval/finetune_<p>pct/.
     """
-    from trainer.evaluate.finetune import FinetuneConfig, run_finetune
+    with _eval_errors():
+        from trainer.evaluate.finetune import FinetuneConfig, run_finetune
 
-    cfg = FinetuneConfig(
-        checkpoint=checkpoint,
-        data=_eval_data(data, dataset, version, train_split, val_split, max_train_scans, max_val_scans),
-        fraction=fraction, out=out, like=like, epochs=epochs, batch_scans=batch_scans,
-        backbone_lr=backbone_lr, head_lr=head_lr, subset_seed=subset_seed, device=device, seed=seed,
-    )  # fmt: skip
-    run_finetune(cfg)
+        cfg = FinetuneConfig(
+            checkpoint=checkpoint,
+            data=_eval_data(data, dataset, version, train_split, val_split, max_train_scans, max_val_scans),
+            fraction=fraction, out=out, like=like, epochs=epochs, batch_scans=batch_scans,
+            backbone_lr=backbone_lr, head_lr=head_lr, subset_seed=subset_seed, device=device, seed=seed,
+        )  # fmt: skip
+        run_finetune(cfg)
 
 
 @evaluate_app.command("rankme")
@@ -394,17 +407,18 @@ def evaluate_rankme_command(
     out: Path = _OUT, like: Path = _LIKE, device: str = _DEVICE, seed: int = _SEED,
 ) -> None:  # fmt: skip
     """RankMe (effective rank) of the backbone point features; with --cache also of the teacher."""
-    from trainer.evaluate.rankme import RankMeConfig, run_rankme
+    with _eval_errors():
+        from trainer.evaluate.rankme import RankMeConfig, run_rankme
 
-    eval_data = None
-    if data is not None:
-        eval_data = _eval_data(data, dataset, version, "train", val_split, None, None)
-    run_rankme(
-        RankMeConfig(
-            checkpoint=checkpoint, data=eval_data, cache=cache, out=out, like=like,
-            max_scans=max_scans, max_points=max_points, device=device, seed=seed,
-        )
-    )  # fmt: skip
+        eval_data = None
+        if data is not None:
+            eval_data = _eval_data(data, dataset, version, "train", val_split, None, None)
+        run_rankme(
+            RankMeConfig(
+                checkpoint=checkpoint, data=eval_data, cache=cache, out=out, like=like,
+                max_scans=max_scans, max_points=max_points, device=device, seed=seed,
+            )
+        )  # fmt: skip
 
 
 @evaluate_app.command("robustness")
@@ -421,23 +435,24 @@ def evaluate_robustness_command(
     out: Path = _OUT, like: Path = _LIKE, device: str = _DEVICE, seed: int = _SEED,
 ) -> None:  # fmt: skip
     """Clean-trained linear probe under LiDAR corruptions: mIoU per corruption, mRR, mCE."""
-    from trainer.evaluate.corruptions import CORRUPTIONS
-    from trainer.evaluate.probe import ProbeConfig
-    from trainer.evaluate.robustness import RobustnessConfig, run_robustness
+    with _eval_errors():
+        from trainer.evaluate.corruptions import CORRUPTIONS
+        from trainer.evaluate.probe import ProbeConfig
+        from trainer.evaluate.robustness import RobustnessConfig, run_robustness
 
-    names = (
-        tuple(CORRUPTIONS)
-        if corruptions == "all"
-        else tuple(c.strip() for c in corruptions.split(","))
-    )
-    cfg = RobustnessConfig(
-        checkpoint=checkpoint,
-        data=_eval_data(data, dataset, version, train_split, val_split, max_train_scans, max_val_scans),
-        out=out, like=like, corruptions=names, severities=tuple(int(s) for s in severity.split(",")),
-        beams=beams, baseline=baseline, points_per_scan=points_per_scan or None, device=device, seed=seed,
-        probe=ProbeConfig(steps=probe_steps, seed=seed),
-    )  # fmt: skip
-    run_robustness(cfg)
+        names = (
+            tuple(CORRUPTIONS)
+            if corruptions == "all"
+            else tuple(c.strip() for c in corruptions.split(","))
+        )
+        cfg = RobustnessConfig(
+            checkpoint=checkpoint,
+            data=_eval_data(data, dataset, version, train_split, val_split, max_train_scans, max_val_scans),
+            out=out, like=like, corruptions=names, severities=tuple(int(s) for s in severity.split(",")),
+            beams=beams, baseline=baseline, points_per_scan=points_per_scan or None, device=device, seed=seed,
+            probe=ProbeConfig(steps=probe_steps, seed=seed),
+        )  # fmt: skip
+        run_robustness(cfg)
 
 
 @app.command("visualize")
@@ -453,14 +468,15 @@ def visualize_command(
 ) -> None:  # fmt: skip
     """PCA pictures: teacher targets vs student features (bird's-eye view) and the teacher's
     features drawn on the camera images."""
-    from trainer.evaluate.visualize import VisualizeConfig, run_visualize
+    with _eval_errors():
+        from trainer.evaluate.visualize import VisualizeConfig, run_visualize
 
-    run_visualize(
-        VisualizeConfig(
-            checkpoint=checkpoint, cache=cache, data=data, dataset=dataset, version=version,
-            scan=scan, out=out, extent=extent, device=device, like=like,
-        )
-    )  # fmt: skip
+        run_visualize(
+            VisualizeConfig(
+                checkpoint=checkpoint, cache=cache, data=data, dataset=dataset, version=version,
+                scan=scan, out=out, extent=extent, device=device, like=like,
+            )
+        )  # fmt: skip
 
 
 @app.command("ablate")
@@ -479,15 +495,16 @@ def ablate_command(
 
     Example: ablate --cache C --data D --out O --grid head=linear,mlp occupancy_weight=0,1 epochs=2
     """
-    from trainer.evaluate.ablate import AblateConfig, run_ablation
+    with _eval_errors():
+        from trainer.evaluate.ablate import AblateConfig, run_ablation
 
-    run_ablation(
-        AblateConfig(
-            cache=cache, data=data, out=out, grid=tuple(grid) + tuple(axes or ()), version=version,
-            probe_steps=probe_steps, max_train_scans=max_train_scans, max_val_scans=max_val_scans,
-            device=device,
-        )
-    )  # fmt: skip
+        run_ablation(
+            AblateConfig(
+                cache=cache, data=data, out=out, grid=tuple(grid) + tuple(axes or ()), version=version,
+                probe_steps=probe_steps, max_train_scans=max_train_scans, max_val_scans=max_val_scans,
+                device=device,
+            )
+        )  # fmt: skip
 
 
 # ---------------------------------------------------------------- benchmarks ----

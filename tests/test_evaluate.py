@@ -466,3 +466,21 @@ def test_ring_ids_come_from_the_nuscenes_files(synthetic_nuscenes):
         r for r in np.unique(ring).tolist() if r % 2 == 0
     }
     assert ring_ids("semantickitti", scan, points, 64) is None  # KITTI: elevation bins instead
+
+
+def test_cli_bad_input_is_one_clear_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    runner = CliRunner()
+    no_out = runner.invoke(
+        app, ["evaluate", "linear-probe", "--checkpoint", "none", "--data", str(tmp_path)]
+    )
+    assert no_out.exit_code == 1 and "needs --out" in no_out.output
+    missing = runner.invoke(
+        app,
+        ["evaluate", "rankme", "--checkpoint", "none", "--data", str(tmp_path), "--dataset",
+         "semantickitti", "--out", str(tmp_path / "o")],
+    )  # fmt: skip
+    assert missing.exit_code == 1 and "not a SemanticKITTI root" in missing.output
