@@ -283,21 +283,20 @@ def _train(cfg: TrainConfig, rt: distributed.Runtime) -> TrainResult:
         optimizer.step()
         step += 1
         # ---------------------------------------------------------------- log / checkpoint
+        loss_value = loss.item()  # (waits for the device: the step time below is complete)
         dt = time.perf_counter() - t0
         scans_per_s = batch["scans"] * rt.world / dt
         if step > sampler.start_step + 1:  # the first step pays worker start-up and warm-up
-            timed_scans, timed_seconds, waited = (
-                timed_scans + batch["scans"],
-                timed_seconds + dt,
-                waited + t_data,
-            )
+            timed_scans += batch["scans"]
+            timed_seconds += dt
+            waited += t_data
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}", scans_s=f"{scans_per_s:.2f}")
+        bar.set_postfix(loss=f"{loss_value:.4f}", scans_s=f"{scans_per_s:.2f}")
         if metrics is not None and (step % cfg.log_every == 0 or step == total):
             line = {
                 "step": step,
                 "epoch": step / sampler.steps_per_epoch,
-                "loss": loss.item(),
+                "loss": loss_value,
                 "distill": distill.item(),
                 "occupancy": occupancy.item(),
                 "lr": float(schedule[step - 1]),
