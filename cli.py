@@ -284,6 +284,8 @@ def train_command(
     except (CacheError, DataError, ValueError, FileNotFoundError, FileExistsError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
+    if result.rank != 0:
+        return
     typer.echo(
         f"trained {result.steps} steps, final loss {result.final_loss:.4f}, "
         f"{result.scans_per_s:.2f} scans/s, data wait {100 * result.data_wait_share:.0f}% "

@@ -129,3 +129,18 @@ def test_occupancy_decoder_beats_a_constant_predictor(train_cache) -> None:
         held_out = occupancy_loss(logits, b["occ_labels"]).item()
     assert b["occ_labels"].sum() > 10 and (b["occ_labels"] == 0).sum() > 10
     assert held_out < 0.85 * math.log(2), held_out
+
+
+def test_decoder_without_queries_keeps_its_parameters_in_the_graph() -> None:
+    """A batch with no occupancy target gives loss 0 and zero (not missing) gradients (DDP)."""
+    from trainer.minkowski import ME
+    from trainer.occupancy import OccupancyDecoder
+
+    decoder = OccupancyDecoder(4)
+    coords = ME.utils.batched_coordinates([torch.randint(0, 5, (6, 3)) * STRIDE])
+    x = ME.SparseTensor(torch.randn(len(coords), 4), coordinates=coords, tensor_stride=STRIDE)
+    logits = decoder(x, torch.zeros((0, 4), dtype=torch.int32))
+    loss = occupancy_loss(logits, torch.zeros(0))
+    loss.backward()
+    assert logits.shape == (0,) and loss.item() == 0.0
+    assert all(p.grad is not None and not p.grad.any() for p in decoder.parameters())

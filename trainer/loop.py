@@ -83,6 +83,7 @@ class TrainResult:
     scans_per_s: float  # all processes together, first step (warm-up) left out
     data_wait_share: float  # share of step time spent waiting for the next batch
     model: DistillModel
+    rank: int = 0  # of this process (torchrun); only rank 0 writes files
 
 
 def lr_schedule(total_steps: int, cfg: TrainConfig) -> np.ndarray:
@@ -334,8 +335,9 @@ def _train(cfg: TrainConfig, rt: distributed.Runtime) -> TrainResult:
         scans_per_s=timed_scans * rt.world / timed_seconds if timed_seconds else float("nan"),
         data_wait_share=waited / timed_seconds if timed_seconds else float("nan"),
         model=model,
+        rank=rt.rank,
     )
     if rt.is_main:
-        summary = {k: v for k, v in vars(result).items() if k not in ("model", "run_dir")}
+        summary = {k: v for k, v in vars(result).items() if k not in ("model", "run_dir", "rank")}
         _write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
     return result

@@ -129,8 +129,8 @@ class OccupancyDecoder(nn.Module):
     def forward(self, features: ME.SparseTensor, queries: torch.Tensor) -> torch.Tensor:
         """features: stride-s SparseTensor; queries (M, 4) int32 batch, x, y, z in voxel units
         (multiples of s). Returns (M,) logits in the order of ``queries``."""
-        if len(queries) == 0:
-            return features.F.new_zeros(0)
+        if len(queries) == 0:  # keep every parameter in the graph (DDP expects their gradients)
+            return features.F.new_zeros(0) + 0.0 * sum(p.sum() for p in self.parameters())
         x = self.reduce(features)
         q = self.query(x, coordinates=queries.to(device=x.F.device, dtype=torch.int32))
         return self.out(q.F).squeeze(1)  # (M,)
