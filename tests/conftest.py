@@ -117,7 +117,9 @@ def write_train_cache(
             parts["camera"].append(camera)
             parts["uv"].append(np.zeros((len(pts), 2), np.float32))
             parts["label"].append(cls.astype(np.uint8))
-        data_u = UnitData(tokens=unit_tokens, lidar_paths=[f"/none/{t}.bin" for t in unit_tokens], **parts)
+        data_u = UnitData(
+            tokens=unit_tokens, lidar_paths=[f"/none/{t}.bin" for t in unit_tokens], **parts
+        )
         if finalize or u < len(units) - 1:
             writer.write_unit(u, data_u)
     if finalize:

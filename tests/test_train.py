@@ -107,7 +107,7 @@ def test_kill_9_then_resume_continues_the_same_trajectory(train_cache, tmp_path)
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
-    assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 3
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] in (3, 6)
     assert len(_metrics(run)) < len(expected)  # really interrupted
 
     done = subprocess.run(_cli(*args, "--resume"), cwd=REPO, capture_output=True, text=True)
