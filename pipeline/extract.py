@@ -23,6 +23,8 @@ import json
 import os
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -272,6 +274,16 @@ def _client(cfg: ExtractConfig):
     return Client(cluster)
 
 
+@contextmanager
+def _keeping_torch_threads() -> Iterator[None]:
+    """Thread workers set torch's thread count process-wide: give the caller its own back."""
+    saved = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 def _torch_threads(cfg: ExtractConfig) -> int:
     if cfg.torch_threads or cfg.scheduler:
         return cfg.torch_threads
@@ -308,7 +320,7 @@ def extract_teacher(cfg: ExtractConfig) -> ExtractSummary:
         t_compute = time.perf_counter()
         if pending:
             threads = _torch_threads(cfg)
-            with _client(cfg) as client:
+            with _client(cfg) as client, _keeping_torch_threads():
                 client.wait_for_workers(1)
                 t_compute = time.perf_counter()  # cluster start-up is not throughput
                 # shared arguments travel to each worker once, not once per task

@@ -41,7 +41,14 @@ def serial(synthetic_nuscenes, tiny_teacher: Path, tmp_path_factory: pytest.Temp
         scans_per_unit=2,
         progress=False,
     )
-    return cfg, extract_teacher(cfg)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(7)  # the thread worker sets its own count; ours must come back
+    try:
+        summary = extract_teacher(cfg)
+        assert torch.get_num_threads() == 7
+    finally:
+        torch.set_num_threads(threads)
+    return cfg, summary
 
 
 def _arrays(path: str | Path) -> list[dict[str, np.ndarray]]:
