@@ -510,6 +510,41 @@ def ablate_command(
 
 
 # ---------------------------------------------------------------- benchmarks ----
+@app.command("bench")
+def bench_command(
+    what: str = typer.Argument(..., help="extraction | online | loader | size | scaling | all"),
+    data: Path = typer.Option(None, "--data", help="nuScenes (or synthetic) root."),
+    teacher: str = typer.Option("", "--teacher", help="DINOv2 folder or HF id (random is fine)."),
+    split: str = typer.Option("all", "--split", help="Split to extract (and train on: loader)."),
+    image_size: str = typer.Option("448x896", "--image-size", help="HxW fed to the teacher."),
+    batch_size: int = typer.Option(6, "--batch-size", help="Images per teacher forward."),
+    scans: int = typer.Option(4, "--scans", help="Scans used (the first of the set)."),
+    steps: int = typer.Option(4, "--steps", help="Timed training steps (online, loader)."),
+    backbone: str = typer.Option("tiny", "--backbone", help="Student backbone (online, loader)."),
+    dim: int = typer.Option(384, "--dim", help="Feature dim of size / read benchmarks."),
+    points: int = typer.Option(34_700, "--points", help="Points per synthetic scan (size, loader)."),
+    reads: int = typer.Option(40, "--reads", help="Random scan reads (loader)."),
+    threads: int = typer.Option(2, "--threads", help="torch threads of single-process parts."),
+) -> None:
+    """Issue-9 benchmarks: print tables of rates and RATIOS (docs/benchmarks.md)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "benchmarks"))
+    from pipeline_bench import WHATS, BenchConfig, run_benchmark
+
+    from pipeline.teacher import parse_image_size
+
+    cfg = BenchConfig(
+        data=data, teacher=teacher, split=split, image_size=parse_image_size(image_size),
+        batch_size=batch_size, scans=scans, steps=steps, backbone=backbone, dim=dim,
+        points_per_scan=points, reads=reads, threads=threads,
+    )  # fmt: skip
+    for name in WHATS if what == "all" else [what]:
+        try:
+            run_benchmark(name, cfg)
+        except ValueError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(1) from err
 
 
 if __name__ == "__main__":

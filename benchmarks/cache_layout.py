@@ -43,11 +43,15 @@ LAYOUTS = {
 }
 
 
-def synthetic_unit(rng: np.random.Generator, tokens: list[str], dim: int) -> UnitData:
-    """A unit of nuScenes-sized scans with DINOv2-like targets (see module docstring)."""
+def synthetic_unit(
+    rng: np.random.Generator, tokens: list[str], dim: int, points: int = POINTS_PER_SCAN
+) -> UnitData:
+    """A unit of scans of ~``points`` points (default nuScenes-sized) with DINOv2-like targets
+    (see module docstring)."""
     pts, tgt, cam, uv, lab = [], [], [], [], []
     for _ in tokens:
-        n = int(rng.integers(POINTS_PER_SCAN - 2000, POINTS_PER_SCAN + 2000))
+        spread = min(2000, points // 16)
+        n = int(rng.integers(points - spread, points + spread))
         runs = rng.geometric(1 / 200, size=n // 50 + 10)  # runs of in/out of camera views
         paired = np.repeat(np.arange(len(runs)) % 2 == 0, runs)[:n]
         paired = paired if rng.random() < PAIRED_SHARE else ~paired

@@ -1,0 +1,479 @@
+"""End-to-end benchmarks of issue 9, each printed as a table of RATIOS measured in one run.
+
+    python cli.py bench extraction --data DATA --teacher DIR [--image-size 448x896]
+    python cli.py bench online     --data DATA --teacher DIR [--image-size 224x448]
+    python cli.py bench loader     --data DATA --teacher DIR
+    python cli.py bench size       [--dim 384]
+    python cli.py bench scaling    --data DATA --teacher DIR
+
+- extraction: `extract-teacher` images/s ÷ bare teacher forward images/s (same model, image size,
+  batch, device, threads), plus a time breakdown of one process doing the same work piece by piece
+  (image decode, resize, teacher, pairing, sampling, write) with the pipeline's own functions.
+- online: training scans/s reading targets from the cache ÷ training scans/s computing them
+  online each step (load the 6 images, teacher, pairing, sampling, then the same student step).
+- loader: data-wait share of real `train()` runs (summary.json), and cache random scan reads ÷
+  raw `.npy` memmap reads of the same rows (same arrays, same random scans).
+- size: stored bytes per point and per paired point, compression ratio (cache_layout.measure).
+- scaling: extraction images/s with 2 LocalCluster workers ÷ 1 worker (one scan per unit).
+
+Every benchmark returns rows of (name, value, unit) and prints them; ratios are what to compare
+between machines (the absolute rates depend on the load of a shared machine).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+WHATS = ("extraction", "online", "loader", "size", "scaling")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Inputs shared by the benchmarks (each uses the fields it needs)."""
+
+    data: Path | None = None
+    """Synthetic (or real) nuScenes root."""
+    split: str = "all"
+    """Split extracted (and trained on by `loader`)."""
+    teacher: str = ""
+    """DINOv2 folder or HF id (a RANDOM one from `make-teacher` is fine: timing only)."""
+    image_size: tuple[int, int] = (448, 896)
+    """(H, W) fed to the teacher."""
+    batch_size: int = 6
+    """Images per teacher forward."""
+    scans: int = 4
+    """Scans used (the first ones of the split)."""
+    steps: int = 4
+    """Timed training steps (online / loader); one more untimed warm-up step."""
+    backbone: str = "tiny"
+    """Student backbone for the training comparisons."""
+    dim: int = 384
+    """Feature dim for `size` and the `.npy` read comparison (384 = ViT-S/14, 768 = ViT-B/14)."""
+    points_per_scan: int = 34_700
+    """Points per synthetic scan of `size` / the read comparison (nuScenes sweep)."""
+    reads: int = 40
+    """Random scan reads per reader."""
+    threads: int = 2
+    """torch threads (the bare forward and the single-process runs)."""
+    workdir: Path | None = None
+    """Scratch folder (None: a temp dir, removed at the end)."""
+
+
+Row = tuple[str, float, str]
+
+
+def print_table(title: str, rows: list[Row]) -> None:
+    """Print rows as `name | value | unit` (the format tests/test_bench.py checks)."""
+    print(f"## {title}")
+    print(f"{'measure':52s} | {'value':>12s} | unit")
+    for name, value, unit in rows:
+        print(f"{name:52s} | {value:12.4g} | {unit}")
+
+
+def _scans(cfg: BenchConfig):
+    from pipeline.datasets.nuscenes import NuScenesReader
+
+    reader = NuScenesReader(cfg.data)
+    return reader, reader.scans(cfg.split)[: cfg.scans]
+
+
+def _extract(cfg: BenchConfig, cache_root: Path, workers: int, scans_per_unit: int):
+    from pipeline.extract import ExtractConfig, extract_teacher
+
+    return extract_teacher(
+        ExtractConfig(
+            data=cfg.data,
+            cache_root=cache_root,
+            teacher=cfg.teacher,
+            split=cfg.split,
+            image_size=cfg.image_size,
+            n_workers=workers,
+            batch_size=cfg.batch_size,
+            scans_per_unit=scans_per_unit,
+            progress=False,
+        )
+    )
+
+
+# ---------------------------------------------------------------- 1. extraction efficiency ----
+def extraction(cfg: BenchConfig, work: Path) -> list[Row]:
+    """extract-teacher images/s ÷ bare forward images/s, and where one process spends its time."""
+    from teacher_forward import images_per_second
+
+    from cache.schema import CacheKey, UnitData
+    from cache.store import CacheWriter
+    from pipeline.pairing import PairingConfig, pair_points
+    from pipeline.teacher import Teacher, TeacherConfig, patch_tokens, sample_features
+
+    torch.set_num_threads(cfg.threads)
+    reader, scans = _scans(cfg)
+    teacher = Teacher(TeacherConfig(cfg.teacher, cfg.image_size))
+    cam0 = scans[0].cameras[0]
+    images = np.random.default_rng(0).integers(
+        0, 256, (cfg.batch_size, cam0.height, cam0.width, 3), dtype=np.uint8
+    )
+    bare_before, _ = images_per_second(
+        teacher, images, repeats=max(1, cfg.scans * 6 // cfg.batch_size)
+    )
+
+    # the real extract-teacher (default: 2 thread workers x 1 torch thread), one scan per unit
+    summary = _extract(cfg, work / "cache-extract", workers=2, scans_per_unit=1)
+    torch.set_num_threads(cfg.threads)
+    # bare again after it: on a shared machine the load drifts; the ratio uses the mean
+    bare_after, _ = images_per_second(
+        teacher, images, repeats=max(1, cfg.scans * 6 // cfg.batch_size)
+    )
+    bare = (bare_before + bare_after) / 2
+
+    # the same work in one process, piece by piece, with the pipeline's functions
+    t = dict.fromkeys(("decode", "resize", "teacher", "pairing", "sampling", "write"), 0.0)
+    pairing_cfg = PairingConfig()
+    writer = CacheWriter.create(
+        work / "cache-breakdown",
+        CacheKey("bench", cfg.split, cfg.teacher, "", cfg.image_size, "last", "{}"),
+        [[s.token for s in scans]],
+        teacher.feature_dim,
+        {},
+    )
+    points, labels, pairings, targets = [], [], [], []
+    for scan in scans:
+        t0 = time.perf_counter()
+        xyzi = reader.load_points(scan)  # (N, 4)
+        labels.append(reader.load_labels(scan))
+        pairings.append(pair_points(xyzi[:, :3], scan, pairing_cfg))
+        t["pairing"] += time.perf_counter() - t0
+        points.append(xyzi)
+        targets.append(np.zeros((len(xyzi), teacher.feature_dim), np.float16))  # (N, D)
+    views = [(j, c) for j, s in enumerate(scans) for c in range(len(s.cameras))]
+    with torch.inference_mode():
+        for start in range(0, len(views), cfg.batch_size):
+            batch = views[start : start + cfg.batch_size]
+            t0 = time.perf_counter()
+            imgs = [reader.load_image(scans[j].cameras[c]) for j, c in batch]  # (H0, W0, 3)
+            t1 = time.perf_counter()
+            pixels = teacher.preprocess(imgs)  # (B, 3, H, W)
+            t2 = time.perf_counter()
+            tokens = teacher.model(pixel_values=pixels).last_hidden_state  # (B, T, D)
+            grids = patch_tokens(tokens, teacher.num_register_tokens, teacher.grid_size).cpu()
+            t3 = time.perf_counter()
+            for k, (j, c) in enumerate(batch):
+                mask = pairings[j].camera == c  # (N_j,)
+                if mask.any():
+                    f = sample_features(grids[k], pairings[j].uv[mask], imgs[k].shape[:2])
+                    targets[j][mask] = f.half().numpy()
+            t4 = time.perf_counter()
+            t["decode"] += t1 - t0
+            t["resize"] += t2 - t1
+            t["teacher"] += t3 - t2
+            t["sampling"] += t4 - t3
+    t0 = time.perf_counter()
+    writer.write_unit(
+        0,
+        UnitData(
+            tokens=[s.token for s in scans],
+            lidar_paths=[s.lidar_path for s in scans],
+            points=points,
+            target=targets,
+            camera=[p.camera for p in pairings],
+            uv=[p.uv for p in pairings],
+            label=labels,
+        ),
+    )
+    t["write"] = time.perf_counter() - t0
+    total = sum(t.values())
+    n_img = len(views)
+    paired = sum(int((p.camera >= 0).sum()) for p in pairings) / sum(len(p) for p in points)
+    rows: list[Row] = [
+        ("bare teacher forward, before extract", bare_before, "images/s"),
+        ("bare teacher forward, after extract", bare_after, "images/s"),
+        ("bare teacher forward (resize+forward), mean", bare, "images/s"),
+        ("extract-teacher (2 thread workers x 1 thread)", summary.images_per_s, "images/s"),
+        ("RATIO extract / bare", summary.images_per_s / bare, "ratio"),
+        ("single process, all pieces", n_img / total, "images/s"),
+        ("RATIO single process / bare", n_img / total / bare, "ratio"),
+    ]
+    rows += [(f"share: {k}", v / total, "fraction") for k, v in t.items()]
+    rows += [(f"time per image: {k}", v / n_img * 1e3, "ms") for k, v in t.items()]
+    rows.append(("paired share of points", paired, "fraction"))
+    return rows
+
+
+# ---------------------------------------------------------------- 2. cache vs online teacher ----
+class OnlineTargets:
+    """Duck-types `CacheReader` for `ScanDataset`: `read_scan(i)` computes scan i's targets now
+    (load the 6 images, teacher, pairing, sampling) instead of reading them from the cache."""
+
+    def __init__(self, data: Path, scans: list, teacher_cfg) -> None:
+        from pipeline.datasets.nuscenes import NuScenesReader
+        from pipeline.pairing import PairingConfig
+        from pipeline.teacher import Teacher
+
+        self.reader = NuScenesReader(data)
+        self.scans = scans
+        self.teacher = Teacher(teacher_cfg)
+        self.pairing = PairingConfig()
+
+    def __len__(self) -> int:
+        return len(self.scans)
+
+    def read_scan(self, i: int):
+        from cache.schema import ScanTargets
+        from pipeline.pairing import pair_points
+        from pipeline.teacher import sample_features
+
+        scan = self.scans[i]
+        xyzi = self.reader.load_points(scan)  # (N, 4)
+        pairing = pair_points(xyzi[:, :3], scan, self.pairing)
+        images = [self.reader.load_image(c) for c in scan.cameras]  # 6 x (H0, W0, 3)
+        grids = self.teacher.patch_grid(images)  # (6, D, h, w)
+        target = np.zeros((len(xyzi), self.teacher.feature_dim), np.float16)  # (N, D)
+        for c in range(len(images)):
+            mask = pairing.camera == c
+            if mask.any():
+                f = sample_features(grids[c], pairing.uv[mask], images[c].shape[:2])
+                target[mask] = f.half().numpy()
+        return ScanTargets(
+            token=scan.token,
+            lidar_path=scan.lidar_path,
+            points=xyzi,
+            target=target,
+            camera=pairing.camera,
+            uv=pairing.uv,
+            label=self.reader.load_labels(scan),
+        )
+
+
+def _train_rate(reader, train_cfg, steps: int) -> float:
+    """Scans/s of the training step (trainer/loop.py's sections) over `steps` batches after one
+    warm-up batch; data loaded in this process (workers 0) for both sources."""
+    from torch.utils.data import DataLoader
+
+    from trainer.data import ScanDataset, collate
+    from trainer.loop import DistillModel
+    from trainer.loss import distill_loss
+    from trainer.occupancy import occupancy_loss
+
+    torch.manual_seed(0)
+    feature_dim = reader.read_scan(0).target.shape[1]
+    model = DistillModel(train_cfg, feature_dim)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    bs = train_cfg.batch_size
+    batches = [[(0, (s * bs + k) % len(reader)) for k in range(bs)] for s in range(steps + 1)]
+    loader = DataLoader(ScanDataset(reader, train_cfg), batch_sampler=batches, collate_fn=collate)
+    t_start, scans = 0.0, 0
+    threads = torch.get_num_threads()
+    batches_iter = iter(loader)
+    for s in range(steps + 1):  # time from the request of the batch to the step's end
+        if s == 1:
+            t_start = time.perf_counter()
+        # ME's kernel-map setup (make_field) sets this thread's OpenMP count to 1: restore it,
+        # so the data side (the online teacher) gets the same threads every step
+        torch.set_num_threads(threads)
+        batch = next(batches_iter)
+        paired = batch["paired"]
+        pred, logits = model(batch["coords"], batch["feats"], batch["queries"], paired)
+        loss = distill_loss(pred, batch["target"][paired], torch.ones_like(paired[paired]))
+        if logits is not None:
+            loss = loss + train_cfg.occupancy_weight * occupancy_loss(logits, batch["occ_labels"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if s >= 1:
+            scans += batch["scans"]
+    return scans / (time.perf_counter() - t_start)
+
+
+def online(cfg: BenchConfig, work: Path) -> list[Row]:
+    """Training scans/s with cached targets ÷ with the teacher run online each step."""
+    from cache.store import open_cache
+    from pipeline.teacher import TeacherConfig
+    from trainer.config import TrainConfig
+
+    torch.set_num_threads(cfg.threads)
+    summary = _extract(cfg, work / "cache-online", workers=2, scans_per_unit=1)
+    torch.set_num_threads(cfg.threads)
+    cached = open_cache(summary.cache_path)
+    _, scans = _scans(cfg)
+    live = OnlineTargets(cfg.data, scans, TeacherConfig(cfg.teacher, cfg.image_size))
+    train_cfg = TrainConfig(
+        cache=Path(summary.cache_path), data=cfg.data, out=work / "run",
+        backbone=cfg.backbone, batch_size=min(2, cfg.scans), workers=0, amp=False,
+    )  # fmt: skip
+    rate_cache = _train_rate(cached, train_cfg, cfg.steps)
+    rate_online = _train_rate(live, train_cfg, cfg.steps)
+    return [
+        ("train from cache", rate_cache, "scans/s"),
+        ("train with online teacher", rate_online, "scans/s"),
+        ("RATIO cache / online", rate_cache / rate_online, "ratio"),
+    ]
+
+
+# ---------------------------------------------------------------- 3. loader ----
+def _npy_read(folder: Path, i: int, dim: int) -> np.ndarray:
+    """One scan from .npy memmaps of the cache's on-disk arrays, scattered like read_scan."""
+    off = np.load(folder / "offsets.npy")
+    toff = np.load(folder / "target_offsets.npy")
+    s, e = int(off[i]), int(off[i + 1])
+    fields = {
+        n: np.array(np.load(folder / f"{n}.npy", mmap_mode="r")[s:e])
+        for n in ("points", "camera", "uv", "label")
+    }
+    paired = fields["camera"] >= 0
+    target = np.zeros((e - s, dim), np.float16)  # (N, D)
+    target[paired] = np.load(folder / "target.npy", mmap_mode="r")[int(toff[i]) : int(toff[i + 1])]
+    return target
+
+
+def loader(cfg: BenchConfig, work: Path) -> list[Row]:
+    """Data-wait share of real training runs and cache reads ÷ raw .npy memmap reads."""
+    from cache_layout import synthetic_unit
+
+    from cache.schema import CacheKey
+    from cache.store import CacheWriter, open_cache
+    from trainer.config import TrainConfig
+    from trainer.loop import train
+
+    rows: list[Row] = []
+    # (a) the trainer's own measure, 2 loader workers (the default)
+    summary = _extract(cfg, work / "cache-loader", workers=2, scans_per_unit=1)
+    for workers in (2, 0):
+        result = train(
+            TrainConfig(
+                cache=Path(summary.cache_path), data=cfg.data, out=work / f"run-w{workers}",
+                split=cfg.split, backbone=cfg.backbone, batch_size=2, workers=workers,
+                epochs=max(1, -(-(cfg.steps + 1) * 2 // summary.scans)), progress=False,
+                checkpoint_every=10_000, threads=cfg.threads,
+            )
+        )  # fmt: skip
+        saved = json.loads((result.run_dir / "summary.json").read_text())
+        rows.append(
+            (f"data_wait_share, {workers} loader workers", saved["data_wait_share"], "fraction")
+        )
+        rows.append((f"train scans/s, {workers} loader workers", saved["scans_per_s"], "scans/s"))
+    # (b) random scan reads: cache vs .npy memmaps of the same on-disk arrays
+    rng = np.random.default_rng(0)
+    units = [
+        synthetic_unit(rng, [f"u{u}s{j}" for j in range(4)], cfg.dim, cfg.points_per_scan)
+        for u in range(2)
+    ]
+    key = CacheKey("bench", "train", "loader", "", (224, 448), "last", "{}")
+    writer = CacheWriter.create(work / "cache-read", key, [u.tokens for u in units], cfg.dim, {})
+    for u, data in enumerate(units):
+        writer.write_unit(u, data)
+    writer.finalize({})
+    reader = open_cache(writer.path)
+    npy = work / "npy"
+    npy.mkdir()
+    cam = np.concatenate([c for u in units for c in u.camera])
+    tgt = np.concatenate([t for u in units for t in u.target])[cam >= 0]  # (P, D) paired rows
+    rows_per_scan = [len(c) for u in units for c in u.camera]
+    paired_per_scan = [int((c >= 0).sum()) for u in units for c in u.camera]
+    np.save(npy / "offsets.npy", np.concatenate([[0], np.cumsum(rows_per_scan)]))
+    np.save(npy / "target_offsets.npy", np.concatenate([[0], np.cumsum(paired_per_scan)]))
+    np.save(npy / "target.npy", tgt)
+    for name in ("points", "camera", "uv", "label"):
+        np.save(npy / f"{name}.npy", np.concatenate([a for u in units for a in getattr(u, name)]))
+    order = rng.integers(0, len(reader), cfg.reads)
+    for i in range(len(reader)):  # warm: open every unit, load every file into the page cache
+        reader.read_scan(i)
+        _npy_read(npy, i, cfg.dim)
+    t_cache, t_npy = [], []
+    for i in order:
+        t0 = time.perf_counter()
+        a = reader.read_scan(int(i)).target
+        t1 = time.perf_counter()
+        b = _npy_read(npy, int(i), cfg.dim)
+        t_cache.append(t1 - t0)
+        t_npy.append(time.perf_counter() - t1)
+        if not np.array_equal(a, b):
+            raise AssertionError(f"scan {i}: cache and .npy targets differ")
+    ms_cache, ms_npy = np.median(t_cache) * 1e3, np.median(t_npy) * 1e3
+    rows += [
+        (f"cache read_scan (D={cfg.dim}, ~{cfg.points_per_scan} pts)", ms_cache, "ms/scan"),
+        ("raw .npy memmap read, same rows", ms_npy, "ms/scan"),
+        ("RATIO cache / npy throughput", ms_npy / ms_cache, "ratio"),
+    ]
+    return rows
+
+
+# ---------------------------------------------------------------- 4. cache size ----
+def size(cfg: BenchConfig, work: Path) -> list[Row]:
+    """Stored bytes per point and per paired point, and the ratio dense input / stored."""
+    from cache_layout import measure, synthetic_unit
+
+    from cache.store import StorageLayout
+
+    rows: list[Row] = []
+    for dim in sorted({cfg.dim, 384, 768} if cfg.dim >= 384 else {cfg.dim}):
+        rng = np.random.default_rng(0)
+        units = [
+            synthetic_unit(rng, [f"u{u}s{j}" for j in range(4)], dim, cfg.points_per_scan)
+            for u in range(2)
+        ]
+        folder = work / f"size-{dim}"
+        folder.mkdir()
+        m = measure("default", StorageLayout(), units, folder, reads=4, repeats=1, seed=0)
+        points = sum(sum(u.rows()) for u in units)
+        paired = sum(int((c >= 0).sum()) for u in units for c in u.camera)
+        rows += [
+            (f"D={dim}: bytes per point", m["bytes/point"], "bytes"),
+            (f"D={dim}: bytes per paired point", m["bytes/point"] * points / paired, "bytes"),
+            (f"D={dim}: RATIO dense input / stored", m["ratio"], "ratio"),
+            (f"D={dim}: paired share (synthetic)", paired / points, "fraction"),
+        ]
+    return rows
+
+
+# ---------------------------------------------------------------- 5. scaling ----
+def scaling(cfg: BenchConfig, work: Path) -> list[Row]:
+    """Extraction images/s with 2 Dask thread workers ÷ 1 worker (one scan per unit)."""
+    one = _extract(cfg, work / "cache-w1", workers=1, scans_per_unit=1)
+    two = _extract(cfg, work / "cache-w2", workers=2, scans_per_unit=1)
+    return [
+        ("extract, 1 worker", one.images_per_s, "images/s"),
+        ("extract, 2 workers", two.images_per_s, "images/s"),
+        ("RATIO 2 workers / 1 worker", two.images_per_s / one.images_per_s, "ratio"),
+    ]
+
+
+BENCHMARKS = {
+    "extraction": extraction,
+    "online": online,
+    "loader": loader,
+    "size": size,
+    "scaling": scaling,
+}
+
+
+def run_benchmark(what: str, cfg: BenchConfig) -> list[Row]:
+    """Run one benchmark (a name of WHATS), print its table and return its rows."""
+    if what not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {what!r}: choose from {', '.join(WHATS)}")
+    if what != "size" and (cfg.data is None or not cfg.teacher):
+        raise ValueError(f"benchmark {what!r} needs --data and --teacher")
+    work = Path(tempfile.mkdtemp(prefix=f"bench-{what}-", dir=cfg.workdir))
+    try:
+        rows = BENCHMARKS[what](cfg, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    extra = (
+        f", teacher {cfg.teacher}, image {cfg.image_size[0]}x{cfg.image_size[1]}"
+        if cfg.teacher
+        else ""
+    )
+    print_table(
+        f"{what} (torch {torch.__version__}, {torch.get_num_threads()} threads{extra})", rows
+    )
+    return rows

@@ -1,0 +1,52 @@
+"""The issue-9 benchmarks (benchmarks/pipeline_bench.py) at their tiniest size: each prints a
+table with its expected rows, and every rate and ratio is finite and positive (no timing bounds)."""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from pipeline_bench import BenchConfig, run_benchmark  # noqa: E402
+
+EXPECTED = {
+    "extraction": ["RATIO extract / bare", "share: decode", "share: resize", "share: teacher",
+                   "share: pairing", "share: sampling", "share: write"],
+    "online": ["train from cache", "train with online teacher", "RATIO cache / online"],
+    "loader": ["data_wait_share, 2 loader workers", "RATIO cache / npy throughput"],
+    "size": ["D=64: bytes per paired point", "D=64: RATIO dense input / stored"],
+    "scaling": ["extract, 1 worker", "extract, 2 workers", "RATIO 2 workers / 1 worker"],
+}  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("what", list(EXPECTED))
+def test_benchmark_prints_its_table(what, synthetic_nuscenes, tiny_teacher, capsys) -> None:
+    cfg = BenchConfig(
+        data=synthetic_nuscenes.root, teacher=str(tiny_teacher), split="val", image_size=(28, 56),
+        scans=1, steps=1, dim=64, points_per_scan=1500, reads=3, threads=1,
+    )  # fmt: skip
+    rows = run_benchmark(what, cfg)
+    names = [name for name, _, _ in rows]
+    for expected in EXPECTED[what]:
+        assert expected in names, f"{what}: row {expected!r} missing from {names}"
+    for name, value, unit in rows:
+        if unit == "fraction" and name.startswith("data_wait"):
+            assert 0 <= value < 1, (name, value)  # a wait share may be 0
+        else:
+            assert math.isfinite(value) and value > 0, (name, value)
+    shares = [v for n, v, _ in rows if n.startswith("share: ")]
+    if shares:
+        assert math.isclose(sum(shares), 1.0, rel_tol=1e-6)
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].startswith(f"## {what}")
+    header = out.splitlines()[1]
+    assert [c.strip() for c in header.split("|")] == ["measure", "value", "unit"]
+    for name in EXPECTED[what]:
+        line = next(ln for ln in out.splitlines() if ln.startswith(name))
+        assert re.fullmatch(r".* \| +[-+0-9.e]+ \| \S+", line), line
