@@ -162,6 +162,7 @@ def extract_teacher_command(
     min_depth: float = typer.Option(1.0, "--min-depth", help="Pairing: minimum camera depth (m)."),
     occlusion: bool = typer.Option(True, "--occlusion/--no-occlusion", help="Pairing: reject occluded points."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave out scans failing the pre-flight check (listed in the cache's meta) instead of failing."),
 ) -> None:
     """Stage one: DINOv2 features at every paired LiDAR point → the Zarr target cache (Dask).
 
@@ -193,8 +194,16 @@ def extract_teacher_command(
         scans_per_unit=scans_per_unit,
         pairing=PairingConfig(min_depth=min_depth, occlusion=occlusion),
         progress=progress,
+        skip_bad=skip_bad,
     )
-    summary = extract_teacher(cfg)
+    from cache import CacheError
+    from pipeline.datasets import DataError
+
+    try:
+        summary = extract_teacher(cfg)
+    except (CacheError, DataError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
     if summary.teacher_random:
         typer.echo("warning: the teacher is a RANDOM model (make-teacher): demo/test targets only", err=True)
     typer.echo(f"cache: {summary.cache_path}")
@@ -263,6 +272,8 @@ def train_command(
     resume: bool = typer.Option(False, "--resume", help="Continue from RUN_DIR/checkpoint.pt."),
     progress: bool = typer.Option(None, "--progress/--no-progress", help="Show the progress bar."),
     config: Path = typer.Option(None, "--config", help="YAML with TrainConfig fields (options given here win)."),
+    verify_cache: bool = typer.Option(None, "--verify-cache/--no-verify-cache", help="Recompute every cache checksum before training (default: structural check only)."),
+    skip_bad_scans: bool = typer.Option(None, "--skip-bad-scans/--no-skip-bad-scans", help="Train without the scans of units that fail the check (default: refuse the cache)."),
 ) -> None:  # fmt: skip
     """Stage two: train the sparse-conv student on the cache's targets (no teacher, no images).
 
@@ -279,6 +290,7 @@ def train_command(
             occupancy_weight=occupancy_weight, epochs=epochs, batch_size=batch_size, lr=lr,
             workers=workers, seed=seed, device=device, threads=threads, backbone=backbone,
             checkpoint_every=checkpoint_every, resume=resume or None, progress=progress,
+            verify_cache=verify_cache, skip_bad_scans=skip_bad_scans,
         )  # fmt: skip
         result = train(cfg)
     except (CacheError, DataError, ValueError, FileNotFoundError, FileExistsError) as e:

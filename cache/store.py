@@ -343,6 +343,16 @@ class CacheWriter:
         try:
             write_unit_group(tmp, data, self.feature_dim, self.layout)
             files = _file_digests(tmp)
+            # Guard: never mark a group that lost part of its files (e.g. its temp dir was
+            # removed under a writer that outlived its run): every array's metadata must be there.
+            lost = [
+                n for n in (*POINT_ARRAYS, OFFSETS, TARGET_OFFSETS) if f"{n}/zarr.json" not in files
+            ]
+            if lost or "zarr.json" not in files:
+                raise CacheError(
+                    f"unit {unit_name(unit_id)}: written group {tmp.name} lacks arrays {lost} "
+                    "(its temp dir was removed while it was written?); not marked done"
+                )
             for rel in files:
                 with open(tmp / rel, "rb") as fh:
                     os.fsync(fh.fileno())

@@ -22,6 +22,7 @@ import dataclasses
 import json
 import os
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,7 +34,8 @@ import numpy as np
 import torch
 
 from cache import CacheKey, CacheWriter, UnitData, dataset_fingerprint
-from pipeline.datasets import NuScenesReader, Scan
+from pipeline.datasets import DataError, NuScenesReader, Scan
+from pipeline.datasets.check import check_scan
 from pipeline.pairing import UNPAIRED, PairingConfig, pair_points
 from pipeline.teacher import FEATURE_LAYER, Teacher, TeacherConfig, cached_teacher, sample_features
 
@@ -76,6 +78,9 @@ class ExtractConfig:
     """How points are paired with camera pixels (part of the cache key)."""
     progress: bool = True
     """Show a progress bar over units."""
+    skip_bad: bool = False
+    """Scans failing the pre-flight check (`check_scan`) are left out of the cache and listed in
+    its manifest meta (``skipped_scans``); False: the run fails listing them, before any work."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data", Path(self.data))
@@ -114,6 +119,7 @@ class ExtractSummary:
     compute_s: float  # seconds from workers ready to last unit written
     images_per_s: float  # images / compute_s
     teacher_random: bool  # the teacher is a RANDOM test/demo model
+    scans_skipped: int = 0  # scans left out by --skip-bad (listed in the manifest meta)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -131,7 +137,43 @@ class ExtractSummary:
 
 
 # ---------------------------------------------------------------- one unit (runs on a worker) ----
+# Units running in this process (thread workers). A failed run waits for them before it lets
+# its lock go: a thread cannot be cancelled and would otherwise go on writing while a re-run in
+# the same process cleans the temp dirs and writes the same units (tests/test_reliability.py).
+_running = threading.Condition()
+_running_units = 0
+
+
+def _wait_for_running_units(timeout: float = 600.0) -> None:
+    with _running:
+        _running.wait_for(lambda: _running_units == 0, timeout=timeout)
+
+
 def extract_unit(
+    writer: CacheWriter,
+    unit_id: int,
+    scans: list[Scan],
+    reader: NuScenesReader,
+    teacher_cfg: TeacherConfig,
+    pairing: PairingConfig,
+    batch_size: int,
+    torch_threads: int = 0,
+) -> dict[str, Any]:
+    """Compute and write one unit; returns its statistics (counts and seconds per step)."""
+    global _running_units
+    with _running:
+        _running_units += 1
+    try:
+        return _extract_unit(
+            writer, unit_id, scans, reader, teacher_cfg, pairing, batch_size, torch_threads
+        )
+    finally:
+        with _running:
+            _running_units -= 1
+            _running.notify_all()
+
+
+def _extract_unit(
     writer: CacheWriter,
     unit_id: int,
     scans: list[Scan],
@@ -238,7 +280,21 @@ def _git_sha() -> str:
         return "unknown"
 
 
-def _run_meta(cfg: ExtractConfig, teacher: Teacher) -> dict[str, Any]:
+def preflight(reader: NuScenesReader, scans: list[Scan], progress: bool) -> dict[str, list[str]]:
+    """Problems of each bad scan (token -> lines naming the file and the problem): every scan's
+    points, labels, calibration and image headers, read before any teacher work."""
+    from tqdm import tqdm
+
+    bad = {}
+    for scan in tqdm(scans, desc="check", unit="scan", disable=not progress, dynamic_ncols=True):
+        if problems := check_scan(reader, scan):
+            bad[scan.token] = problems
+    return bad
+
+
+def _run_meta(
+    cfg: ExtractConfig, teacher: Teacher, skipped: dict[str, list[str]]
+) -> dict[str, Any]:
     import dask
     import transformers
 
@@ -247,6 +303,7 @@ def _run_meta(cfg: ExtractConfig, teacher: Teacher) -> dict[str, Any]:
     return {
         "extract_config": json.loads(json.dumps(config, default=str)),
         "teacher": dataclasses.asdict(teacher.identity),
+        "skipped_scans": [{"token": t, "problems": p} for t, p in skipped.items()],
         "git_sha": _git_sha(),
         "versions": {
             "torch": torch.__version__,
@@ -303,16 +360,28 @@ def extract_teacher(cfg: ExtractConfig) -> ExtractSummary:
     scans = reader.scans(cfg.split)
     if not scans:
         raise ValueError(f"{reader.version_dir}: split {cfg.split!r} has no scans")
-    units = split_units(scans, cfg.scans_per_unit)
     teacher_cfg = cfg.teacher_config()
     teacher = cached_teacher(teacher_cfg)  # validates model and image size before any Dask work
+    bad = preflight(reader, scans, cfg.progress)
+    if bad and not cfg.skip_bad:
+        lines = [p for problems in bad.values() for p in problems]
+        raise DataError(
+            f"{len(bad)} of {len(scans)} scans of split {cfg.split!r} fail the pre-flight check "
+            "(fix them, or pass --skip-bad to extract without them):\n  "
+            + "\n  ".join(lines[:20])
+            + (f"\n  ... {len(lines) - 20} more" if len(lines) > 20 else "")
+        )
+    scans = [s for s in scans if s.token not in bad]
+    if not scans:
+        raise DataError(f"split {cfg.split!r}: every scan fails the pre-flight check")
+    units = split_units(scans, cfg.scans_per_unit)
     key = cache_key(cfg, reader, teacher)
     writer = CacheWriter.create(
         cfg.cache_root,
         key,
         [[s.token for s in unit] for unit in units],
         feature_dim=teacher.feature_dim,
-        meta=_run_meta(cfg, teacher),
+        meta=_run_meta(cfg, teacher, bad),
     )
     totals = dict.fromkeys(("images", "points", "paired", "bytes", "forwards"), 0)
     with writer.lock():
@@ -363,8 +432,10 @@ def extract_teacher(cfg: ExtractConfig) -> ExtractSummary:
                         elapsed = time.perf_counter() - t_compute
                         bar.set_postfix(img_s=f"{totals['images'] / elapsed:.2f}", refresh=False)
                         bar.update(1)
-                except BaseException:
+                except BaseException as e:
                     client.cancel(futures)  # stop what has not started; done units stay done
+                    if not isinstance(e, KeyboardInterrupt):
+                        _wait_for_running_units()  # what has started finishes under our lock
                     raise
                 finally:
                     bar.close()
@@ -384,6 +455,7 @@ def extract_teacher(cfg: ExtractConfig) -> ExtractSummary:
             compute_s=compute_s,
             images_per_s=totals["images"] / compute_s if pending and compute_s > 0 else 0.0,
             teacher_random=teacher.identity.random,
+            scans_skipped=len(bad),
         )
         if pending or not _is_final(writer):
             writer.finalize(summary.to_dict())

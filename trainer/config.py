@@ -33,6 +33,12 @@ class TrainConfig:
     """nuScenes version folder (v1.0-trainval, v1.0-mini, ...); None = the only one present."""
     split: str = "train"
     """Split to train on; must equal the cache key's split."""
+    verify_cache: bool = False
+    """Recompute every checksum of the cache before the first step (reads the whole cache);
+    without it only the cheap structural check runs (each unit's marker and files, by size)."""
+    skip_bad_scans: bool = False
+    """Train on the scans of the units that pass the check (skipped scans are counted and
+    reported) instead of refusing a cache that fails it."""
 
     # ---- student ----
     backbone: str = "minkunet34"
@@ -154,6 +160,7 @@ FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 # Fields that may differ between a run and its resumption (they do not change the trajectory).
 RESUMABLE_CHANGES = (
     "resume",
+    "verify_cache",
     "workers",
     "threads",
     "kernel_map_threads",

@@ -18,7 +18,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from cache import CacheKeyMismatch, CacheReader, dataset_fingerprint, open_cache, resolve_cache
+from cache import (
+    CacheError,
+    CacheKeyMismatch,
+    CacheReader,
+    dataset_fingerprint,
+    open_cache,
+    resolve_cache,
+)
 from trainer.config import TrainConfig
 from trainer.minkowski import ME
 from trainer.model import StudentConfig, input_features, voxel_coordinates
@@ -46,6 +53,37 @@ def open_training_cache(cfg: TrainConfig) -> CacheReader:
     return reader
 
 
+def usable_scans(reader: CacheReader, cfg: TrainConfig) -> tuple[list[int], list[str]]:
+    """(indices of the scans to train on, problems found) after checking every unit of the cache.
+
+    The check is structural (each unit's `.done` marker and files, by size: a missing unit, a
+    truncated shard, a lost file), plus every checksum and offset with ``cfg.verify_cache``. A
+    cache with problems is refused (`CacheError` listing them) unless ``cfg.skip_bad_scans``:
+    then the scans of the bad units are left out and the others returned."""
+    from cache.store import load_manifest, unit_problems
+
+    units = load_manifest(reader.path)["units"]
+    keep: list[int] = []
+    problems: list[str] = []
+    first = 0  # index of the unit's first scan
+    for u, tokens in enumerate(units):
+        found = unit_problems(reader.path, u, tokens, checksums=cfg.verify_cache)
+        problems += found
+        if not found:
+            keep += range(first, first + len(tokens))
+        first += len(tokens)
+    if problems and not cfg.skip_bad_scans:
+        shown = "; ".join(problems[:5]) + ("; ..." if len(problems) > 5 else "")
+        raise CacheError(
+            f"cache {reader.path} fails verification ({len(problems)} problem(s)): {shown}. "
+            "Run `python cli.py cache verify` for the list, re-extract, or pass --skip-bad-scans "
+            "to train without the bad units' scans"
+        )
+    if not keep:
+        raise CacheError(f"cache {reader.path}: no scan left after skipping the bad units")
+    return keep, problems
+
+
 def augment(xyz: np.ndarray, cfg: TrainConfig, rng: np.random.Generator) -> np.ndarray:
     """(N, 3) points rotated about z, flipped in x and/or y, scaled; the sensor stays at the
     origin (rays keep their meaning)."""
@@ -60,16 +98,21 @@ def augment(xyz: np.ndarray, cfg: TrainConfig, rng: np.random.Generator) -> np.n
 class ScanDataset(Dataset):
     """Item (epoch, i) → dict of numpy arrays for scan i (see `__getitem__`)."""
 
-    def __init__(self, reader: CacheReader, cfg: TrainConfig) -> None:
+    def __init__(
+        self, reader: CacheReader, cfg: TrainConfig, scans: list[int] | None = None
+    ) -> None:
         self.reader = reader
         self.cfg = cfg
         self.student = StudentConfig(backbone=cfg.backbone, voxel_size=cfg.voxel_size)
+        self.scans = list(range(len(reader))) if scans is None else list(scans)
+        """Cache indices of the scans served: item k is scan ``scans[k]`` (see `usable_scans`)."""
 
     def __len__(self) -> int:
-        return len(self.reader)
+        return len(self.scans)
 
     def __getitem__(self, item: tuple[int, int]) -> dict[str, Any]:
-        epoch, i = item
+        epoch, k = item
+        i = self.scans[k]  # cache index: the randomness follows the scan, not its position
         cfg = self.cfg
         rng = np.random.default_rng([cfg.seed, epoch, i])
         # 1. read the scan and its targets from the cache (points, per-point targets, pairing)

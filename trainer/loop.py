@@ -14,6 +14,7 @@ import os
 import platform
 import random
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,13 @@ from tqdm import tqdm
 
 from trainer import distributed
 from trainer.config import RESUMABLE_CHANGES, TrainConfig
-from trainer.data import RunBatchSampler, ScanDataset, collate, open_training_cache
+from trainer.data import (
+    RunBatchSampler,
+    ScanDataset,
+    collate,
+    open_training_cache,
+    usable_scans,
+)
 from trainer.heads import build_head
 from trainer.loss import distill_loss
 from trainer.minkowski import ME
@@ -207,11 +214,19 @@ def _train(cfg: TrainConfig, rt: distributed.Runtime) -> TrainResult:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     reader = open_training_cache(cfg)  # refuses incomplete / mismatched caches
+    scans, problems = usable_scans(reader, cfg)  # refuses a damaged cache unless skip_bad_scans
+    skipped = len(reader) - len(scans)
+    if skipped and rt.is_main:
+        print(
+            f"warning: skipping {skipped} of {len(reader)} scans of cache {reader.path} "
+            f"({len(problems)} problem(s), first: {problems[0]})",
+            file=sys.stderr,
+        )
     digest = reader.key.digest()
     torch.manual_seed(cfg.seed)  # same initialisation on every process
     model = DistillModel(cfg, reader.feature_dim).to(rt.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sampler = RunBatchSampler(len(reader), cfg.batch_size, cfg.epochs, cfg.seed, rt.rank, rt.world)
+    sampler = RunBatchSampler(len(scans), cfg.batch_size, cfg.epochs, cfg.seed, rt.rank, rt.world)
     total = sampler.total_steps
     schedule = lr_schedule(total, cfg)  # (total,)
     run_dir, ckpt_path, metrics_path = cfg.out, cfg.out / CHECKPOINT, cfg.out / METRICS
@@ -227,7 +242,13 @@ def _train(cfg: TrainConfig, rt: distributed.Runtime) -> TrainResult:
             "config": cfg.to_dict(),
             "versions": _versions(),
             "git_sha": _git_sha(),
-            "cache": {"path": str(reader.path), "digest": digest, "key": reader.key.to_dict()},
+            "cache": {
+                "path": str(reader.path),
+                "digest": digest,
+                "key": reader.key.to_dict(),
+                "scans": len(scans),
+                "skipped_scans": skipped,
+            },
             "feature_dim": reader.feature_dim,
             "world_size": rt.world,
             "steps": total,
@@ -239,7 +260,7 @@ def _train(cfg: TrainConfig, rt: distributed.Runtime) -> TrainResult:
             metrics_path.unlink(missing_ok=True)
     net = DistributedDataParallel(model) if rt.distributed else model
     loader = DataLoader(
-        ScanDataset(reader, cfg),
+        ScanDataset(reader, cfg, scans),
         batch_sampler=sampler,
         collate_fn=collate,
         num_workers=cfg.workers,
