@@ -205,50 +205,65 @@ def _cli(cfg: ExtractConfig) -> list[str]:
     ]  # fmt: skip
 
 
+def _wait_for(pattern: str, root: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not list(root.glob(pattern)) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 @pytest.mark.slow
 def test_kill_9_then_rerun_equals_an_uninterrupted_run(serial, tmp_path: Path) -> None:
-    """kill -9 the whole CLI process group (client and its Dask worker process) after its first
-    unit, re-run: the cache equals one written without interruption."""
+    """3 trials: kill -9 the whole CLI process group (client and its Dask worker process) at a
+    seeded random moment (trial 0: just after it takes the lock; then: after its first unit), and
+    re-run. After each kill no unit is marked done without being intact; each re-run equals one
+    uninterrupted run, file checksum for file checksum and array for array."""
+    from cache.store import unit_problems
+
     cfg = replace(
         serial[0],
-        cache_root=tmp_path / "killed",
         image_size=(224, 392),
         scans_per_unit=1,
         processes=True,  # a worker process in the killed group, not only the client
     )
     n_units = 4
-    proc = subprocess.Popen(
-        _cli(cfg),
-        cwd=REPO,
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 240
-    done: list[Path] = []
-    while not done and proc.poll() is None and time.monotonic() < deadline:
-        done = list(cfg.cache_root.glob("*/units/*.done"))
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    output = proc.communicate()[0].decode(errors="replace")
-    done = list(cfg.cache_root.glob("*/units/*.done"))
-    assert 1 <= len(done) < n_units, f"killed too late or never: {len(done)}/{n_units}\n{output}"
-    (path,) = {d.parents[1] for d in done}
-    assert (path / "writer.lock").exists()  # the killed run's lock is left behind: stale
-    with pytest.raises(IncompleteCacheError):
-        open_cache(path)
-
-    # Re-run (in this process, threads: same settings, so same key and, as tested above, the
-    # same bytes): takes the stale lock over, skips the finished units, writes the others.
-    with pytest.warns(UserWarning, match="stale lock"):
-        resumed = extract_teacher(replace(cfg, processes=False))
-    assert resumed.cache_path == str(path)
-    assert resumed.units_skipped == len(done) and resumed.units_computed == n_units - len(done)
-    assert open_cache(path).verify(progress=False) == []
-
     fresh = extract_teacher(replace(cfg, processes=False, cache_root=tmp_path / "fresh"))
-    assert Path(fresh.cache_path).name == path.name and fresh.units_computed == n_units
-    assert _markers(path) == _markers(fresh.cache_path)
-    for a, b in zip(_arrays(path), _arrays(fresh.cache_path), strict=True):
-        for name in a:
-            assert np.array_equal(a[name], b[name]), name
+    assert fresh.units_computed == n_units
+    rng = np.random.default_rng(8)
+    interrupted = 0
+    for trial in range(3):
+        root = tmp_path / f"killed{trial}"
+        proc = subprocess.Popen(
+            _cli(replace(cfg, cache_root=root)),
+            cwd=REPO,
+            start_new_session=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        _wait_for("*/writer.lock" if trial == 0 else "*/units/*.done", root, proc)
+        time.sleep(rng.uniform(0.0, 0.5 if trial == 0 else 1.0))
+        os.killpg(proc.pid, signal.SIGKILL)
+        output = proc.communicate()[0].decode(errors="replace")
+        (path,) = root.iterdir()
+        assert (path / "writer.lock").exists(), output  # the killed run's lock: stale
+        manifest = json.loads((path / "manifest.json").read_text())
+        done = sorted(path.glob("units/*.done"))
+        for marker in done:  # a unit marked done is complete and intact
+            u = int(marker.name[1:6])
+            assert unit_problems(path, u, manifest["units"][u], checksums=True) == [], marker
+        if len(done) < n_units:
+            interrupted += 1
+            with pytest.raises(IncompleteCacheError):
+                open_cache(path)
+        # Re-run (in this process, threads: same settings, so same key and, as tested above,
+        # the same bytes): takes the stale lock over, skips the finished units, writes the rest.
+        with pytest.warns(UserWarning, match="stale lock"):
+            resumed = extract_teacher(replace(cfg, processes=False, cache_root=root))
+        assert resumed.cache_path == str(path) and Path(fresh.cache_path).name == path.name
+        assert resumed.units_skipped == len(done)
+        assert resumed.units_computed == n_units - len(done)
+        assert open_cache(path).verify(progress=False) == []
+        assert _markers(path) == _markers(fresh.cache_path)
+        for a, b in zip(_arrays(path), _arrays(fresh.cache_path), strict=True):
+            for name in a:
+                assert np.array_equal(a[name], b[name]), name
+    assert interrupted >= 2  # the kills landed inside the runs, not after them
