@@ -219,20 +219,24 @@ def test_apply_overrides_converts_to_field_types():
 def test_cache_fingerprint_detects_changes(tmp_path):
     import os
 
-    from trainer.evaluate.ablate import cache_fingerprint, check_cache_untouched
+    import sys
 
+    from trainer.evaluate.ablate import FORBIDDEN_MODULES, cache_fingerprint, check_cache_untouched
+
+    # Other tests of this pytest process may have imported the teacher already.
+    preloaded = frozenset(m for m in FORBIDDEN_MODULES if m in sys.modules)
     (tmp_path / "units").mkdir()
     (tmp_path / "manifest.json").write_text("{}")
     (tmp_path / "units" / "u00000.done").write_text("{}")
     (tmp_path / "units" / "shard").write_bytes(b"abc")
     before = cache_fingerprint(tmp_path)
-    check_cache_untouched(before, tmp_path, "same")  # nothing changed: no error
+    check_cache_untouched(before, tmp_path, "same", preloaded)  # nothing changed: no error
     st = os.stat(tmp_path / "units" / "shard")
     (tmp_path / "units" / "shard").write_bytes(b"abd")
     os.utime(tmp_path / "units" / "shard", ns=(st.st_atime_ns, st.st_mtime_ns))  # same size, mtime
     (tmp_path / "units" / "u00000.done").write_text("{ }")
     with pytest.raises(RuntimeError, match="modified cache.*u00000.done"):
-        check_cache_untouched(before, tmp_path, "r1")
+        check_cache_untouched(before, tmp_path, "r1", preloaded)
 
 
 # ---------------------------------------------------------------- end to end (tiny backbone)
