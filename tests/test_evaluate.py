@@ -218,7 +218,6 @@ def test_apply_overrides_converts_to_field_types():
 
 def test_cache_fingerprint_detects_changes(tmp_path):
     import os
-
     import sys
 
     from trainer.evaluate.ablate import FORBIDDEN_MODULES, cache_fingerprint, check_cache_untouched

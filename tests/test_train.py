@@ -86,19 +86,25 @@ def test_loss_decreases(train_cache, tmp_path, head, occupancy_weight) -> None:
 
 @pytest.mark.slow
 def test_kill_9_then_resume_continues_the_same_trajectory(train_cache, tmp_path) -> None:
-    common = dict(epochs=2, checkpoint_every=3, occupancy_weight=0.5)
-    reference = _cfg(train_cache, tmp_path / "reference", **common)
-    train(reference)
-    expected = _metrics(reference.out)
+    def cli_args(out: Path) -> list[str]:
+        return [
+            "--cache", str(train_cache.cache), "--data", str(train_cache.data), "--out", str(out),
+            "--backbone", "tiny", "--batch-size", "2", "--lr", "3e-3", "--epochs", "2",
+            "--checkpoint-every", "3", "--occupancy-weight", "0.5", "--no-progress",
+            "--config", str(tmp_path / "extra.yaml"),
+        ]  # fmt: skip
+
+    (tmp_path / "extra.yaml").write_text("warmup: 0.1\nworkers: 1\nthreads: 1\n")
+    # The reference runs in a fresh process too: the same code path as the killed run, free of
+    # the thread/BLAS state that earlier tests leave in this pytest process.
+    ref = subprocess.run(
+        _cli(*cli_args(tmp_path / "reference")), cwd=REPO, capture_output=True, text=True
+    )
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    expected = _metrics(tmp_path / "reference")
 
     run = tmp_path / "killed"
-    args = [
-        "--cache", str(train_cache.cache), "--data", str(train_cache.data), "--out", str(run),
-        "--backbone", "tiny", "--batch-size", "2", "--lr", "3e-3", "--epochs", "2",
-        "--checkpoint-every", "3", "--occupancy-weight", "0.5", "--no-progress",
-        "--config", str(tmp_path / "extra.yaml"),
-    ]  # fmt: skip
-    (tmp_path / "extra.yaml").write_text("warmup: 0.1\nworkers: 1\nthreads: 1\n")
+    args = cli_args(run)
     proc = subprocess.Popen(_cli(*args), cwd=REPO, stderr=subprocess.PIPE)
     deadline = time.time() + 240
     while not (run / "checkpoint.pt").exists():
