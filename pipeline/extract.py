@@ -133,6 +133,7 @@ class ExtractSummary:
             f"({paired:.1%} paired), {self.bytes_written / 1e6:.1f} MB written; "
             f"{self.images_per_s:.2f} images/s, {self.wall_s:.1f} s wall; "
             f"{self.teacher_forwards} teacher forwards"
+            + (f"; {self.scans_skipped} bad scans skipped" if self.scans_skipped else "")
         )
 
 
@@ -258,7 +259,9 @@ def cache_key(cfg: ExtractConfig, reader: NuScenesReader, teacher: Teacher) -> C
     return CacheKey(
         dataset_fingerprint=dataset_fingerprint(reader.metadata_files()),
         split=cfg.split,
-        teacher=cfg.teacher,
+        # A local folder is named by its folder name only: the weights hash identifies it, so the
+        # same teacher reached by another path (./t, /abs/t, a copied folder) keeps its cache.
+        teacher=Path(cfg.teacher).name if Path(cfg.teacher).is_dir() else cfg.teacher,
         teacher_weights_sha256=teacher.identity.weights_sha256,
         image_size=cfg.image_size,
         feature_layer=FEATURE_LAYER,
