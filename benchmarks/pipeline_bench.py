@@ -255,9 +255,13 @@ class OnlineTargets:
         )
 
 
-def _train_rate(reader, train_cfg, steps: int) -> float:
-    """Scans/s of the training step (trainer/loop.py's sections) over `steps` batches after one
-    warm-up batch; data loaded in this process (workers 0) for both sources."""
+def _train_steps(readers: dict, train_cfg, steps: int) -> dict[str, tuple[float, float]]:
+    """Per source (name → reader): (scans/s, share of the step spent getting the batch) of the
+    training step (trainer/loop.py's sections), data loaded in this process (workers 0).
+
+    The sources' steps are interleaved (A B, B A, A B, ...) and summarised by their medians,
+    so a shared machine's drifting load hits every source alike; step 0 (warm-up) is left out.
+    """
     from torch.utils.data import DataLoader
 
     from trainer.data import ScanDataset, collate
@@ -265,34 +269,45 @@ def _train_rate(reader, train_cfg, steps: int) -> float:
     from trainer.loss import distill_loss
     from trainer.occupancy import occupancy_loss
 
-    torch.manual_seed(0)
-    feature_dim = reader.read_scan(0).target.shape[1]
-    model = DistillModel(train_cfg, feature_dim)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    bs = train_cfg.batch_size
-    batches = [[(0, (s * bs + k) % len(reader)) for k in range(bs)] for s in range(steps + 1)]
-    loader = DataLoader(ScanDataset(reader, train_cfg), batch_sampler=batches, collate_fn=collate)
-    t_start, scans = 0.0, 0
     threads = torch.get_num_threads()
-    batches_iter = iter(loader)
-    for s in range(steps + 1):  # time from the request of the batch to the step's end
-        if s == 1:
-            t_start = time.perf_counter()
-        # ME's kernel-map setup (make_field) sets this thread's OpenMP count to 1: restore it,
-        # so the data side (the online teacher) gets the same threads every step
-        torch.set_num_threads(threads)
-        batch = next(batches_iter)
-        paired = batch["paired"]
-        pred, logits = model(batch["coords"], batch["feats"], batch["queries"], paired)
-        loss = distill_loss(pred, batch["target"][paired], torch.ones_like(paired[paired]))
-        if logits is not None:
-            loss = loss + train_cfg.occupancy_weight * occupancy_loss(logits, batch["occ_labels"])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if s >= 1:
-            scans += batch["scans"]
-    return scans / (time.perf_counter() - t_start)
+    bs = train_cfg.batch_size
+    runs = {}
+    for name, reader in readers.items():
+        torch.manual_seed(0)
+        model = DistillModel(train_cfg, reader.read_scan(0).target.shape[1])
+        batches = [[(0, (s * bs + k) % len(reader)) for k in range(bs)] for s in range(steps + 1)]
+        loader = DataLoader(
+            ScanDataset(reader, train_cfg), batch_sampler=batches, collate_fn=collate
+        )
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        runs[name] = (model, opt, iter(loader), [], [])
+    names = list(readers)
+    for s in range(steps + 1):
+        for name in names if s % 2 == 0 else names[::-1]:
+            model, opt, batches_iter, step_s, wait_s = runs[name]
+            # ME's kernel-map setup (make_field) sets this thread's OpenMP count to 1: restore
+            # it, so the data side (the online teacher) gets the same threads every step
+            torch.set_num_threads(threads)
+            t0 = time.perf_counter()
+            batch = next(batches_iter)
+            t1 = time.perf_counter()
+            paired = batch["paired"]
+            pred, logits = model(batch["coords"], batch["feats"], batch["queries"], paired)
+            loss = distill_loss(pred, batch["target"][paired], torch.ones_like(paired[paired]))
+            if logits is not None:
+                loss = loss + train_cfg.occupancy_weight * occupancy_loss(
+                    logits, batch["occ_labels"]
+                )
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if s >= 1:
+                step_s.append(time.perf_counter() - t0)
+                wait_s.append(t1 - t0)
+    return {
+        name: (bs / float(np.median(r[3])), float(np.sum(r[4]) / np.sum(r[3])))
+        for name, r in runs.items()
+    }
 
 
 def online(cfg: BenchConfig, work: Path) -> list[Row]:
@@ -311,12 +326,14 @@ def online(cfg: BenchConfig, work: Path) -> list[Row]:
         cache=Path(summary.cache_path), data=cfg.data, out=work / "run",
         backbone=cfg.backbone, batch_size=min(2, cfg.scans), workers=0, amp=False,
     )  # fmt: skip
-    rate_cache = _train_rate(cached, train_cfg, cfg.steps)
-    rate_online = _train_rate(live, train_cfg, cfg.steps)
+    rates = _train_steps({"cache": cached, "online": live}, train_cfg, cfg.steps)
+    (rate_cache, wait_cache), (rate_online, wait_online) = rates["cache"], rates["online"]
     return [
         ("train from cache", rate_cache, "scans/s"),
         ("train with online teacher", rate_online, "scans/s"),
         ("RATIO cache / online", rate_cache / rate_online, "ratio"),
+        ("cache: share of step getting the batch", wait_cache, "fraction"),
+        ("online: share of step getting the batch", wait_online, "fraction"),
     ]
 
 
