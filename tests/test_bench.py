@@ -24,7 +24,6 @@ EXPECTED = {
 }  # fmt: skip
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("what", list(EXPECTED))
 def test_benchmark_prints_its_table(what, synthetic_nuscenes, tiny_teacher, capsys) -> None:
     cfg = BenchConfig(
