@@ -490,7 +490,5 @@ def run_benchmark(what: str, cfg: BenchConfig) -> list[Row]:
         if cfg.teacher
         else ""
     )
-    print_table(
-        f"{what} (torch {torch.__version__}, {torch.get_num_threads()} threads{extra})", rows
-    )
+    print_table(f"{what} (torch {torch.__version__}, --threads {cfg.threads}{extra})", rows)
     return rows
