@@ -160,6 +160,18 @@ def test_bad_scans_fail_before_any_work_or_are_skipped_and_listed(
     assert "truncated lidar file" in message and "image file missing" in message
     assert "labels for" in message
     assert not (tmp_path / "cache").exists()  # nothing written, no teacher work
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    result = CliRunner().invoke(app, [
+        "extract-teacher", "--data", str(root), "--version", cfg.version,
+        "--cache", str(tmp_path / "cli"), "--teacher", cfg.teacher, "--split", SPLIT,
+        "--image-size", "56x98", "--no-progress",
+    ])  # fmt: skip
+    assert result.exit_code == 1 and "error: 3 of 4 scans" in result.output, result.output
+    assert all(path in result.output for path in damaged.values())
+    assert not (tmp_path / "cli").exists()
 
     summary = extract_teacher(replace(cfg, skip_bad=True))
     assert summary.scans == 1 and summary.scans_skipped == 3 and summary.units == 1
