@@ -97,11 +97,20 @@ class CacheKey:
     """Which teacher layer the patch tokens come from ("last")."""
     pairing: str
     """Canonical JSON of the PairingConfig fields (min depth, occlusion settings, ...)."""
+    teacher_dtype: str = "float32"
+    """Dtype the teacher ran in (float32, or float16/bfloat16 autocast): it changes the targets."""
     schema_version: int = SCHEMA_VERSION
     """On-disk format version; part of the key so a new format never reuses an old cache."""
 
     def __post_init__(self) -> None:
-        for f in ("dataset_fingerprint", "split", "teacher", "feature_layer", "pairing"):
+        for f in (
+            "dataset_fingerprint",
+            "split",
+            "teacher",
+            "feature_layer",
+            "pairing",
+            "teacher_dtype",
+        ):
             if not isinstance(getattr(self, f), str) or not getattr(self, f):
                 raise ValueError(
                     f"CacheKey.{f} must be a non-empty string, got {getattr(self, f)!r}"

@@ -266,6 +266,7 @@ def cache_key(cfg: ExtractConfig, reader: NuScenesReader, teacher: Teacher) -> C
         image_size=cfg.image_size,
         feature_layer=FEATURE_LAYER,
         pairing=json.dumps(cfg.pairing.to_dict(), sort_keys=True, separators=(",", ":")),
+        teacher_dtype=cfg.dtype,
     )
 
 

@@ -194,6 +194,7 @@ KEY_CHANGES = {
     "image_size": (224, 224),
     "feature_layer": "penultimate",
     "pairing": '{"min_depth":2.0}',
+    "teacher_dtype": "bfloat16",
     "schema_version": SCHEMA_VERSION + 1,
 }
 
