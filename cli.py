@@ -130,17 +130,46 @@ def check_data_command(
 def make_teacher_command(
     out: Path = typer.Option(..., "--out", help="Folder to create (must not exist or be empty)."),
     size: str = typer.Option("tiny", "--size", help="tiny (D=64, 2 layers), small (D=96, 4 layers), vits14 / vitb14 (the shapes of ViT-S/14, ViT-B/14: timing only)."),
-    registers: int = typer.Option(0, "--registers", help="Register tokens (0: Dinov2Model, >0: Dinov2WithRegistersModel)."),
+    registers: int = typer.Option(0, "--registers", help="Register tokens (0: Dinov2Model, >0: Dinov2WithRegistersModel; not with --fit-on)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random initialisation."),
+    fit_on: Path = typer.Option(None, "--fit-on", help="nuScenes-format dataset (the synthetic one): fit the teacher to its labels so its features carry class content (a stand-in for real DINOv2 weights)."),
+    fit_split: str = typer.Option("train", "--fit-split", help="With --fit-on: the split fitted on (keep val for scoring)."),
+    fit_epochs: int = typer.Option(20, "--fit-epochs", help="With --fit-on: passes over the split's images."),
+    image_size: str = typer.Option("224x392", "--image-size", help="With --fit-on: HEIGHTxWIDTH the images are resized to (multiples of 14)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="With --fit-on: show progress bars."),
 ) -> None:
-    """Save a RANDOM-initialised small DINOv2 (save_pretrained) for demos and tests.
+    """Save a small DINOv2 (save_pretrained) for demos and tests: RANDOM weights, or with
+    --fit-on a stand-in fitted to a dataset's labels.
 
-    Its features mean nothing: it stands in for a real DINOv2 where none can be downloaded.
+    Neither is a real DINOv2: they stand in for one where no weights can be downloaded.
     """
-    from pipeline.teacher import save_random_teacher
+    from pipeline.teacher import parse_image_size, save_random_teacher
 
-    path = save_random_teacher(out, size=size, registers=registers, seed=seed)
-    typer.echo(f"saved a RANDOM {size} DINOv2 ({registers} registers) to {path} (demo/test only)")
+    if fit_on is None:
+        path = save_random_teacher(out, size=size, registers=registers, seed=seed)
+        typer.echo(f"saved a RANDOM {size} DINOv2 ({registers} registers) to {path} (demo/test only)")
+        return
+    from pipeline.datasets import DataError
+    from pipeline.synthetic.teacher_fit import FitConfig, fit_teacher
+
+    if registers:
+        raise typer.BadParameter("--fit-on fits a teacher without registers", param_hint="--registers")
+    try:
+        cfg = FitConfig(
+            data=fit_on, out=out, size=size, split=fit_split, image_size=parse_image_size(image_size),
+            epochs=fit_epochs, seed=seed, progress=progress,
+        )  # fmt: skip
+        stats = fit_teacher(cfg)
+    except (DataError, ValueError, FileExistsError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    val = stats["val_accuracy"]
+    typer.echo(
+        f"saved a STAND-IN {size} DINOv2 fitted to {fit_on} ({fit_split}, {fit_epochs} epochs, "
+        f"{stats['seconds']:.0f} s) to {out} (demo/test only): point accuracy of its linear "
+        f"classifier {stats['accuracy']:.1%} on {fit_split}"
+        + ("" if val is None else f", {val:.1%} on val")
+    )
 
 
 @app.command("extract-teacher")
@@ -206,6 +235,8 @@ def extract_teacher_command(
         raise typer.Exit(1) from None
     if summary.teacher_random:
         typer.echo("warning: the teacher is a RANDOM model (make-teacher): demo/test targets only", err=True)
+    if summary.teacher_fitted:
+        typer.echo("warning: the teacher is a stand-in fitted to dataset labels (make-teacher --fit-on): demo/test targets only", err=True)
     typer.echo(f"cache: {summary.cache_path}")
     typer.echo(summary.line())
 

@@ -119,6 +119,7 @@ class ExtractSummary:
     compute_s: float  # seconds from workers ready to last unit written
     images_per_s: float  # images / compute_s
     teacher_random: bool  # the teacher is a RANDOM test/demo model
+    teacher_fitted: bool = False  # the teacher is a stand-in fitted to dataset labels (demo/test)
     scans_skipped: int = 0  # scans left out by --skip-bad (listed in the manifest meta)
 
     def to_dict(self) -> dict[str, Any]:
@@ -459,6 +460,7 @@ def extract_teacher(cfg: ExtractConfig) -> ExtractSummary:
             compute_s=compute_s,
             images_per_s=totals["images"] / compute_s if pending and compute_s > 0 else 0.0,
             teacher_random=teacher.identity.random,
+            teacher_fitted=teacher.identity.fitted,
             scans_skipped=len(bad),
         )
         if pending or not _is_final(writer):

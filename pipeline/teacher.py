@@ -40,6 +40,9 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 """Files whose bytes define the teacher's weights (hashed into its identity)."""
 RANDOM_MARKER = "random_init_for_tests"
 """config.json flag written by `save_random_teacher`: the weights are random, not DINOv2's."""
+FITTED_MARKER = "fitted_on_dataset_labels"
+"""config.json entry of a stand-in teacher fitted to dataset labels
+(`pipeline/synthetic/teacher_fit.py`): what it was fitted on."""
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -82,6 +85,7 @@ class TeacherIdentity:
     patch_size: int  # 14 for every released DINOv2
     num_register_tokens: int  # 0 without registers
     random: bool  # True for `save_random_teacher` folders: demo/test only
+    fitted: bool = False  # True for stand-ins fitted to dataset labels (`make-teacher --fit-on`)
 
 
 def parse_image_size(text: str) -> tuple[int, int]:
@@ -230,6 +234,7 @@ class Teacher(nn.Module):
             patch_size=self.patch_size,
             num_register_tokens=self.num_register_tokens,
             random=bool(getattr(config, RANDOM_MARKER, False)),
+            fitted=bool(getattr(config, FITTED_MARKER, None)),
         )
         self.forward_count = 0  # teacher forwards (batches) run by this instance
         self.image_count = 0  # images passed through the teacher by this instance
@@ -337,32 +342,22 @@ Its config.json carries `"{marker}": true`, and extraction prints a warning when
 """
 
 
-def save_random_teacher(
-    out: str | Path, size: str = "tiny", registers: int = 0, seed: int = 0
-) -> Path:
-    """Save a random-initialised small DINOv2 (with ``registers`` register tokens if > 0) with
-    ``save_pretrained`` into ``out`` (written to a temp folder, then renamed). Returns ``out``."""
-    import shutil
-    import uuid
-
+def random_dinov2(size: str = "tiny", registers: int = 0, seed: int = 0) -> nn.Module:
+    """A random-initialised small HF DINOv2 (``Dinov2WithRegistersModel`` when ``registers`` > 0)
+    of one of the ``RANDOM_SIZES``, flagged with ``RANDOM_MARKER`` in its config."""
     from transformers import (
         Dinov2Config,
         Dinov2Model,
         Dinov2WithRegistersConfig,
         Dinov2WithRegistersModel,
     )
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # a one-file "Writing model shards" bar is noise
     if size not in RANDOM_SIZES:
         raise ValueError(
             f"unknown random teacher size {size!r}; choose one of {sorted(RANDOM_SIZES)}"
         )
     if registers < 0:
         raise ValueError(f"registers must be >= 0, got {registers}")
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty; choose another --out or delete it")
     dim, layers, heads = RANDOM_SIZES[size]
     common = dict(
         hidden_size=dim,
@@ -383,22 +378,28 @@ def save_random_teacher(
             model.embeddings.register_tokens.normal_(0.0, 0.02)
     else:
         model = Dinov2Model(Dinov2Config(**common))
+    return model
+
+
+def save_teacher_folder(model: nn.Module, out: str | Path, files: dict[str, str]) -> Path:
+    """``model.save_pretrained`` plus text ``files`` (name → content, e.g. README.md) into ``out``
+    (must not exist or be empty), written to a temp folder beside it and renamed: a folder
+    either is complete or absent."""
+    import shutil
+    import uuid
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a one-file "Writing model shards" bar is noise
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; choose another --out or delete it")
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex}")
     try:
         model.save_pretrained(tmp)
-        arch = type(model).__name__
-        (tmp / "README.md").write_text(
-            RANDOM_README.format(
-                arch=arch,
-                size=size,
-                dim=dim,
-                layers=layers,
-                heads=heads,
-                registers=registers,
-                seed=seed,
-                marker=RANDOM_MARKER,
-            )
-        )
+        for name, text in files.items():
+            (tmp / name).write_text(text)
         if out.exists():
             out.rmdir()
         tmp.rename(out)
@@ -406,3 +407,23 @@ def save_random_teacher(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def save_random_teacher(
+    out: str | Path, size: str = "tiny", registers: int = 0, seed: int = 0
+) -> Path:
+    """Save a random-initialised small DINOv2 (with ``registers`` register tokens if > 0) with
+    ``save_pretrained`` into ``out`` (written to a temp folder, then renamed). Returns ``out``."""
+    model = random_dinov2(size, registers, seed)
+    dim, layers, heads = RANDOM_SIZES[size]
+    readme = RANDOM_README.format(
+        arch=type(model).__name__,
+        size=size,
+        dim=dim,
+        layers=layers,
+        heads=heads,
+        registers=registers,
+        seed=seed,
+        marker=RANDOM_MARKER,
+    )
+    return save_teacher_folder(model, out, {"README.md": readme})

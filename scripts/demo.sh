@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job end to end on the embedded synthetic dataset (called by `make demo`):
-# make-synthetic → make-teacher (RANDOM tiny DINOv2: no weights can be downloaded here)
+# make-synthetic → make-teacher (a small DINOv2 fitted to the synthetic train labels: a stand-in,
+# no real weights can be downloaded here)
 # → extract-teacher → train → linear probe (distilled vs random init) → RankMe → pictures.
 # Every step is resumable: re-running skips the dataset, teacher and cache that already exist.
 set -euo pipefail
@@ -10,6 +11,7 @@ PY=.venv/bin/python
 SCENES=${DEMO_SCENES:-4}
 SAMPLES=${DEMO_SAMPLES:-6}
 EPOCHS=${DEMO_EPOCHS:-12}
+TEACHER_EPOCHS=${DEMO_TEACHER_EPOCHS:-20}
 IMAGE_SIZE=${DEMO_IMAGE_SIZE:-224x392}
 mkdir -p "$OUT"
 step() { printf '\n=== [%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
@@ -20,9 +22,10 @@ if [ -f "$OUT/data/synthetic_meta.json" ]; then echo "exists: kept"; else
     $PY cli.py make-synthetic --out "$OUT/data" --scenes "$SCENES" --samples-per-scene "$SAMPLES"
 fi
 
-step "2/7 teacher: a RANDOM-initialised small DINOv2 (stands in for facebook/dinov2-small) → $OUT/teacher"
+step "2/7 teacher: a small DINOv2 fitted to the train split's labels (stands in for facebook/dinov2-small) → $OUT/teacher"
 if [ -f "$OUT/teacher/config.json" ]; then echo "exists: kept"; else
-    $PY cli.py make-teacher --out "$OUT/teacher" --size small
+    $PY cli.py make-teacher --out "$OUT/teacher" --size small --fit-on "$OUT/data" \
+        --image-size "$IMAGE_SIZE" --fit-epochs "$TEACHER_EPOCHS"
 fi
 
 step "3/7 extract-teacher (stage one) → $OUT/cache"

@@ -204,3 +204,32 @@ def test_cuda_autocast_matches_float32(tiny_teacher: Path, dtype: str) -> None:
 def test_float16_on_cpu_is_refused(tiny_teacher: Path) -> None:
     with pytest.raises(ValueError, match="float16 needs a CUDA device"):
         TeacherConfig(str(tiny_teacher), dtype="float16")
+
+
+def test_fitted_stand_in_teacher_learns_the_classes(synthetic_nuscenes, tmp_path: Path) -> None:
+    """make-teacher --fit-on (the real CLI): the loss falls, held-out point accuracy beats the
+    majority class by a wide margin, and the folder loads as a teacher flagged fitted (not random);
+    a second run refuses to overwrite it."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "fitted"
+    cmd = [
+        sys.executable, "cli.py", "make-teacher", "--out", str(out), "--size", "tiny",
+        "--fit-on", str(synthetic_nuscenes.root), "--image-size", "98x168", "--fit-epochs", "30",
+        "--no-progress",
+    ]  # fmt: skip
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "STAND-IN" in proc.stdout
+    stats = json.loads((out / "fit.json").read_text())
+    assert stats["images"] == 6 * 4  # scene-0001: 4 keyframes x 6 cameras
+    assert stats["last_loss"] < 0.6 * stats["first_loss"]
+    assert stats["val_accuracy"] > stats["val_majority_share"] + 0.12  # measured +0.20
+    teacher = Teacher(TeacherConfig(str(out), image_size=(98, 168)))
+    assert teacher.identity.fitted is True and teacher.identity.random is False
+    assert "STAND-IN" in (out / "README.md").read_text()
+    again = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 1 and "exists and is not empty" in again.stderr
