@@ -83,3 +83,19 @@ def test_rankme_subsamples_and_accepts_tensors():
     sub = rankme(x, max_points=2_000, seed=1)
     assert 7.0 < full <= 8.0
     assert sub == pytest.approx(full, rel=0.05)
+
+
+def test_linear_probe_never_predicts_a_class_it_was_not_trained_on() -> None:
+    """Classes 2..9 never occur in the probe's training labels: whatever the features (here far
+    outside the training distribution, where the untrained rows' random weights would win), the
+    probe predicts only classes 0 and 1."""
+    from trainer.evaluate.probe import ProbeConfig, fit_linear_probe, predict
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 8, generator=g)
+    y = (x[:, 0] > 0).numpy().astype(np.int64)
+    head = fit_linear_probe([x], [y], num_classes=10, cfg=ProbeConfig(steps=400, batch_points=512))
+    train_pred = predict(head, x)
+    assert (train_pred == y).mean() > 0.95
+    far = 50 * torch.randn(5000, 8, generator=g)
+    assert set(np.unique(predict(head, far)).tolist()) <= {0, 1}

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from trainer.evaluate.backbone import EvalData, forward_points, load_model, open_reader
 from trainer.evaluate.linear_probe import evaluate_head, results_dict, write_json_atomic
 from trainer.evaluate.metrics import IGNORE_INDEX, iou_per_class, iou_table
+from trainer.evaluate.probe import MaskClasses
 
 FRACTIONS = (0.01, 0.05, 0.10, 0.25, 1.0)  # the documented protocol: 1, 5, 10, 25, 100 %
 
@@ -133,7 +134,13 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
 
     # Labels and points of a few-shot subset fit in memory; read them once.
     data = [(reader.load_points(s), reader.load_labels(s)) for s in subset]
-    head = torch.nn.Linear(model.out_channels, len(names)).to(cfg.device)
+    # Classes absent from the subset's labels cannot be learned: never predict them (as the probe).
+    seen = np.zeros(len(names), dtype=bool)
+    for _, y in data:
+        seen[np.unique(y[y != IGNORE_INDEX])] = True
+    head = torch.nn.Sequential(
+        torch.nn.Linear(model.out_channels, len(names)), MaskClasses(torch.from_numpy(seen))
+    ).to(cfg.device)
     opt = torch.optim.AdamW(
         [
             {"params": model.parameters(), "lr": cfg.resolved_backbone_lr()},

@@ -6,6 +6,11 @@ rate over shuffled mini-batches of points pooled from all training scans. The fe
 standardised first (per-dimension mean and std of the training points, folded into the
 classifier), which does not change what a linear layer can express but makes one learning rate
 work for every backbone, whatever the scale of its features.
+
+A class that never occurs in the training labels cannot be learned, only guessed from the
+initial weights; the classifier predicts only the classes it was trained on (the logits of the
+others are masked to -inf), so a backbone is not charged for what the random initialisation of
+those rows does on its features.
 """
 
 from __future__ import annotations
@@ -58,7 +63,10 @@ def fit_linear_probe(
     g = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)  # (D,), (D,)
-    head = torch.nn.Sequential(Standardize(mean, std), torch.nn.Linear(x.shape[1], num_classes))
+    seen = torch.bincount(y, minlength=num_classes)[:num_classes] > 0  # (C,) bool
+    head = torch.nn.Sequential(
+        Standardize(mean, std), torch.nn.Linear(x.shape[1], num_classes), MaskClasses(seen)
+    )
     head = head.to(device)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps)
@@ -89,6 +97,17 @@ class Standardize(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
+
+
+class MaskClasses(torch.nn.Module):
+    """Logits of the classes not in ``allowed`` (C,) bool set to -inf."""
+
+    def __init__(self, allowed: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("allowed", allowed)  # (C,) bool
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.masked_fill(~self.allowed, float("-inf"))
 
 
 @torch.no_grad()
