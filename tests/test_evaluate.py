@@ -377,6 +377,7 @@ def test_ablate_two_configs_from_one_cache(synthetic_nuscenes, synthetic_cache, 
     """Real CLI in a fresh process: 2 train runs + probes from one cache, table rows as expected,
     cache files untouched, teacher never imported (ablate itself checks both after each run)."""
     import csv
+    import json
     import subprocess
     import sys
 
@@ -406,6 +407,9 @@ def test_ablate_two_configs_from_one_cache(synthetic_nuscenes, synthetic_cache, 
     for r in rows:
         assert (out / r["run"] / "checkpoint.pt").is_file()
         assert (out / r["run"] / "eval" / "linear_probe.json").is_file()
+        rank = json.loads((out / r["run"] / "eval" / "rankme.json").read_text())
+        assert 1.0 <= rank["student"] <= rank["student_dim"]
+        assert float(r["rankme"]) == round(rank["student"], 2)
 
 
 def test_visualize_writes_bev_and_camera_pictures(synthetic_nuscenes, synthetic_cache, tmp_path):

@@ -1,5 +1,5 @@
 """Ablations from one cache: a grid of train-config overrides → one train run each → linear probe
-of each → one table (Markdown + CSV).
+and RankMe (val split) of each → one table (Markdown + CSV).
 
 The cache is extracted once and only read: before and after every run the cache folder's files are
 fingerprinted (path, size, mtime, and the sha256 of the manifest and unit markers, which hold the
@@ -206,6 +206,7 @@ def run_ablation(cfg: AblateConfig) -> list[dict[str, Any]]:
     from trainer.evaluate.backbone import EvalData
     from trainer.evaluate.linear_probe import LinearProbeConfig, run_linear_probe
     from trainer.evaluate.probe import ProbeConfig
+    from trainer.evaluate.rankme import RankMeConfig, run_rankme
     from trainer.loop import train
 
     grid = parse_grid(list(cfg.grid))
@@ -240,12 +241,18 @@ def run_ablation(cfg: AblateConfig) -> list[dict[str, Any]]:
             )  # fmt: skip
             run_linear_probe(probe_cfg)
             check_cache_untouched(before, cache_path, name, preloaded)
+        rankme_path = run_dir / "eval" / "rankme.json"
+        if not rankme_path.is_file():
+            data = EvalData(root=cfg.data, version=cfg.version)
+            run_rankme(RankMeConfig(checkpoint=str(run_dir), data=data, device=cfg.device))
         probe = json.loads(probe_path.read_text())
         summary = json.loads(summary_path.read_text())
         class_names = list(probe["iou"])
         rows.append({
             "run": name, **overrides, "final_loss": round(summary["final_loss"], 5),
-            "steps": summary["steps"], "miou": probe["miou"], "iou": probe["iou"],
+            "steps": summary["steps"],
+            "rankme": round(json.loads(rankme_path.read_text())["student"], 2),
+            "miou": probe["miou"], "iou": probe["iou"],
             "run_dir": str(run_dir),
         })  # fmt: skip
     md_path, _ = write_tables(cfg.out, rows, class_names)
