@@ -60,6 +60,7 @@ from cache.schema import (
     point_shape,
     unit_name,
 )
+from cache.shardread import ShardArray
 
 # ---------------------------------------------------------------- layout ----
 CODECS = ("none", "zstd", "blosc")
@@ -634,8 +635,9 @@ def resolve_cache(root_or_path: str | Path, key: CacheKey | None = None) -> Path
 
 
 # ---------------------------------------------------------------- reader ----
-def open_cache(path: str | Path) -> CacheReader:
-    """Open a complete cache for reading; refuses incomplete caches and other schema versions."""
+def open_cache(path: str | Path, fast_path: bool = True) -> CacheReader:
+    """Open a complete cache for reading; refuses incomplete caches and other schema versions.
+    ``fast_path=False`` reads every array through zarr (see `CacheReader.fast_path`)."""
     path = Path(path)
     manifest = load_manifest(path)
     if not (path / COMPLETE).exists():
@@ -647,12 +649,19 @@ def open_cache(path: str | Path) -> CacheReader:
             + ". Re-run the same `python cli.py extract-teacher` command to resume: "
             "finished units are kept."
         )
-    return CacheReader(path)
+    return CacheReader(path, fast_path=fast_path)
+
+
+def _rows(array: ShardArray | zarr.Array, start: int, end: int) -> np.ndarray:
+    """Rows [start, end) of a per-point array, read directly or through zarr."""
+    if isinstance(array, ShardArray):
+        return array.read(start, end)
+    return array[start:end]
 
 
 @dataclass
 class _OpenUnit:
-    arrays: dict[str, Any]  # name -> zarr.Array
+    arrays: dict[str, ShardArray | zarr.Array]  # per-point arrays: direct reader, else zarr
     offsets: np.ndarray  # (S + 1,) int64 rows of each scan
     target_offsets: np.ndarray  # (S + 1,) int64 stored target rows (paired points) of each scan
     lidar_paths: list[str]
@@ -661,9 +670,11 @@ class _OpenUnit:
 @dataclass
 class CacheReader:
     """Random access to the scans of a complete cache. Picklable (DataLoader workers): opened
-    Zarr arrays are dropped when pickled and reopened lazily on first read."""
+    units are dropped when pickled and reopened lazily on first read."""
 
     path: Path
+    fast_path: bool = True
+    """Read uncompressed sharded arrays directly (`cache/shardread.py`); False: zarr only."""
     key: CacheKey = field(init=False)
     feature_dim: int = field(init=False)
     tokens: list[str] = field(init=False)  # all scans, unit after unit
@@ -686,7 +697,7 @@ class CacheReader:
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_open"] = {}  # zarr handles are not shared across processes
+        state["_open"] = {}  # opened units (zarr handles) are not shared across processes
         return state
 
     def __len__(self) -> int:
@@ -694,10 +705,20 @@ class CacheReader:
 
     def _unit(self, u: int) -> _OpenUnit:
         if u not in self._open:
-            store = zarr.storage.LocalStore(self.path / UNITS_DIR / unit_name(u), read_only=True)
-            group = zarr.open_group(store, mode="r")
+            unit_dir = self.path / UNITS_DIR / unit_name(u)
+            group = zarr.open_group(zarr.storage.LocalStore(unit_dir, read_only=True), mode="r")
+            arrays: dict[str, ShardArray | zarr.Array] = {}
+            if self.fast_path:
+                # The marker lists the unit's files: a shard it lists must exist (Zarr omits
+                # only shards that hold nothing but the fill value).
+                marker = _read_json(unit_dir.with_name(f"{unit_dir.name}.done"), "unit marker")
+                for name in POINT_ARRAYS:
+                    stored = any(rel.startswith(f"{name}/c") for rel in marker.get("files", {}))
+                    fast = ShardArray.open(unit_dir / name, missing_ok=not stored)
+                    if fast is not None:
+                        arrays[name] = fast
             self._open[u] = _OpenUnit(
-                arrays={name: group[name] for name in POINT_ARRAYS},
+                arrays={n: arrays[n] if n in arrays else group[n] for n in POINT_ARRAYS},
                 offsets=group[OFFSETS][:],
                 target_offsets=group[TARGET_OFFSETS][:],
                 lidar_paths=list(group.attrs["lidar_paths"]),
@@ -711,15 +732,18 @@ class CacheReader:
         return int(unit.offsets[j + 1] - unit.offsets[j])
 
     def read_scan(self, i: int) -> ScanTargets:
-        """Scan ``i`` (0 <= i < len): one Zarr read per array (5 reads), `target` scattered
-        back to all points with zero rows where unpaired."""
+        """Scan ``i`` (0 <= i < len): one read per array (5 reads: direct for uncompressed
+        shards, else zarr), `target` scattered back to all points with zero rows where
+        unpaired."""
         if not 0 <= i < len(self.tokens):
             raise IndexError(f"scan {i} out of range: cache {self.path} has {len(self)} scans")
         u, j = int(self._unit_of[i]), int(self._index_in_unit[i])
         unit = self._unit(u)
         start, end = int(unit.offsets[j]), int(unit.offsets[j + 1])
         fields = {
-            name: arr[start:end] for name, arr in unit.arrays.items() if name not in PAIRED_ONLY
+            name: _rows(arr, start, end)
+            for name, arr in unit.arrays.items()
+            if name not in PAIRED_ONLY
         }
         paired = fields["camera"] != UNPAIRED  # (N,)
         t_start, t_end = int(unit.target_offsets[j]), int(unit.target_offsets[j + 1])
@@ -730,7 +754,7 @@ class CacheReader:
                 "run `python cli.py cache verify`)"
             )
         target = np.zeros((end - start, self.feature_dim), np.float16)  # (N, D)
-        target[paired] = unit.arrays["target"][t_start:t_end]
+        target[paired] = _rows(unit.arrays["target"], t_start, t_end)
         return ScanTargets(
             token=self.tokens[i], lidar_path=unit.lidar_paths[j], target=target, **fields
         )

@@ -8,6 +8,7 @@ import json
 import multiprocessing
 import os
 import pickle
+import re
 import shutil
 import socket
 import subprocess
@@ -15,9 +16,11 @@ import sys
 import time
 from pathlib import Path
 
+import google_crc32c
 import numpy as np
 import pytest
 import zarr
+from zarr.codecs import BloscCodec, BytesCodec, ShardingCodec, TransposeCodec, ZstdCodec
 
 from cache import (
     DEFAULT_LAYOUT,
@@ -37,7 +40,9 @@ from cache import (
     resolve_cache,
     verify_cache,
 )
-from cache.schema import LOCK_FILE
+from cache.schema import LOCK_FILE, ScanTargets
+from cache.shardread import ShardArray
+from cache.store import write_unit_group
 
 D = 8  # feature dim of the tiny caches
 UNITS = [["s0", "s1", "s2"], ["s3", "s4"], ["s5"], ["s6", "s7"]]
@@ -78,8 +83,13 @@ def unit_data() -> list[UnitData]:
     return [make_unit(tokens, seed) for seed, tokens in enumerate(UNITS)]
 
 
-def write_cache(root: Path, key: CacheKey | None = None, finalize: bool = True) -> CacheWriter:
-    writer = CacheWriter.create(root, key or make_key(), UNITS, D, {"config": {"seed": 0}})
+def write_cache(
+    root: Path,
+    key: CacheKey | None = None,
+    finalize: bool = True,
+    layout: StorageLayout = DEFAULT_LAYOUT,
+) -> CacheWriter:
+    writer = CacheWriter.create(root, key or make_key(), UNITS, D, {"config": {"seed": 0}}, layout)
     with writer.lock():
         for u, data in enumerate(unit_data()):
             writer.write_unit(u, data)
@@ -538,3 +548,192 @@ def test_racing_runs_one_manifest_one_lock_holder(tmp_path: Path) -> None:
         "manifest.json",
         "units",
     ]
+
+
+# ---------------------------------------------------------------- direct shard reads ----
+def _border_and_random_ranges(rows: int, chunk: int, rng: np.random.Generator) -> list[tuple]:
+    """Row ranges [s, e) of an array: empty ones, every pair of inner-chunk borders (and their
+    neighbours, so ranges start/end on, before and after a border), the padded last chunk, and
+    random ones."""
+    points = {0, 1, rows - 1, rows}
+    for b in range(0, rows + 1, chunk):
+        points |= {b - 1, b, b + 1}
+    points = sorted(p for p in points if 0 <= p <= rows)
+    ranges = [(s, e) for s in points for e in points if s <= e]
+    for _ in range(200):
+        s, e = sorted(int(x) for x in rng.integers(0, rows + 1, 2))
+        ranges.append((s, e))
+    return ranges
+
+
+def _assert_same_rows(fast: ShardArray, array: zarr.Array, rng: np.random.Generator) -> None:
+    for s, e in _border_and_random_ranges(array.shape[0], fast.chunk_rows, rng):
+        got, want = fast.read(s, e), array[s:e]
+        assert got.dtype == want.dtype and got.shape == want.shape, (fast.shard, s, e)
+        assert got.tobytes() == want.tobytes(), (fast.shard, s, e)
+
+
+def test_shard_reads_equal_zarr_on_random_ranges(tmp_path: Path) -> None:
+    """Every array write_unit_group makes (1-D and 2-D, all dtypes) read directly equals zarr's
+    ``array[s:e]``: ranges across inner-chunk borders, empty ranges, the padded last chunk, and
+    inner chunks the writer left out of the shard (all fill value)."""
+    rng = np.random.default_rng(7)
+    tokens = ["a", "b", "c", "d"]
+    data = make_unit(tokens, seed=3)
+    sizes = [0, 37, 100, 61]  # 198 rows: 13 inner chunks of 16 rows, the last padded by 10
+    for name in ("points", "target", "uv"):
+        getattr(data, name)[:] = [
+            rng.normal(size=(n, a.shape[1])).astype(a.dtype)
+            for n, a in zip(sizes, getattr(data, name), strict=True)
+        ]
+    data.camera[:] = [rng.integers(-1, 6, n).astype(np.int8) for n in sizes]
+    data.label[:] = [rng.integers(1, 17, n).astype(np.uint8) for n in sizes]
+    data.label[2][:60] = 0  # fill value: whole inner chunks of zeros are not stored
+    write_unit_group(tmp_path / "g", data, D, StorageLayout(chunk_rows=16))
+    for name in ("points", "target", "camera", "uv", "label"):
+        fast = ShardArray.open(tmp_path / "g" / name)
+        assert fast is not None, name
+        array = zarr.open_array(zarr.storage.LocalStore(tmp_path / "g" / name), mode="r")
+        assert len(fast.chunk_offsets) * fast.chunk_rows > array.shape[0] > fast.chunk_rows
+        _assert_same_rows(fast, array, rng)
+    assert -1 in ShardArray.open(tmp_path / "g" / "label").chunk_offsets  # an absent chunk
+
+    # index at the start of the shard (allowed by the spec, not what our writer does)
+    store = zarr.storage.LocalStore(tmp_path / "other")
+    values = rng.normal(size=(100, 3)).astype(np.float32)
+    start = zarr.create_array(
+        store, name="start", shape=values.shape, dtype=values.dtype, chunks=(102, 3),
+        serializer=ShardingCodec(chunk_shape=(34, 3), index_location="start"),
+        compressors=None, fill_value=0,
+    )  # fmt: skip
+    start[:] = values
+    fast = ShardArray.open(tmp_path / "other" / "start")
+    assert fast is not None and not fast.index_at_end
+    _assert_same_rows(fast, start, rng)
+
+    # all fill value: zarr writes no shard file at all
+    zeros = zarr.create_array(
+        store, name="zeros", data=np.zeros(50, np.uint8), chunks=(10,), shards=(50,),
+        compressors=(), fill_value=0,
+    )  # fmt: skip
+    assert not (tmp_path / "other" / "zeros" / "c").exists()
+    _assert_same_rows(ShardArray.open(tmp_path / "other" / "zeros", missing_ok=True), zeros, rng)
+    with pytest.raises(CacheError, match=r"shard file .*zeros/c/0 missing"):
+        ShardArray.open(tmp_path / "other" / "zeros")
+
+
+@pytest.mark.parametrize(
+    "layout",
+    ["zstd", "blosc", "no_shards", "two_shards", "transpose", "big_endian", "3d", "nan_fill"],
+)
+def test_other_layouts_are_left_to_zarr(tmp_path: Path, layout: str) -> None:
+    """Only the uncompressed single-shard layout is read directly: anything else gives None."""
+    store = zarr.storage.LocalStore(tmp_path)
+    values = np.arange(120, dtype=np.float32).reshape(40, 3)
+    kwargs: dict = {"chunks": (10, 3), "shards": (40, 3), "compressors": (), "fill_value": 0}
+    if layout == "zstd":
+        kwargs["compressors"] = (ZstdCodec(level=1),)
+    elif layout == "blosc":
+        kwargs["compressors"] = (BloscCodec(cname="zstd", clevel=1),)
+    elif layout == "no_shards":
+        del kwargs["shards"]
+    elif layout == "two_shards":
+        kwargs["shards"] = (20, 3)
+    elif layout == "transpose":
+        kwargs["filters"] = (TransposeCodec(order=(1, 0)),)
+    elif layout == "big_endian":
+        kwargs["serializer"] = BytesCodec(endian="big")
+    elif layout == "3d":
+        values = values.reshape(40, 3, 1)
+        kwargs.update(chunks=(10, 3, 1), shards=(40, 3, 1))
+    else:
+        kwargs["fill_value"] = float("nan")
+    zarr.create_array(store, name="a", data=values, **kwargs)
+    assert ShardArray.open(tmp_path / "a") is None
+
+
+def _fields(scan: ScanTargets) -> dict[str, tuple]:
+    return {
+        n: (getattr(scan, n).dtype.str, getattr(scan, n).shape, getattr(scan, n).tobytes())
+        for n in ("points", "camera", "uv", "label", "target")
+    }
+
+
+def test_read_scan_fast_path_equals_zarr_path(tmp_path: Path) -> None:
+    """A real cache, inner chunks of 16 rows so scans cross chunk borders: read_scan through
+    the direct reads equals read_scan through zarr, byte for byte, also in a pickled copy."""
+    writer = write_cache(tmp_path, layout=StorageLayout(chunk_rows=16))
+    fast, slow = open_cache(writer.path), open_cache(writer.path, fast_path=False)
+    clone = pickle.loads(pickle.dumps(fast))
+    for i in range(len(fast)):
+        want = _fields(slow.read_scan(i))
+        assert _fields(fast.read_scan(i)) == want == _fields(clone.read_scan(i)), fast.tokens[i]
+    for u in range(len(UNITS)):
+        assert all(isinstance(a, ShardArray) for a in fast._open[u].arrays.values())
+        assert all(isinstance(a, zarr.Array) for a in slow._open[u].arrays.values())
+    assert max(a.shape[0] for a in slow._open[0].arrays.values()) > 16  # several inner chunks
+
+
+@pytest.mark.parametrize(("target_codec", "other_codec"), [("zstd", "zstd"), ("none", "zstd")])
+def test_compressed_cache_reads_through_zarr(
+    tmp_path: Path, target_codec: str, other_codec: str
+) -> None:
+    layout = StorageLayout(chunk_rows=16, target_codec=target_codec, other_codec=other_codec)
+    reader = open_cache(write_cache(tmp_path, layout=layout).path)
+    expected = {t: (d, j) for d in unit_data() for j, t in enumerate(d.tokens)}
+    for i, token in enumerate(reader.tokens):
+        scan = reader.read_scan(i)
+        d, j = expected[token]
+        paired = d.camera[j] != -1
+        for name in ("points", "camera", "uv", "label"):
+            assert np.array_equal(getattr(scan, name), getattr(d, name)[j]), (token, name)
+        assert np.array_equal(scan.target[paired], d.target[j][paired])
+        assert not scan.target[~paired].any()
+    arrays = reader._open[0].arrays
+    assert isinstance(arrays["points"], zarr.Array) and isinstance(arrays["label"], zarr.Array)
+    assert isinstance(arrays["target"], ShardArray if target_codec == "none" else zarr.Array)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("truncate", "index checksum mismatch"),
+        ("truncate_below_index", "less than its 20-byte index"),
+        ("index_byte", "index checksum mismatch"),
+        ("checksum_byte", "index checksum mismatch"),
+        ("chunk_outside_file", "lies outside the data"),
+        ("chunk_size", "holds 1 bytes"),
+        ("missing", "missing"),
+        ("truncate_after_open", "index checksum mismatch"),
+    ],
+)
+def test_damaged_shard_raises_cache_error_naming_the_file(
+    tmp_path: Path, damage: str, message: str
+) -> None:
+    writer = write_cache(tmp_path)
+    shard = writer.unit_dir(1) / "target" / "c" / "0" / "0"
+    reader = open_cache(writer.path)
+    if damage == "truncate_after_open":
+        reader.read_scan(3)  # unit u00001 open, its index read: the shard changes afterwards
+    raw = bytearray(shard.read_bytes())
+    index = len(raw) - 20  # one inner chunk: (offset, nbytes) + crc32c
+    if damage in ("truncate", "truncate_after_open"):
+        raw = raw[:-7]
+    elif damage == "truncate_below_index":
+        raw = raw[:12]
+    elif damage == "index_byte":
+        raw[index + 9] ^= 0x01
+    elif damage == "checksum_byte":
+        raw[-1] ^= 0x80
+    elif damage in ("chunk_outside_file", "chunk_size"):  # a wrong entry with a valid crc32c
+        offset, nbytes = np.frombuffer(bytes(raw[index : index + 16]), "<u8").tolist()
+        entry = (len(raw), nbytes) if damage == "chunk_outside_file" else (offset, 1)
+        raw[index : index + 16] = np.array(entry, "<u8").tobytes()
+        raw[-4:] = google_crc32c.value(bytes(raw[index : index + 16])).to_bytes(4, "little")
+    if damage == "missing":
+        shard.unlink()
+    else:
+        shard.write_bytes(bytes(raw))
+    with pytest.raises(CacheError, match=re.escape(str(shard)) + ".*" + message):
+        reader.read_scan(3)
+    assert open_cache(writer.path, fast_path=False).read_scan(0).token == "s0"  # other units
