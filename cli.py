@@ -192,6 +192,7 @@ def extract_teacher_command(
     occlusion: bool = typer.Option(True, "--occlusion/--no-occlusion", help="Pairing: reject occluded points."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave out scans failing the pre-flight check (listed in the cache's meta) instead of failing."),
+    target_format: str = typer.Option("point-f16", "--target-format", help="How targets are stored (part of the cache key): point-f16 (float16 per paired point), point-i8 (int8 + float16 scale per paired point), grid-f16 (float16 patch grid of every image, sampled when read)."),
 ) -> None:
     """Stage one: DINOv2 features at every paired LiDAR point → the Zarr target cache (Dask).
 
@@ -206,6 +207,12 @@ def extract_teacher_command(
         size = parse_image_size(image_size)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--image-size") from None
+    from cache.schema import target_format as check_format
+
+    try:
+        check_format(target_format)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--target-format") from None
     cfg = ExtractConfig(
         data=data,
         cache_root=cache,
@@ -224,6 +231,7 @@ def extract_teacher_command(
         pairing=PairingConfig(min_depth=min_depth, occlusion=occlusion),
         progress=progress,
         skip_bad=skip_bad,
+        target_format=target_format,
     )
     from cache import CacheError
     from pipeline.datasets import DataError

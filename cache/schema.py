@@ -18,8 +18,21 @@ from typing import Any
 
 import numpy as np
 
-SCHEMA_VERSION: int = 1
-"""Version of the on-disk format. Readers refuse caches with a newer (or an unknown older) one."""
+SCHEMA_VERSION: int = 2
+"""Newest version of the on-disk format: readers refuse caches with a newer (or an unknown older)
+one. History:
+
+1. per-point float16 targets of the paired points (`target`, `target_offsets`); no
+   ``target_format`` in the key.
+2. a choice of target format (`TARGET_FORMATS`, key field ``target_format``): ``point-i8`` and
+   ``grid-f16`` are new arrays a version-1 reader would not find (grid) or would misread (int8
+   as numbers), so their caches carry version 2 and version-1 code refuses them ("update this
+   code"). ``point-f16`` is unchanged and still written as version 1 (same bytes, same key and
+   digest): caches written before version 2 existed and caches written now are the same thing,
+   readable by both.
+"""
+READABLE_VERSIONS: tuple[int, ...] = (1, 2)
+"""Versions this code reads (a cache records the version its target format needs)."""
 
 # ---------------------------------------------------------------- file names ----
 MANIFEST = "manifest.json"  # ROOT/<digest>/manifest.json: key, units, feature dim, meta
@@ -35,29 +48,94 @@ def unit_name(unit_id: int) -> str:
 
 
 # ---------------------------------------------------------------- arrays ----
-# Per point, concatenated over the scans of a unit (rows of scan j: offsets[j]:offsets[j+1]).
-# name -> (dtype, trailing shape); "D" stands for the feature dimension of the cache.
+# Per point, concatenated over the scans of a unit (rows of scan j: offsets[j]:offsets[j+1]),
+# stored by every target format. name -> (dtype, trailing shape).
 POINT_ARRAYS: dict[str, tuple[np.dtype, tuple[int | str, ...]]] = {
     "points": (np.dtype(np.float32), (4,)),  # x, y, z, intensity in the lidar frame
-    "target": (np.dtype(np.float16), ("D",)),  # teacher feature; stored for paired rows only
     "camera": (np.dtype(np.int8), ()),  # index into Scan.cameras, -1 = unpaired
     "uv": (np.dtype(np.float32), (2,)),  # pixel coords in the original image (x right, y down)
     "label": (np.dtype(np.uint8), ()),  # semantic class 0..15, 255 = ignore / unlabelled
 }
 OFFSETS = "offsets"  # (S + 1,) int64 per unit: offsets[0] == 0, offsets[-1] == rows
-# `target` is stored only for paired points (camera != -1), in point order: unpaired rows carry
-# no target and would be ~half the cache. Scan j owns stored target rows
-# target_offsets[j]:target_offsets[j+1]; readers scatter them back to (N, D) with zero rows.
-PAIRED_ONLY = ("target",)
 TARGET_OFFSETS = "target_offsets"  # (S + 1,) int64 per unit: target_offsets[-1] == paired rows
+VIEW_OFFSETS = "view_offsets"  # (S + 1,) int64 (grid-f16): scan j owns views [v[j], v[j + 1])
+GRID_OFFSETS = "grid_offsets"  # (S + 1,) int64 (grid-f16): scan j owns grid rows [g[j], g[j + 1])
+VIEW_SIZES = "view_sizes"  # (V, 4) int32 (grid-f16): h, w, H0, W0 of each camera image (view)
 OFFSETS_DTYPE = np.dtype(np.int64)
+VIEW_SIZES_DTYPE = np.dtype(np.int32)
 UNPAIRED = -1  # camera value of a point seen by no camera
 IGNORE_LABEL = 255  # label value of an unlabelled / ignored point
 
 
-def point_shape(name: str, rows: int, feature_dim: int) -> tuple[int, ...]:
-    """Full shape of per-point array ``name`` with ``rows`` rows."""
-    trailing = POINT_ARRAYS[name][1]
+@dataclass(frozen=True)
+class TargetFormat:
+    """How a cache stores the teacher targets (docs/cache-format.md, "Target formats")."""
+
+    name: str
+    schema_version: int
+    """Version a cache of this format is written with: the first version whose reader reads it."""
+    row_arrays: dict[str, tuple[np.dtype, tuple[int | str, ...]]]
+    """Sharded target arrays, read a row range per scan: name -> (dtype, trailing shape)."""
+    index_arrays: tuple[str, ...]
+    """Small per-unit arrays (one plain chunk each), read whole when a unit is opened."""
+    paired_rows: bool
+    """True: one row of each row array per paired point, in point order (``target_offsets``);
+    False: the teacher's patch grids of every camera image (``grid_offsets``, ``view_*``)."""
+
+
+DEFAULT_TARGET_FORMAT = "point-f16"
+TARGET_FORMATS: dict[str, TargetFormat] = {
+    # teacher feature of each paired point, float16 (the version-1 layout, byte for byte)
+    "point-f16": TargetFormat(
+        "point-f16", 1, {"target": (np.dtype(np.float16), ("D",))},
+        (OFFSETS, TARGET_OFFSETS), paired_rows=True,
+    ),
+    # the same rows as int8 with one float16 scale per row: x ~ target * target_scale
+    "point-i8": TargetFormat(
+        "point-i8", 2,
+        {"target": (np.dtype(np.int8), ("D",)), "target_scale": (np.dtype(np.float16), ())},
+        (OFFSETS, TARGET_OFFSETS), paired_rows=True,
+    ),
+    # the patch grid (h x w rows of D) of every camera image, sampled at uv by the reader
+    "grid-f16": TargetFormat(
+        "grid-f16", 2, {"grid": (np.dtype(np.float16), ("D",))},
+        (OFFSETS, VIEW_OFFSETS, GRID_OFFSETS, VIEW_SIZES), paired_rows=False,
+    ),
+}  # fmt: skip
+"""The target formats (`extract-teacher --target-format`); the reader returns the same
+`ScanTargets` for each."""
+
+
+def target_format(name: str) -> TargetFormat:
+    """The `TargetFormat` called ``name``; ValueError listing the known ones otherwise."""
+    if name not in TARGET_FORMATS:
+        raise ValueError(f"unknown target format {name!r}; choose one of {sorted(TARGET_FORMATS)}")
+    return TARGET_FORMATS[name]
+
+
+def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(P, D) float16 → (int8 (P, D), float16 scale (P,)): symmetric per row, scale = max|x| / 127
+    rounded to float16, q = round-half-even(x / scale) clipped to ±127; an all-zero row (or one
+    whose scale underflows float16) gets scale 0 and q 0. `dequantize_rows` inverts it to within
+    half a step (scale / 2) plus float16 rounding."""
+    x32 = x.astype(np.float32)  # (P, D)
+    scale = (np.abs(x32).max(axis=1, initial=0.0) / 127.0).astype(np.float16)  # (P,)
+    s32 = scale.astype(np.float32)[:, None]  # (P, 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(s32 > 0, np.rint(x32 / s32), 0.0)
+    return np.clip(q, -127, 127).astype(np.int8), scale
+
+
+def dequantize_rows(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """(P, D) int8 and (P,) float16 scales → (P, D) float16 = fp16(q * scale)."""
+    return (q.astype(np.float32) * scale.astype(np.float32)[:, None]).astype(np.float16)
+
+
+def point_shape(
+    name: str, rows: int, feature_dim: int, fmt: str = DEFAULT_TARGET_FORMAT
+) -> tuple[int, ...]:
+    """Full shape of row array ``name`` (per-point, or a target array of format ``fmt``)."""
+    trailing = {**POINT_ARRAYS, **target_format(fmt).row_arrays}[name][1]
     return (rows, *(feature_dim if d == "D" else d for d in trailing))
 
 
@@ -99,8 +177,14 @@ class CacheKey:
     """Canonical JSON of the PairingConfig fields (min depth, occlusion settings, ...)."""
     teacher_dtype: str = "float32"
     """Dtype the teacher ran in (float32, or float16/bfloat16 autocast): it changes the targets."""
-    schema_version: int = SCHEMA_VERSION
-    """On-disk format version; part of the key so a new format never reuses an old cache."""
+    target_format: str = DEFAULT_TARGET_FORMAT
+    """How the targets are stored (`TARGET_FORMATS`); each format is its own cache. Left out of
+    `to_dict` (so of the digest) when it is point-f16: version-1 keys, which lack the field, keep
+    their digest and read as point-f16."""
+    schema_version: int | None = None
+    """On-disk format version; part of the key so a new format never reuses an old cache.
+    None: the version ``target_format`` is written with (1 for point-f16, else 2); a version
+    older than the format needs is refused."""
 
     def __post_init__(self) -> None:
         for f in (
@@ -121,11 +205,21 @@ class CacheKey:
         if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
             raise ValueError(f"CacheKey.image_size must be two positive ints (H, W), got {size!r}")
         object.__setattr__(self, "image_size", (int(size[0]), int(size[1])))
+        needed = target_format(self.target_format).schema_version
+        version = needed if self.schema_version is None else self.schema_version
+        if not isinstance(version, int) or version < needed:
+            raise ValueError(
+                f"CacheKey.schema_version {version!r} cannot hold target format "
+                f"{self.target_format!r} (needs version {needed} or later)"
+            )
+        object.__setattr__(self, "schema_version", version)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict (image_size as a list)."""
+        """Plain JSON-able dict (image_size as a list; no target_format when it is point-f16)."""
         d = dataclasses.asdict(self)
         d["image_size"] = list(self.image_size)
+        if d["target_format"] == DEFAULT_TARGET_FORMAT:
+            del d["target_format"]  # the version-1 key, digest unchanged
         return d
 
     @classmethod
@@ -183,32 +277,67 @@ class UnitData:
     tokens: list[str]  # sample tokens, in the order of the unit in the manifest
     lidar_paths: list[str]  # absolute .pcd.bin path of each scan
     points: list[np.ndarray]  # each (N_i, 4) float32 x, y, z, intensity (lidar frame)
-    target: list[np.ndarray]  # each (N_i, D) float16
+    target: list[np.ndarray] | None  # each (N_i, D) float16; point formats only (grid: None)
     camera: list[np.ndarray]  # each (N_i,) int8, -1 = unpaired
     uv: list[np.ndarray]  # each (N_i, 2) float32 pixel coords in the original image
     label: list[np.ndarray]  # each (N_i,) uint8, 255 = ignore/unlabelled
+    grids: list[np.ndarray] | None = None
+    """grid-f16 only: each (C_i, h, w, D) float16, the teacher's patch grid of each camera of
+    scan i, camera c = the value of `camera` (index into the scan's cameras)."""
+    image_sizes: list[np.ndarray] | None = None
+    """grid-f16 only: each (C_i, 2) int (H0, W0), the original size of each camera image."""
 
-    def validate(self, feature_dim: int) -> None:
-        """Raise ValueError naming the scan and array whose length, shape or dtype is wrong."""
+    def validate(self, feature_dim: int, fmt: str = DEFAULT_TARGET_FORMAT) -> None:
+        """Raise ValueError naming the scan and array whose length, shape or dtype is wrong
+        (the arrays format ``fmt`` needs)."""
+        grid = not target_format(fmt).paired_rows
+        per_scan = {**POINT_ARRAYS}
+        if not grid:
+            per_scan["target"] = (np.dtype(np.float16), ("D",))
+        needs = ("grids", "image_sizes") if grid else ("target",)
         n = len(self.tokens)
-        for name in ("lidar_paths", *POINT_ARRAYS):
+        for name in ("lidar_paths", *per_scan, *needs):
+            if getattr(self, name) is None:
+                raise ValueError(f"UnitData: format {fmt!r} needs {name!r}, got None")
             if len(getattr(self, name)) != n:
                 raise ValueError(
                     f"UnitData: {len(getattr(self, name))} entries in {name!r} for {n} tokens"
                 )
         for j, token in enumerate(self.tokens):
             rows = None
-            for name, (dtype, _) in POINT_ARRAYS.items():
+            for name, (dtype, trailing) in per_scan.items():
                 a = getattr(self, name)[j]
                 if not isinstance(a, np.ndarray) or a.dtype != dtype:
                     got = a.dtype if isinstance(a, np.ndarray) else type(a).__name__
                     raise ValueError(f"UnitData scan {token}: {name!r} must be {dtype}, got {got}")
                 rows = a.shape[0] if rows is None else rows
-                want = point_shape(name, rows, feature_dim)
+                want = (rows, *(feature_dim if d == "D" else d for d in trailing))
                 if a.shape != want:
                     raise ValueError(
                         f"UnitData scan {token}: {name!r} has shape {a.shape}, expected {want}"
                     )
+            if grid:
+                self._validate_grid(j, token, feature_dim)
+
+    def _validate_grid(self, j: int, token: str, feature_dim: int) -> None:
+        g, sizes = self.grids[j], np.asarray(self.image_sizes[j])
+        if not isinstance(g, np.ndarray) or g.dtype != np.float16 or g.ndim != 4:
+            raise ValueError(f"UnitData scan {token}: 'grids' must be (C, h, w, D) float16")
+        if g.shape[3] != feature_dim or min(g.shape[1:3], default=1) < 1:
+            raise ValueError(
+                f"UnitData scan {token}: 'grids' has shape {g.shape}, expected (C, h, w, "
+                f"{feature_dim}) with h, w >= 1"
+            )
+        if sizes.shape != (len(g), 2) or np.any(sizes < 1):
+            raise ValueError(
+                f"UnitData scan {token}: 'image_sizes' must be ({len(g)}, 2) positive (H0, W0), "
+                f"got {sizes.tolist()}"
+            )
+        if np.any(self.camera[j] >= len(g)):
+            raise ValueError(
+                f"UnitData scan {token}: camera index {int(self.camera[j].max())} has no grid "
+                f"({len(g)} grids)"
+            )
 
     def rows(self) -> list[int]:
         """Number of points of each scan."""

@@ -41,15 +41,20 @@ from zarr.codecs import BloscCodec, ZstdCodec
 from cache.lock import cache_lock
 from cache.schema import (
     COMPLETE,
+    DEFAULT_TARGET_FORMAT,
+    GRID_OFFSETS,
     MANIFEST,
     OFFSETS,
     OFFSETS_DTYPE,
-    PAIRED_ONLY,
     POINT_ARRAYS,
+    READABLE_VERSIONS,
     SCHEMA_VERSION,
     TARGET_OFFSETS,
     UNITS_DIR,
     UNPAIRED,
+    VIEW_OFFSETS,
+    VIEW_SIZES,
+    VIEW_SIZES_DTYPE,
     CacheError,
     CacheKey,
     CacheKeyMismatch,
@@ -57,7 +62,10 @@ from cache.schema import (
     ScanTargets,
     SchemaVersionError,
     UnitData,
+    dequantize_rows,
     point_shape,
+    quantize_rows,
+    target_format,
     unit_name,
 )
 from cache.shardread import ShardArray
@@ -104,42 +112,97 @@ def _offsets(counts: list[int]) -> np.ndarray:
     return offsets
 
 
-def write_unit_group(path: Path, data: UnitData, feature_dim: int, layout: StorageLayout) -> None:
-    """Write ``data`` as a new Zarr v3 group at ``path``: one shard file per array.
+def target_arrays(
+    data: UnitData, feature_dim: int, fmt: str = DEFAULT_TARGET_FORMAT
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The stored target arrays of ``data`` in format ``fmt``: (row arrays, index arrays), each
+    name -> array (cache/schema.py `TARGET_FORMATS`; `offsets` is not included)."""
+    spec = target_format(fmt)
+    if spec.paired_rows:
+        paired = [c != UNPAIRED for c in data.camera]  # each (N_i,) bool
+        parts = [t[m] for t, m in zip(data.target, paired, strict=True)]
+        target = (
+            np.concatenate(parts) if parts else np.zeros((0, feature_dim), np.float16)
+        )  # (P, D) float16
+        index = {TARGET_OFFSETS: _offsets([int(m.sum()) for m in paired])}
+        if fmt == "point-i8":
+            q, scale = quantize_rows(target)  # (P, D) int8, (P,) float16
+            return {"target": q, "target_scale": scale}, index
+        return {"target": target}, index
+    grids = [g.reshape(-1, feature_dim) for g in data.grids]  # each (C_i * h * w, D)
+    sizes = [
+        np.column_stack([np.tile(g.shape[1:3], (len(g), 1)), np.asarray(hw).reshape(-1, 2)])
+        for g, hw in zip(data.grids, data.image_sizes, strict=True)
+    ]  # each (C_i, 4): h, w, H0, W0
+    rows = {
+        "grid": np.concatenate(grids) if grids else np.zeros((0, feature_dim), np.float16),
+    }
+    index = {
+        VIEW_OFFSETS: _offsets([len(g) for g in data.grids]),
+        GRID_OFFSETS: _offsets([len(g) for g in grids]),
+        VIEW_SIZES: (np.concatenate(sizes) if sizes else np.zeros((0, 4))).astype(VIEW_SIZES_DTYPE),
+    }
+    return rows, index
 
-    `target` keeps only the rows of paired points (camera != -1), see cache/schema.py.
-    """
-    data.validate(feature_dim)
-    paired = [c != UNPAIRED for c in data.camera]  # each (N_i,) bool
+
+def write_unit_group(
+    path: Path,
+    data: UnitData,
+    feature_dim: int,
+    layout: StorageLayout,
+    fmt: str = DEFAULT_TARGET_FORMAT,
+) -> dict[str, int]:
+    """Write ``data`` as a new Zarr v3 group at ``path``: one shard file per row array, the
+    targets in format ``fmt`` (point formats keep only the rows of paired points, camera != -1;
+    see cache/schema.py). Returns the rows of each array written."""
+    data.validate(feature_dim, fmt)
+    spec = target_format(fmt)
     store = zarr.storage.LocalStore(path)
     attrs = {
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": spec.schema_version,
         "tokens": list(data.tokens),
         "lidar_paths": list(data.lidar_paths),
     }
+    if fmt != DEFAULT_TARGET_FORMAT:  # absent = point-f16: the version-1 group, byte for byte
+        attrs["target_format"] = fmt
     zarr.create_group(store, attributes=attrs)
+    targets, index = target_arrays(data, feature_dim, fmt)
+    rows = {}
     for name, (dtype, _) in POINT_ARRAYS.items():
         parts = getattr(data, name)
-        if name in PAIRED_ONLY:
-            parts = [a[m] for a, m in zip(parts, paired, strict=True)]
-        arr = np.concatenate(parts) if parts else np.zeros(point_shape(name, 0, feature_dim), dtype)
+        rows[name] = (
+            np.concatenate(parts) if parts else np.zeros(point_shape(name, 0, feature_dim), dtype)
+        )
+    for name, arr in {**rows, **targets}.items():
         # The whole unit in one shard (one file per array), cut into k equal chunks of at most
         # chunk_rows rows: Zarr pads the last chunk to full size, so equal chunks waste < k rows.
         k = max(1, -(-len(arr) // layout.chunk_rows))
         c = max(1, -(-len(arr) // k))
-        codec = layout.target_codec if name == "target" else layout.other_codec
+        codec = layout.target_codec if name in spec.row_arrays else layout.other_codec
         zarr.create_array(
             store,
             name=name,
             data=arr,
             chunks=(c, *arr.shape[1:]),
             shards=(k * c, *arr.shape[1:]),
-            compressors=_compressors(codec, dtype),
+            compressors=_compressors(codec, arr.dtype),
             fill_value=0,
         )
-    for name, counts in ((OFFSETS, data.rows()), (TARGET_OFFSETS, [int(m.sum()) for m in paired])):
-        offsets = _offsets(counts)  # (S + 1,)
-        zarr.create_array(store, name=name, data=offsets, chunks=offsets.shape, compressors=())
+    index = {OFFSETS: _offsets(data.rows()), **index}
+    for name, arr in index.items():
+        chunks = tuple(max(1, n) for n in arr.shape)  # one chunk (zarr refuses 0-sized ones)
+        zarr.create_array(store, name=name, data=arr, chunks=chunks, compressors=())
+    return {name: len(arr) for name, arr in {**rows, **targets, **index}.items()}
+
+
+def row_arrays(fmt: str) -> tuple[str, ...]:
+    """The sharded row arrays of a unit of format ``fmt`` (per-point, then target arrays)."""
+    return (*POINT_ARRAYS, *target_format(fmt).row_arrays)
+
+
+def unit_arrays(fmt: str) -> tuple[str, ...]:
+    """Every array of a unit of format ``fmt``: row arrays, then the small index arrays."""
+    return (*row_arrays(fmt), *target_format(fmt).index_arrays)
 
 
 # ---------------------------------------------------------------- small file helpers ----
@@ -236,10 +299,15 @@ class CacheWriter:
             raise ValueError(f"CacheWriter.create: scan tokens repeated across units: {dup}")
         if feature_dim < 1:
             raise ValueError(f"CacheWriter.create: feature_dim must be >= 1, got {feature_dim}")
+        if key.schema_version not in READABLE_VERSIONS:
+            raise ValueError(
+                f"CacheWriter.create: schema version {key.schema_version} is not one this code "
+                f"writes ({', '.join(map(str, READABLE_VERSIONS))})"
+            )
         path = Path(root) / key.digest()
         (path / UNITS_DIR).mkdir(parents=True, exist_ok=True)
         manifest = {
-            "schema_version": SCHEMA_VERSION,
+            "schema_version": key.schema_version,
             "digest": key.digest(),
             "key": key.to_dict(),
             "feature_dim": feature_dim,
@@ -298,12 +366,18 @@ class CacheWriter:
             if not self.marker_path(u).exists():
                 pending.append(u)
                 continue
-            problems = unit_problems(self.path, u, tokens, checksums=verify_checksums)
+            problems = unit_problems(
+                self.path, u, tokens, checksums=verify_checksums, manifest=self._manifest_fields()
+            )
             if problems:  # drop the marker: write_unit then rewrites the unit
                 warnings.warn(f"rewriting {'; '.join(problems)}", stacklevel=2)
                 self.marker_path(u).unlink(missing_ok=True)
                 pending.append(u)
         return pending
+
+    def _manifest_fields(self) -> dict[str, Any]:
+        """What `unit_problems` checks units against: the key and the feature dim."""
+        return {"key": self.key.to_dict(), "feature_dim": self.feature_dim}
 
     @contextmanager
     def lock(self) -> Iterator[None]:
@@ -342,13 +416,13 @@ class CacheWriter:
         units_dir = self.path / UNITS_DIR
         tmp = units_dir / f".{unit_name(unit_id)}.tmp-{uuid.uuid4().hex}"
         try:
-            write_unit_group(tmp, data, self.feature_dim, self.layout)
+            fmt = self.key.target_format
+            stored_rows = write_unit_group(tmp, data, self.feature_dim, self.layout, fmt)
             files = _file_digests(tmp)
             # Guard: never mark a group that lost part of its files (e.g. its temp dir was
             # removed under a writer that outlived its run): every array's metadata must be there.
-            lost = [
-                n for n in (*POINT_ARRAYS, OFFSETS, TARGET_OFFSETS) if f"{n}/zarr.json" not in files
-            ]
+            arrays = unit_arrays(fmt)
+            lost = [n for n in arrays if f"{n}/zarr.json" not in files]
             if lost or "zarr.json" not in files:
                 raise CacheError(
                     f"unit {unit_name(unit_id)}: written group {tmp.name} lacks arrays {lost} "
@@ -378,18 +452,14 @@ class CacheWriter:
         paired = sum(int((c != UNPAIRED).sum()) for c in data.camera)
         marker = {
             "unit": unit_id,
-            "schema_version": SCHEMA_VERSION,
+            "schema_version": self.key.schema_version,
             "scans": len(data.tokens),
             "rows": rows,
             "paired": paired,
             "bytes": sum(f["size"] for f in files.values()),
             "arrays": {
-                name: {"rows": n, "sha256": _array_digest(files, name)}
-                for name, n in (
-                    *((a, paired if a in PAIRED_ONLY else rows) for a in POINT_ARRAYS),
-                    (OFFSETS, len(data.tokens) + 1),
-                    (TARGET_OFFSETS, len(data.tokens) + 1),
-                )
+                name: {"rows": stored_rows[name], "sha256": _array_digest(files, name)}
+                for name in arrays
             },
             "files": files,
             "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -445,21 +515,37 @@ def load_manifest(path: str | Path) -> dict:
         )
     manifest = _read_json(path / MANIFEST, "cache manifest")
     version = manifest.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_VERSIONS:
         newer = isinstance(version, int) and version > SCHEMA_VERSION
+        older = ", ".join(str(v) for v in READABLE_VERSIONS if v != SCHEMA_VERSION)
         raise SchemaVersionError(
             f"cache {path} has schema version {version}, this code reads version "
-            f"{SCHEMA_VERSION}: "
+            f"{SCHEMA_VERSION} (and {older}): "
             + ("update this code to read it" if newer else "re-extract it with this code")
+        )
+    key = manifest.get("key")
+    if not isinstance(key, dict) or key.get("schema_version") != version:
+        raise CacheError(
+            f"cache manifest {path / MANIFEST}: its key's schema version "
+            f"{key.get('schema_version') if isinstance(key, dict) else None} differs from the "
+            f"manifest's {version} (edited by hand?)"
         )
     return manifest
 
 
-def unit_problems(path: Path, unit_id: int, tokens: list[str], checksums: bool = True) -> list[str]:
+def unit_problems(
+    path: Path,
+    unit_id: int,
+    tokens: list[str],
+    checksums: bool = True,
+    manifest: dict | None = None,
+) -> list[str]:
     """Problems of one unit, each naming it; [] when complete and intact.
 
     Checks the marker, the files it lists (sizes; sha256 with ``checksums``) and, with
-    ``checksums``, the Zarr contents: row counts equal, offsets monotonic, ending at rows.
+    ``checksums``, the Zarr contents (`_content_problems`): row counts equal, offsets monotonic,
+    ending at rows, per-scan target rows or grid views; with ``manifest`` also the unit's
+    target format and feature dim against the cache's.
     """
     name = unit_name(unit_id)
     marker_path = path / UNITS_DIR / f"{name}.done"
@@ -489,47 +575,87 @@ def unit_problems(path: Path, unit_id: int, tokens: list[str], checksums: bool =
                     problems.append(f"unit {name}: file {rel} checksum mismatch (corrupted)")
     if problems or not checksums:
         return problems
-    return _content_problems(unit_dir, name, marker, tokens)
+    return _content_problems(unit_dir, name, marker, tokens, manifest)
 
 
 def _offsets_problems(
-    name: str, what: str, offsets: np.ndarray, scans: int, rows: int
+    name: str, what: str, offsets: np.ndarray, scans: int, rows: int, array: str = ""
 ) -> list[str]:
     if len(offsets) != scans + 1:
         return [f"unit {name}: {len(offsets)} {what} for {scans} scans"]
     if offsets[0] != 0 or np.any(np.diff(offsets) < 0):
         return [f"unit {name}: {what} not monotonic from 0"]
     if offsets[-1] != rows:
-        return [f"unit {name}: last of {what} is {offsets[-1]}, arrays have {rows} rows"]
+        holder = f"{array} has" if array else "arrays have"
+        return [f"unit {name}: last of {what} is {offsets[-1]}, {holder} {rows} rows"]
     return []
 
 
-def _content_problems(unit_dir: Path, name: str, marker: dict, tokens: list[str]) -> list[str]:
-    """Structural checks of a unit's Zarr group against its marker and the manifest: row counts
-    of the per-point arrays, offsets, and the paired rows of `target` per scan."""
+def _content_problems(
+    unit_dir: Path, name: str, marker: dict, tokens: list[str], manifest: dict | None = None
+) -> list[str]:
+    """Structural checks of a unit's Zarr group against its marker and (when given) the
+    manifest: target format, dtype and shape of the row arrays, rows of every array (equal for
+    the per-point ones, as in the marker), offsets, and per scan the target rows (point formats:
+    its paired points) or grid rows and views (grid-f16)."""
     problems = []
     try:
         group = zarr.open_group(zarr.storage.LocalStore(unit_dir, read_only=True), mode="r")
+        fmt = group.attrs.get("target_format", DEFAULT_TARGET_FORMAT)
+        spec = target_format(fmt)
         if list(group.attrs.get("tokens", [])) != list(tokens):
             problems.append(f"unit {name}: scan tokens differ from the manifest")
-        offsets = group[OFFSETS][:]  # (S + 1,)
-        target_offsets = group[TARGET_OFFSETS][:]  # (S + 1,)
-        camera = group["camera"][:]  # (N,)
-        rows = {n: group[n].shape[0] for n in POINT_ARRAYS}
+        arrays = {n: group[n] for n in unit_arrays(fmt)}
+        index = {n: arrays[n][:] for n in (OFFSETS, *spec.index_arrays)}
+        camera = arrays["camera"][:]  # (N,)
+        scale = arrays["target_scale"][:] if "target_scale" in arrays else None  # (P,)
     except Exception as e:  # any zarr/codec error means the unit is unreadable
         return [f"unit {name}: unreadable Zarr group: {type(e).__name__}: {e}"]
-    per_point = {n: r for n, r in rows.items() if n not in PAIRED_ONLY}
-    n_rows = rows["points"]
+    feature_dim = None
+    if manifest is not None:
+        feature_dim = manifest.get("feature_dim")
+        want = manifest["key"].get("target_format", DEFAULT_TARGET_FORMAT)
+        if fmt != want:
+            return [f"unit {name}: target format {fmt!r}, the cache's is {want!r}"]
+    for n, (dtype, trailing) in {**POINT_ARRAYS, **spec.row_arrays}.items():
+        a = arrays[n]
+        dims = tuple((feature_dim or a.shape[-1]) if d == "D" else d for d in trailing)
+        if a.dtype != dtype or a.shape[1:] != dims:
+            problems.append(
+                f"unit {name}: {n} is {a.dtype} {a.shape}, expected {dtype} (rows, "
+                f"{', '.join(map(str, dims))})"
+            )
+    recorded = marker.get("arrays", {})
+    for n, a in arrays.items():
+        if n in recorded and recorded[n].get("rows") != a.shape[0]:
+            problems.append(
+                f"unit {name}: {n} has {a.shape[0]} rows, marker says {recorded[n].get('rows')}"
+            )
+    per_point = {n: arrays[n].shape[0] for n in POINT_ARRAYS}
+    n_rows = per_point["points"]
     if len(set(per_point.values())) != 1:
         problems.append(f"unit {name}: per-point arrays have different row counts {per_point}")
     if n_rows != marker.get("rows"):
         problems.append(f"unit {name}: {n_rows} rows stored, marker says {marker.get('rows')}")
-    problems += _offsets_problems(name, "offsets", offsets, len(tokens), n_rows)
+    offsets = index[OFFSETS]  # (S + 1,)
+    problems += _offsets_problems(name, OFFSETS, offsets, len(tokens), n_rows)
+    if problems:
+        return problems
     paired = camera != UNPAIRED  # (N,)
-    for n in PAIRED_ONLY:
-        if rows[n] != int(paired.sum()):
-            problems.append(f"unit {name}: {n} has {rows[n]} rows for {paired.sum()} paired points")
-    problems += _offsets_problems(name, TARGET_OFFSETS, target_offsets, len(tokens), rows["target"])
+    if not spec.paired_rows:
+        return _grid_problems(name, index, arrays["grid"].shape[0], camera, paired)
+    for n in spec.row_arrays:
+        if arrays[n].shape[0] != int(paired.sum()):
+            problems.append(
+                f"unit {name}: {n} has {arrays[n].shape[0]} rows for {paired.sum()} paired points"
+            )
+    target_offsets = index[TARGET_OFFSETS]  # (S + 1,)
+    problems += _offsets_problems(
+        name, TARGET_OFFSETS, target_offsets, len(tokens), arrays["target"].shape[0], "target"
+    )
+    if scale is not None and not np.all(np.isfinite(scale) & (scale >= 0)):
+        bad = int((~(np.isfinite(scale) & (scale >= 0))).sum())
+        problems.append(f"unit {name}: target_scale has {bad} negative or non-finite values")
     if not problems:
         cumulative = np.concatenate([[0], np.cumsum(paired)])  # (N + 1,) paired before row
         per_scan = cumulative[offsets[1:]] - cumulative[offsets[:-1]]  # (S,)
@@ -537,6 +663,31 @@ def _content_problems(unit_dir: Path, name: str, marker: dict, tokens: list[str]
             problems.append(
                 f"unit {name}: {TARGET_OFFSETS} disagree with the paired points per scan"
             )
+    return problems
+
+
+def _grid_problems(
+    name: str, index: dict[str, np.ndarray], grid_rows: int, camera: np.ndarray, paired: np.ndarray
+) -> list[str]:
+    """grid-f16 structure: view sizes positive, view and grid offsets monotonic and ending at
+    the views / grid rows, each scan's grid rows = the h x w cells of its views, and every
+    paired point's camera one of its scan's views."""
+    offsets, sizes = index[OFFSETS], index[VIEW_SIZES]  # (S + 1,), (V, 4)
+    view_offsets, grid_offsets = index[VIEW_OFFSETS], index[GRID_OFFSETS]  # (S + 1,) each
+    scans = len(offsets) - 1
+    if sizes.ndim != 2 or sizes.shape[1] != 4 or np.any(sizes < 1):
+        return [f"unit {name}: {VIEW_SIZES} must be (views, 4) positive h, w, H0, W0"]
+    problems = _offsets_problems(name, VIEW_OFFSETS, view_offsets, scans, len(sizes), VIEW_SIZES)
+    problems += _offsets_problems(name, GRID_OFFSETS, grid_offsets, scans, grid_rows, "grid")
+    if problems:
+        return problems
+    cells = np.concatenate([[0], np.cumsum(sizes[:, 0].astype(np.int64) * sizes[:, 1])])  # (V+1,)
+    if not np.array_equal(cells[view_offsets], grid_offsets):
+        problems.append(f"unit {name}: {GRID_OFFSETS} disagree with the h x w of the views")
+    views = np.repeat(np.diff(view_offsets), np.diff(offsets))  # (N,) views of each point's scan
+    orphans = int((paired & (camera >= views)).sum())
+    if orphans:
+        problems.append(f"unit {name}: {orphans} paired points have a camera without a grid view")
     return problems
 
 
@@ -548,7 +699,7 @@ def verify_cache(path: str | Path, progress: bool = True) -> list[str]:
     problems = []
     units = manifest["units"]
     for u in tqdm(range(len(units)), desc="verify", unit="unit", disable=not progress):
-        problems += unit_problems(path, u, units[u], checksums=True)
+        problems += unit_problems(path, u, units[u], checksums=True, manifest=manifest)
     if not (path / COMPLETE).exists():
         problems.append(f"cache {path}: no {COMPLETE} marker (extraction not finalized)")
     return problems
@@ -572,6 +723,7 @@ def cache_info(path: str | Path) -> dict[str, Any]:
         "digest": manifest["digest"],
         "key": manifest["key"],
         "schema_version": manifest["schema_version"],
+        "target_format": manifest["key"].get("target_format", DEFAULT_TARGET_FORMAT),
         "feature_dim": manifest["feature_dim"],
         "layout": manifest["layout"],
         "complete": (path / COMPLETE).exists(),
@@ -652,6 +804,11 @@ def open_cache(path: str | Path, fast_path: bool = True) -> CacheReader:
     return CacheReader(path, fast_path=fast_path)
 
 
+def _span(offsets: np.ndarray, j: int) -> tuple[int, int]:
+    """[start, end) of scan ``j`` in an offsets array."""
+    return int(offsets[j]), int(offsets[j + 1])
+
+
 def _rows(array: ShardArray | zarr.Array, start: int, end: int) -> np.ndarray:
     """Rows [start, end) of a per-point array, read directly or through zarr."""
     if isinstance(array, ShardArray):
@@ -661,9 +818,8 @@ def _rows(array: ShardArray | zarr.Array, start: int, end: int) -> np.ndarray:
 
 @dataclass
 class _OpenUnit:
-    arrays: dict[str, ShardArray | zarr.Array]  # per-point arrays: direct reader, else zarr
-    offsets: np.ndarray  # (S + 1,) int64 rows of each scan
-    target_offsets: np.ndarray  # (S + 1,) int64 stored target rows (paired points) of each scan
+    arrays: dict[str, ShardArray | zarr.Array]  # row arrays: direct reader, else zarr
+    index: dict[str, np.ndarray]  # small arrays read whole: offsets, target_offsets / views...
     lidar_paths: list[str]
 
 
@@ -686,7 +842,10 @@ class CacheReader:
     def __post_init__(self) -> None:
         self.path = Path(self.path)
         manifest = load_manifest(self.path)
-        self.key = CacheKey.from_dict(manifest["key"])
+        try:
+            self.key = CacheKey.from_dict(manifest["key"])
+        except (ValueError, KeyError) as e:
+            raise CacheError(f"cache manifest {self.path / MANIFEST}: bad key: {e}") from None
         self.feature_dim = int(manifest["feature_dim"])
         self.meta = manifest.get("meta", {})
         units = manifest["units"]
@@ -703,24 +862,35 @@ class CacheReader:
     def __len__(self) -> int:
         return len(self.tokens)
 
+    @property
+    def target_format(self) -> str:
+        """How the targets are stored (`TARGET_FORMATS`); `read_scan` hides it."""
+        return self.key.target_format
+
     def _unit(self, u: int) -> _OpenUnit:
         if u not in self._open:
             unit_dir = self.path / UNITS_DIR / unit_name(u)
             group = zarr.open_group(zarr.storage.LocalStore(unit_dir, read_only=True), mode="r")
+            fmt = group.attrs.get("target_format", DEFAULT_TARGET_FORMAT)
+            if fmt != self.target_format:
+                raise CacheError(
+                    f"cache {self.path} unit {unit_name(u)}: target format {fmt!r}, the "
+                    f"cache's is {self.target_format!r} (run `python cli.py cache verify`)"
+                )
+            names = row_arrays(fmt)
             arrays: dict[str, ShardArray | zarr.Array] = {}
             if self.fast_path:
                 # The marker lists the unit's files: a shard it lists must exist (Zarr omits
                 # only shards that hold nothing but the fill value).
                 marker = _read_json(unit_dir.with_name(f"{unit_dir.name}.done"), "unit marker")
-                for name in POINT_ARRAYS:
+                for name in names:
                     stored = any(rel.startswith(f"{name}/c") for rel in marker.get("files", {}))
                     fast = ShardArray.open(unit_dir / name, missing_ok=not stored)
                     if fast is not None:
                         arrays[name] = fast
             self._open[u] = _OpenUnit(
-                arrays={n: arrays[n] if n in arrays else group[n] for n in POINT_ARRAYS},
-                offsets=group[OFFSETS][:],
-                target_offsets=group[TARGET_OFFSETS][:],
+                arrays={n: arrays[n] if n in arrays else group[n] for n in names},
+                index={n: group[n][:] for n in (OFFSETS, *target_format(fmt).index_arrays)},
                 lidar_paths=list(group.attrs["lidar_paths"]),
             )
         return self._open[u]
@@ -729,35 +899,61 @@ class CacheReader:
         """Points of scan ``i`` (reads only the unit's offsets)."""
         unit = self._unit(int(self._unit_of[i]))
         j = int(self._index_in_unit[i])
-        return int(unit.offsets[j + 1] - unit.offsets[j])
+        offsets = unit.index[OFFSETS]
+        return int(offsets[j + 1] - offsets[j])
 
     def read_scan(self, i: int) -> ScanTargets:
-        """Scan ``i`` (0 <= i < len): one read per array (5 reads: direct for uncompressed
-        shards, else zarr), `target` scattered back to all points with zero rows where
-        unpaired."""
+        """Scan ``i`` (0 <= i < len): one read per row array (direct for uncompressed shards,
+        else zarr), `target` (N, D) float16 with zero rows where unpaired, whatever the target
+        format: point-f16 rows scattered back, point-i8 rows dequantized, grid-f16 grids sampled
+        at the paired points' pixels (`cache/sampling.py`)."""
         if not 0 <= i < len(self.tokens):
             raise IndexError(f"scan {i} out of range: cache {self.path} has {len(self)} scans")
         u, j = int(self._unit_of[i]), int(self._index_in_unit[i])
         unit = self._unit(u)
-        start, end = int(unit.offsets[j]), int(unit.offsets[j + 1])
-        fields = {
-            name: _rows(arr, start, end)
-            for name, arr in unit.arrays.items()
-            if name not in PAIRED_ONLY
-        }
+        start, end = _span(unit.index[OFFSETS], j)
+        fields = {name: _rows(unit.arrays[name], start, end) for name in POINT_ARRAYS}
         paired = fields["camera"] != UNPAIRED  # (N,)
-        t_start, t_end = int(unit.target_offsets[j]), int(unit.target_offsets[j + 1])
-        if t_end - t_start != int(paired.sum()):
-            raise CacheError(
-                f"cache {self.path} unit {unit_name(u)} scan {self.tokens[i]}: "
-                f"{t_end - t_start} target rows for {paired.sum()} paired points (corrupted; "
-                "run `python cli.py cache verify`)"
-            )
+        where = f"cache {self.path} unit {unit_name(u)} scan {self.tokens[i]}"
         target = np.zeros((end - start, self.feature_dim), np.float16)  # (N, D)
-        target[paired] = _rows(unit.arrays["target"], t_start, t_end)
+        if target_format(self.target_format).paired_rows:
+            t_start, t_end = _span(unit.index[TARGET_OFFSETS], j)
+            if t_end - t_start != int(paired.sum()) or t_end > unit.arrays["target"].shape[0]:
+                raise CacheError(
+                    f"{where}: {t_end - t_start} target rows for {paired.sum()} paired points "
+                    "(corrupted; run `python cli.py cache verify`)"
+                )
+            stored = _rows(unit.arrays["target"], t_start, t_end)  # (P, D)
+            if self.target_format == "point-i8":
+                scale = _rows(unit.arrays["target_scale"], t_start, t_end)  # (P,)
+                stored = dequantize_rows(stored, scale)
+            target[paired] = stored
+        else:
+            target[paired] = self._sample_grids(unit, j, fields, paired, where)
         return ScanTargets(
             token=self.tokens[i], lidar_path=unit.lidar_paths[j], target=target, **fields
         )
+
+    def _sample_grids(
+        self, unit: _OpenUnit, j: int, fields: dict[str, np.ndarray], paired: np.ndarray, where: str
+    ) -> np.ndarray:
+        """(P, D) float16 features of the paired points of scan ``j`` sampled from its stored
+        grids (grid-f16), exactly as extraction samples them."""
+        from cache.sampling import sample_view_grids  # torch: only grid caches need it
+
+        v_start, v_end = _span(unit.index[VIEW_OFFSETS], j)
+        g_start, g_end = _span(unit.index[GRID_OFFSETS], j)
+        sizes = unit.index[VIEW_SIZES][v_start:v_end]  # (V_j, 4) h, w, H0, W0
+        camera = fields["camera"][paired]  # (P,)
+        cells = int((sizes[:, 0].astype(np.int64) * sizes[:, 1]).sum())
+        fits = g_end - g_start == cells and g_end <= unit.arrays["grid"].shape[0]
+        if not fits or (len(camera) and int(camera.max()) >= len(sizes)):
+            raise CacheError(
+                f"{where}: {g_end - g_start} grid rows and {len(sizes)} views do not fit its "
+                "points (corrupted; run `python cli.py cache verify`)"
+            )
+        grid = _rows(unit.arrays["grid"], g_start, g_end)  # (sum h*w, D) float16
+        return sample_view_grids(grid, sizes, camera, fields["uv"][paired])
 
     def verify(self, progress: bool = True) -> list[str]:
         """Problems of this cache, each naming its unit; [] = complete and intact."""
@@ -791,6 +987,7 @@ def describe(root_or_path: str | Path) -> str:
             state = "complete" if i["complete"] else f"{i['units_done']}/{i['units']} units"
             lines.append(
                 f"  {c.name}  {k['split']:>10s}  {k['teacher']}  {k['image_size']}  "
+                f"{i['target_format']}  "
                 f"D={i['feature_dim']}  {i['scans']} scans  {_size(i['bytes_on_disk'])}  {state}"
             )
         return "\n".join(lines)
@@ -800,6 +997,7 @@ def describe(root_or_path: str | Path) -> str:
         f"cache      {i['path']}",
         f"complete   {state}",
         f"schema     v{i['schema_version']}   feature dim {i['feature_dim']}   layout {i['layout']}",
+        f"targets    {i['target_format']}",
         *(f"key.{k:<22s} {v}" for k, v in i["key"].items()),
         f"units      {i['units_done']}/{i['units']} done",
         f"scans      {i['scans_done']}/{i['scans']} written",

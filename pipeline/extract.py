@@ -3,12 +3,14 @@
 What happens (docs/extraction.md has the details and measurements):
 1. The client reads the split's scan records, cuts them into units of ``scans_per_unit`` scans (in
    the reader's order: scene, then time) and builds the `CacheKey` (dataset fingerprint, split,
-   teacher name + weights sha256, image size, feature layer, pairing settings, schema version).
+   teacher name + weights sha256, image size, feature layer, pairing settings, target format,
+   schema version).
 2. ``CacheWriter.create`` makes or re-opens ``cache_root/<digest>/``; under the cache's writer
    lock only the units without a valid ``.done`` marker are submitted, one Dask task per unit.
 3. A task (`extract_unit`) loads its scans' points, labels and images, pairs the points with the
    cameras, runs the teacher over the unit's images in batches across cameras, samples the patch
-   grid of each point's camera at its pixel, and writes the unit atomically through the writer.
+   grid of each point's camera at its pixel (``grid-f16``: keeps the grids instead, the reader
+   samples them), and writes the unit atomically through the writer.
    Unpaired points get zero targets and camera -1.
 4. The client shows a progress bar over units, then finalizes the cache and returns a summary.
 
@@ -34,6 +36,7 @@ import numpy as np
 import torch
 
 from cache import CacheKey, CacheWriter, UnitData, dataset_fingerprint
+from cache.schema import DEFAULT_TARGET_FORMAT, target_format
 from pipeline.datasets import DataError, NuScenesReader, Scan
 from pipeline.datasets.check import check_scan
 from pipeline.pairing import UNPAIRED, PairingConfig, pair_points
@@ -76,6 +79,10 @@ class ExtractConfig:
     """Scans per work unit (one Dask task, one atomic cache unit)."""
     pairing: PairingConfig = field(default_factory=PairingConfig)
     """How points are paired with camera pixels (part of the cache key)."""
+    target_format: str = DEFAULT_TARGET_FORMAT
+    """How targets are stored (part of the cache key): "point-f16" (float16 per paired point),
+    "point-i8" (int8 + a float16 scale per paired point) or "grid-f16" (the float16 patch grid
+    of every camera image, sampled by the reader); docs/cache-format.md."""
     progress: bool = True
     """Show a progress bar over units."""
     skip_bad: bool = False
@@ -94,6 +101,7 @@ class ExtractConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.scans_per_unit < 1:
             raise ValueError(f"scans_per_unit must be >= 1, got {self.scans_per_unit}")
+        target_format(self.target_format)  # ValueError naming the known formats
 
     def teacher_config(self) -> TeacherConfig:
         return TeacherConfig(
@@ -200,8 +208,13 @@ def _extract_unit(
         pairings.append(pair_points(xyzi[:, :3], scan, pairing))
     t_paired = time.perf_counter()
 
-    # 2. teacher over all (scan, camera) images of the unit, batch_size images per forward
+    # 2. teacher over all (scan, camera) images of the unit, batch_size images per forward;
+    # point formats sample each paired point's feature now, grid-f16 keeps the grids (float16)
+    # and the reader samples them (the same `sample_features`)
+    keep_grids = writer.key.target_format == "grid-f16"
     targets = [np.zeros((len(p), teacher.feature_dim), np.float16) for p in points]  # (N_i, D)
+    grids = [[None] * len(scan.cameras) for scan in scans]  # grid-f16: (h, w, D) per camera
+    image_sizes = [np.zeros((len(scan.cameras), 2), np.int64) for scan in scans]  # (C_i, 2)
     views = [(j, c) for j, scan in enumerate(scans) for c in range(len(scan.cameras))]
     forwards = 0  # counted here: with thread workers the teacher (and its counter) is shared
     t_images = 0.0
@@ -210,13 +223,17 @@ def _extract_unit(
         t0 = time.perf_counter()
         images = [reader.load_image(scans[j].cameras[c]) for j, c in batch]  # (H0, W0, 3) uint8
         t_images += time.perf_counter() - t0
-        grids = teacher.patch_grid(images)  # (B, D, h, w)
+        grids_batch = teacher.patch_grid(images)  # (B, D, h, w)
         forwards += 1
         for k, (j, c) in enumerate(batch):
+            if keep_grids:
+                grids[j][c] = grids_batch[k].permute(1, 2, 0).half().numpy()  # (h, w, D)
+                image_sizes[j][c] = images[k].shape[:2]  # (H0, W0)
+                continue
             mask = pairings[j].camera == c  # (N_j,)
             if mask.any():
                 uv = pairings[j].uv[mask]  # (M, 2) float32, exactly what the cache stores
-                features = sample_features(grids[k], uv, images[k].shape[:2])  # (M, D)
+                features = sample_features(grids_batch[k], uv, images[k].shape[:2])  # (M, D)
                 targets[j][mask] = features.half().numpy()
     t_teacher = time.perf_counter()
 
@@ -225,10 +242,12 @@ def _extract_unit(
         tokens=[s.token for s in scans],
         lidar_paths=[s.lidar_path for s in scans],
         points=points,
-        target=targets,
+        target=None if keep_grids else targets,
         camera=[p.camera for p in pairings],
         uv=[p.uv for p in pairings],
         label=labels,
+        grids=[_stack(g, teacher) for g in grids] if keep_grids else None,
+        image_sizes=image_sizes if keep_grids else None,
     )
     written = writer.write_unit(unit_id, data)
     t_end = time.perf_counter()
@@ -247,6 +266,12 @@ def _extract_unit(
         "write_s": t_end - t_teacher,
         "worker_pid": os.getpid(),
     }
+
+
+def _stack(grids: list[np.ndarray], teacher: Teacher) -> np.ndarray:
+    """The (h, w, D) grids of a scan's cameras → (C, h, w, D) float16 (C may be 0)."""
+    h, w = teacher.grid_size
+    return np.stack(grids) if grids else np.zeros((0, h, w, teacher.feature_dim), np.float16)
 
 
 # ---------------------------------------------------------------- the client ----
@@ -268,6 +293,7 @@ def cache_key(cfg: ExtractConfig, reader: NuScenesReader, teacher: Teacher) -> C
         feature_layer=FEATURE_LAYER,
         pairing=json.dumps(cfg.pairing.to_dict(), sort_keys=True, separators=(",", ":")),
         teacher_dtype=cfg.dtype,
+        target_format=cfg.target_format,
     )
 
 

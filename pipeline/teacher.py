@@ -15,6 +15,8 @@ Conventions (docs/extraction.md explains them with a picture in words):
   ``config.num_register_tokens`` register tokens dropped, as a grid (B, D, H/14, W/14).
 - Sampling: patch j covers resized pixels [14 j, 14 (j + 1)), its feature sits at its centre;
   features between centres are bilinear, beyond the outermost centres constant (border).
+  `sample_features` lives in `cache/sampling.py` (re-exported here): the reader of a
+  ``grid-f16`` cache samples the stored grids with the same function.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from cache.sampling import sample_features  # noqa: F401  (re-exported: the one implementation)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 """Per-channel RGB mean of ImageNet (in [0, 1]): DINOv2's training normalisation."""
@@ -167,37 +171,6 @@ def patch_tokens(
         )
     patches = last_hidden_state[:, 1 + num_register_tokens :]  # (B, h*w, D)
     return patches.reshape(b, h, w, d).permute(0, 3, 1, 2)  # (B, D, h, w)
-
-
-def sample_features(
-    grid: torch.Tensor, uv: torch.Tensor | np.ndarray, orig_size: tuple[int, int]
-) -> torch.Tensor:
-    """Bilinear features of a patch grid (D, h, w) at pixels ``uv`` (M, 2) of the original image.
-
-    ``uv`` is (x right, y down) in original-image pixels of size ``orig_size`` = (H0, W0), pixel i
-    covering [i, i + 1). The resize maps x ∈ [0, W0) linearly onto [0, W) and patch j covers
-    [14 j, 14 (j + 1)), so in patch units p = x * w / W0 and patch j's centre is p = j + 0.5.
-    ``grid_sample(align_corners=False)`` puts cell j's centre at n = (2 j + 1) / w - 1, i.e.
-    n = 2 p / w - 1 = 2 x / W0 - 1: the normalised coordinate does not depend on the resize.
-    Beyond the outermost centres the edge patch's feature is used (padding "border").
-    Returns (M, D) float32.
-    """
-    if grid.ndim != 3:
-        raise ValueError(f"sample_features: grid must be (D, h, w), got shape {tuple(grid.shape)}")
-    uv = torch.as_tensor(uv, dtype=torch.float32, device=grid.device)  # (M, 2)
-    if uv.ndim != 2 or uv.shape[1] != 2:
-        raise ValueError(f"sample_features: uv must be (M, 2), got shape {tuple(uv.shape)}")
-    h0, w0 = orig_size
-    scale = torch.tensor([2.0 / w0, 2.0 / h0], dtype=torch.float32, device=grid.device)
-    normalised = uv * scale - 1.0  # (M, 2) in [-1, 1), x first as grid_sample expects
-    sampled = F.grid_sample(
-        grid[None].float(),  # (1, D, h, w)
-        normalised[None, None],  # (1, 1, M, 2)
-        mode="bilinear",
-        padding_mode="border",
-        align_corners=False,
-    )  # (1, D, 1, M)
-    return sampled[0, :, 0].T  # (M, D)
 
 
 class Teacher(nn.Module):

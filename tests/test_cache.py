@@ -205,6 +205,7 @@ KEY_CHANGES = {
     "feature_layer": "penultimate",
     "pairing": '{"min_depth":2.0}',
     "teacher_dtype": "bfloat16",
+    "target_format": "point-i8",
     "schema_version": SCHEMA_VERSION + 1,
 }
 
@@ -218,8 +219,12 @@ def test_key_digest_changes_with_every_field_and_old_cache_stays(tmp_path: Path)
     before = tree_digest(old.path)
     digests = {base.digest()}
     for name, value in KEY_CHANGES.items():
-        other = dataclasses.replace(base, **{name: value})
-        assert other.mismatches(base) == [name] and base.mismatches(other) == [name]
+        if name == "target_format":  # a new format needs schema version 2: both fields differ
+            other = dataclasses.replace(base, target_format=value, schema_version=None)
+            changed = ["target_format", "schema_version"]
+        else:
+            other, changed = dataclasses.replace(base, **{name: value}), [name]
+        assert other.mismatches(base) == changed and base.mismatches(other) == changed
         digests.add(other.digest())
     assert len(digests) == len(KEY_CHANGES) + 1
     new = write_cache(tmp_path, dataclasses.replace(base, teacher="facebook/dinov2-base"))
