@@ -27,7 +27,7 @@ import typer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cache.schema import CacheKey, UnitData  # noqa: E402
+from cache.schema import OFFSETS, TARGET_FORMATS, CacheKey, UnitData  # noqa: E402
 from cache.store import CacheWriter, StorageLayout, open_cache, write_unit_group  # noqa: E402
 
 POINTS_PER_SCAN = 34_700  # nuScenes LIDAR_TOP sweep
@@ -44,7 +44,10 @@ LAYOUTS = {
 
 
 def synthetic_unit(
-    rng: np.random.Generator, tokens: list[str], dim: int, points: int = POINTS_PER_SCAN
+    rng: np.random.Generator,
+    tokens: list[str],
+    dim: int,
+    points: int = POINTS_PER_SCAN,
 ) -> UnitData:
     """A unit of scans of ~``points`` points (default nuScenes-sized) with DINOv2-like targets
     (see module docstring)."""
@@ -76,6 +79,15 @@ def synthetic_unit(
     )
 
 
+def add_grids(rng: np.random.Generator, data: UnitData, grid: tuple[int, int]) -> UnitData:
+    """``data`` with the (h, w) = ``grid`` patch grids (normal fp16) of 6 cameras of 1600x900
+    per scan, so it can be written in every target format (grid-f16 too)."""
+    dim = data.target[0].shape[1]
+    data.grids = [rng.normal(0, 1, (6, *grid, dim)).astype(np.float16) for _ in data.tokens]
+    data.image_sizes = [np.array([[900, 1600]] * 6) for _ in data.tokens]
+    return data
+
+
 def raw_bytes(data: UnitData) -> int:
     return sum(
         a.nbytes
@@ -92,8 +104,11 @@ def measure(
     reads: int,
     repeats: int,
     seed: int,
+    target_format: str = "point-f16",
 ) -> dict:
-    key = CacheKey("bench", "train", name, "", (224, 448), "last", "{}")
+    key = CacheKey(
+        "bench", "train", name, "", (224, 448), "last", "{}", target_format=target_format
+    )
     dim = units[0].target[0].shape[1]
     writer = CacheWriter.create(workdir, key, [u.tokens for u in units], dim, {}, layout=layout)
     # Write: the Zarr group alone (what the layout changes); median of `repeats` per unit,
@@ -103,7 +118,7 @@ def measure(
         for r in range(repeats + (i == 0)):
             scratch = workdir / f"scratch-{i}-{r}"
             t0 = time.perf_counter()
-            write_unit_group(scratch, data, dim, layout)
+            write_unit_group(scratch, data, dim, layout, target_format)
             if r > 0 or i > 0:
                 times.append(time.perf_counter() - t0)
             shutil.rmtree(scratch)
@@ -111,6 +126,14 @@ def measure(
     writer.finalize({})
     reader = open_cache(writer.path)
     stored = reader.info()["bytes_on_disk"]
+    spec = TARGET_FORMATS[target_format]
+    target_files = [  # the target format's arrays alone (metadata included)
+        f
+        for name in (*spec.row_arrays, *spec.index_arrays)
+        if name != OFFSETS
+        for f in writer.path.glob(f"units/u*/{name}/**/*")
+        if f.is_file()
+    ]
     points = sum(sum(u.rows()) for u in units)
     rng = np.random.default_rng(seed)
     order = rng.integers(0, len(reader), reads)
@@ -124,6 +147,7 @@ def measure(
     mb = np.mean([raw_bytes(u) for u in units]) / 1e6
     return {
         "bytes/point": stored / points,
+        "target bytes/point": sum(f.stat().st_size for f in target_files) / points,
         "ratio": sum(raw_bytes(u) for u in units) / stored,
         "write MB/s": [mb / t for t in times],
         "scan read ms": [t * 1e3 for t in read_s],

@@ -13,7 +13,8 @@
   online each step (load the 6 images, teacher, pairing, sampling, then the same student step).
 - loader: data-wait share of real `train()` runs (summary.json), and cache random scan reads ÷
   raw `.npy` memmap reads of the same rows (same arrays, same random scans).
-- size: stored bytes per point and per paired point, compression ratio (cache_layout.measure).
+- size: stored bytes per point and per paired point, compression ratio (cache_layout.measure),
+  and per target format (point-f16, point-i8, grid-f16 at --image-size) bytes per paired point.
 - scaling: extraction images/s with 2 LocalCluster workers ÷ 1 worker (one scan per unit).
 
 Every benchmark returns rows of (name, value, unit) and prints them; ratios are what to compare
@@ -427,29 +428,56 @@ def loader(cfg: BenchConfig, work: Path) -> list[Row]:
 
 # ---------------------------------------------------------------- 4. cache size ----
 def size(cfg: BenchConfig, work: Path) -> list[Row]:
-    """Stored bytes per point and per paired point, and the ratio dense input / stored."""
-    from cache_layout import measure, synthetic_unit
+    """Stored bytes per point and per paired point, and the ratio dense input / stored, of the
+    default target format (point-f16); then per target format the bytes per paired point (all
+    arrays, and the target arrays alone) and the ratio point-f16 bytes / format bytes. The
+    grid-f16 grids are those of 6 cameras at ``cfg.image_size`` (patch 14)."""
+    from cache_layout import add_grids, measure, synthetic_unit
 
+    from cache.schema import TARGET_FORMATS
     from cache.store import StorageLayout
 
+    grid = (cfg.image_size[0] // 14, cfg.image_size[1] // 14)
     rows: list[Row] = []
     for dim in sorted({cfg.dim, 384, 768} if cfg.dim >= 384 else {cfg.dim}):
-        rng = np.random.default_rng(0)
+        rng, grid_rng = np.random.default_rng(0), np.random.default_rng(1)
         units = [
-            synthetic_unit(rng, [f"u{u}s{j}" for j in range(4)], dim, cfg.points_per_scan)
+            add_grids(
+                grid_rng,
+                synthetic_unit(rng, [f"u{u}s{j}" for j in range(4)], dim, cfg.points_per_scan),
+                grid,
+            )
             for u in range(2)
         ]
-        folder = work / f"size-{dim}"
-        folder.mkdir()
-        m = measure("default", StorageLayout(), units, folder, reads=4, repeats=1, seed=0)
         points = sum(sum(u.rows()) for u in units)
         paired = sum(int((c >= 0).sum()) for u in units for c in u.camera)
+        per_paired = points / paired
+        m = {}
+        for fmt in TARGET_FORMATS:
+            folder = work / f"size-{dim}-{fmt}"
+            folder.mkdir()
+            m[fmt] = measure(
+                fmt, StorageLayout(), units, folder, reads=4, repeats=1, seed=0, target_format=fmt
+            )
+        f16 = m["point-f16"]
         rows += [
-            (f"D={dim}: bytes per point", m["bytes/point"], "bytes"),
-            (f"D={dim}: bytes per paired point", m["bytes/point"] * points / paired, "bytes"),
-            (f"D={dim}: RATIO dense input / stored", m["ratio"], "ratio"),
+            (f"D={dim}: bytes per point", f16["bytes/point"], "bytes"),
+            (f"D={dim}: bytes per paired point", f16["bytes/point"] * per_paired, "bytes"),
+            (f"D={dim}: RATIO dense input / stored", f16["ratio"], "ratio"),
             (f"D={dim}: paired share (synthetic)", paired / points, "fraction"),
         ]
+        for fmt, r in m.items():
+            rows += [
+                (f"D={dim} {fmt}: bytes per paired point", r["bytes/point"] * per_paired, "bytes"),
+                (
+                    f"D={dim} {fmt}: target bytes per paired point",
+                    r["target bytes/point"] * per_paired,
+                    "bytes",
+                ),
+            ]
+            if fmt != "point-f16":
+                ratio = f16["bytes/point"] / r["bytes/point"]
+                rows.append((f"D={dim} {fmt}: RATIO point-f16 / {fmt} bytes", ratio, "ratio"))
     return rows
 
 

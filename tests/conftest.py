@@ -151,3 +151,29 @@ def train_cache(tmp_path_factory: pytest.TempPathFactory) -> TrainCache:
     base = tmp_path_factory.mktemp("train_cache")
     data = write_nuscenes_tables(base / "nuscenes")
     return TrainCache(cache=write_train_cache(base / "cache", data), data=data, dim=16)
+
+
+# ---------------------------------------------------------------- trainer: import isolation ----
+TEACHER_MODULES = ("pipeline.teacher", "pipeline.extract", "transformers")
+
+
+def run_cli_without_teacher(argv: list[str]) -> None:
+    """Run ``cli.py argv`` in a fresh interpreter; assert it succeeds and never imports the
+    teacher, the extraction or transformers (stage two needs the cache only)."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+from cli import app
+try:
+    app({argv!r})
+except SystemExit as e:
+    assert e.code in (0, None), e.code
+bad = [m for m in {TEACHER_MODULES!r} if m in sys.modules]
+assert not bad, bad
+print("ok")
+"""
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]

@@ -19,7 +19,9 @@ EXPECTED = {
                    "share: pairing", "share: sampling", "share: write"],
     "online": ["train from cache", "train with online teacher", "RATIO cache / online"],
     "loader": ["data_wait_share, 2 loader workers", "RATIO cache / npy throughput"],
-    "size": ["D=64: bytes per paired point", "D=64: RATIO dense input / stored"],
+    "size": ["D=64: bytes per paired point", "D=64: RATIO dense input / stored",
+             "D=64 point-i8: bytes per paired point", "D=64 grid-f16: target bytes per paired point",
+             "D=64 grid-f16: RATIO point-f16 / grid-f16 bytes"],
     "scaling": ["extract, 1 worker", "extract, 2 workers", "RATIO 2 workers / 1 worker"],
 }  # fmt: skip
 

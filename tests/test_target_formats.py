@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,7 +18,6 @@ from cache import CacheError, CacheKey, open_cache, verify_cache
 from cache.schema import TARGET_FORMATS, quantize_rows
 from pipeline.extract import ExtractConfig, extract_teacher
 
-REPO = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = (28, 56)  # 2 x 4 patches: seconds per extraction
 SPLIT = "val"  # 4 scans, 2 units of 2
 FORMATS = ("point-f16", "point-i8", "grid-f16")
@@ -203,25 +200,15 @@ def test_verify_names_the_unit_of_a_damaged_new_array(
 def test_training_reads_a_grid_cache_without_the_teacher(caches, synthetic_nuscenes, tmp_path):
     """A training smoke run (1 epoch, tiny student, a DataLoader worker) from the grid-f16 cache,
     in a fresh process that never imports the teacher or the extraction."""
+    from conftest import run_cli_without_teacher
+
     argv = [
         "train", "--cache", str(caches["grid-f16"]), "--data", str(synthetic_nuscenes.root),
         "--version", synthetic_nuscenes.version, "--split", SPLIT, "--out", str(tmp_path / "run"),
         "--backbone", "tiny", "--batch-size", "2", "--epochs", "1", "--workers", "1",
         "--threads", "1", "--no-progress",
     ]  # fmt: skip
-    code = f"""
-import sys
-from cli import app
-try:
-    app({argv!r})
-except SystemExit as e:
-    assert e.code in (0, None), e.code
-bad = [m for m in ("pipeline.teacher", "pipeline.extract", "transformers") if m in sys.modules]
-assert not bad, bad
-print("ok")
-"""
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
-    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
+    run_cli_without_teacher(argv)
     metrics = [
         json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()
     ]

@@ -173,24 +173,14 @@ def test_ddp_two_cpu_processes_keep_identical_parameters(train_cache, tmp_path) 
 
 
 def test_train_never_imports_the_teacher(train_cache, tmp_path) -> None:
+    from conftest import run_cli_without_teacher
+
     argv = _cli(
         "--cache", str(train_cache.cache), "--data", str(train_cache.data),
         "--out", str(tmp_path / "run"), "--backbone", "tiny", "--batch-size", "4",
         "--epochs", "1", "--workers", "1", "--no-progress",
     )[2:]  # fmt: skip
-    code = f"""
-import sys
-from cli import app
-try:
-    app({argv!r})
-except SystemExit as e:
-    assert e.code in (0, None), e.code
-bad = [m for m in ("pipeline.teacher", "pipeline.extract", "transformers") if m in sys.modules]
-assert not bad, bad
-print("ok")
-"""
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
-    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
+    run_cli_without_teacher(argv)
     assert len(_metrics(tmp_path / "run")) == 2
 
 
