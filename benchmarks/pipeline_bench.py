@@ -430,7 +430,8 @@ def loader(cfg: BenchConfig, work: Path) -> list[Row]:
 def size(cfg: BenchConfig, work: Path) -> list[Row]:
     """Stored bytes per point and per paired point, and the ratio dense input / stored, of the
     default target format (point-f16); then per target format the bytes per paired point (all
-    arrays, and the target arrays alone) and the ratio point-f16 bytes / format bytes. The
+    arrays, and the target arrays alone), the ratio point-f16 bytes / format bytes and the
+    median `read_scan` time (``cfg.reads`` random scans; grid-f16 samples its grids there). The
     grid-f16 grids are those of 6 cameras at ``cfg.image_size`` (patch 14)."""
     from cache_layout import add_grids, measure, synthetic_unit
 
@@ -457,7 +458,7 @@ def size(cfg: BenchConfig, work: Path) -> list[Row]:
             folder = work / f"size-{dim}-{fmt}"
             folder.mkdir()
             m[fmt] = measure(
-                fmt, StorageLayout(), units, folder, reads=4, repeats=1, seed=0, target_format=fmt
+                fmt, StorageLayout(), units, folder, cfg.reads, repeats=1, seed=0, target_format=fmt
             )
         f16 = m["point-f16"]
         rows += [
@@ -478,6 +479,8 @@ def size(cfg: BenchConfig, work: Path) -> list[Row]:
             if fmt != "point-f16":
                 ratio = f16["bytes/point"] / r["bytes/point"]
                 rows.append((f"D={dim} {fmt}: RATIO point-f16 / {fmt} bytes", ratio, "ratio"))
+            read_ms = float(np.median(r["scan read ms"]))
+            rows.append((f"D={dim} {fmt}: scan read (median of {cfg.reads})", read_ms, "ms"))
     return rows
 
 

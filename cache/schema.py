@@ -127,15 +127,17 @@ def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def dequantize_rows(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """(P, D) int8 and (P,) float16 scales → (P, D) float16 = fp16(q * scale)."""
-    return (q.astype(np.float32) * scale.astype(np.float32)[:, None]).astype(np.float16)
+    """(P, D) int8 and (P,) float16 scales → (P, D) float16 = fp16(q * scale), q * scale exact
+    in float32, rounded once to nearest-even (the same values as numpy's casts)."""
+    import torch  # its float32 → float16 cast is ~4x faster than numpy's (a loader hot path)
+
+    product = torch.from_numpy(q).float() * torch.from_numpy(scale).float()[:, None]  # (P, D)
+    return product.half().numpy()
 
 
-def point_shape(
-    name: str, rows: int, feature_dim: int, fmt: str = DEFAULT_TARGET_FORMAT
-) -> tuple[int, ...]:
-    """Full shape of row array ``name`` (per-point, or a target array of format ``fmt``)."""
-    trailing = {**POINT_ARRAYS, **target_format(fmt).row_arrays}[name][1]
+def point_shape(name: str, rows: int, feature_dim: int) -> tuple[int, ...]:
+    """Full shape of per-point array ``name`` with ``rows`` rows."""
+    trailing = POINT_ARRAYS[name][1]
     return (rows, *(feature_dim if d == "D" else d for d in trailing))
 
 

@@ -524,11 +524,11 @@ def load_manifest(path: str | Path) -> dict:
             + ("update this code to read it" if newer else "re-extract it with this code")
         )
     key = manifest.get("key")
-    if not isinstance(key, dict) or key.get("schema_version") != version:
+    key_version = key.get("schema_version") if isinstance(key, dict) else None
+    if key_version != version:
         raise CacheError(
-            f"cache manifest {path / MANIFEST}: its key's schema version "
-            f"{key.get('schema_version') if isinstance(key, dict) else None} differs from the "
-            f"manifest's {version} (edited by hand?)"
+            f"cache manifest {path / MANIFEST}: schema version {version}, but its key says "
+            f"{key_version} (edited by hand?)"
         )
     return manifest
 
@@ -810,7 +810,7 @@ def _span(offsets: np.ndarray, j: int) -> tuple[int, int]:
 
 
 def _rows(array: ShardArray | zarr.Array, start: int, end: int) -> np.ndarray:
-    """Rows [start, end) of a per-point array, read directly or through zarr."""
+    """Rows [start, end) of a row array (per-point or target), read directly or through zarr."""
     if isinstance(array, ShardArray):
         return array.read(start, end)
     return array[start:end]

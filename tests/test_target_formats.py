@@ -133,6 +133,16 @@ def test_grid_f16_samples_like_extraction(caches, synthetic_nuscenes) -> None:
     assert "target" not in unit and "target_offsets" not in unit
 
 
+def test_direct_reads_equal_zarr_reads(caches) -> None:
+    for fmt in ("point-i8", "grid-f16"):
+        fast, slow = open_cache(caches[fmt]), open_cache(caches[fmt], fast_path=False)
+        assert all(type(a).__name__ == "ShardArray" for a in fast._unit(0).arrays.values())
+        for i in range(len(fast)):
+            a, b = fast.read_scan(i), slow.read_scan(i)
+            _same_points(a, b)
+            assert np.array_equal(a.target, b.target), (fmt, i)
+
+
 def _refresh_marker(unit_dir: Path) -> None:
     """Re-record sizes and sha256 of a unit's files: only the structural checks can notice."""
     import hashlib
