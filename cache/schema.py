@@ -115,11 +115,15 @@ def target_format(name: str) -> TargetFormat:
 
 def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(P, D) float16 → (int8 (P, D), float16 scale (P,)): symmetric per row, scale = max|x| / 127
-    rounded to float16, q = round-half-even(x / scale) clipped to ±127; an all-zero row (or one
-    whose scale underflows float16) gets scale 0 and q 0. `dequantize_rows` inverts it to within
+    rounded to float16 (down where 127 * scale would pass the float16 maximum), q =
+    round-half-even(x / scale) clipped to ±127; an all-zero row (or one whose scale underflows
+    float16) gets scale 0 and q 0. `dequantize_rows` inverts it to within
     half a step (scale / 2) plus float16 rounding."""
     x32 = x.astype(np.float32)  # (P, D)
     scale = (np.abs(x32).max(axis=1, initial=0.0) / 127.0).astype(np.float16)  # (P,)
+    # near the float16 maximum a scale rounded up would dequantize 127 * scale to inf
+    too_big = scale.astype(np.float32) * 127 > np.finfo(np.float16).max
+    scale[too_big] = np.nextafter(scale[too_big], np.float16(0))
     s32 = scale.astype(np.float32)[:, None]  # (P, 1)
     with np.errstate(divide="ignore", invalid="ignore"):
         q = np.where(s32 > 0, np.rint(x32 / s32), 0.0)
@@ -127,12 +131,14 @@ def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def dequantize_rows(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """(P, D) int8 and (P,) float16 scales → (P, D) float16 = fp16(q * scale), q * scale exact
-    in float32, rounded once to nearest-even (the same values as numpy's casts)."""
-    import torch  # its float32 → float16 cast is ~4x faster than numpy's (a loader hot path)
+    """(P, D) int8 and (P,) float16 scales → (P, D) float16 = fp16(q * scale): q and scale are
+    exact in float16, their product is exact in float32 and rounded once to nearest-even (the
+    values of numpy's ``(q.astype(f32) * scale.astype(f32)).astype(f16)``)."""
+    import torch  # in-place float16 product: ~5x faster than numpy's casts (a loader hot path)
 
-    product = torch.from_numpy(q).float() * torch.from_numpy(scale).float()[:, None]  # (P, D)
-    return product.half().numpy()
+    out = torch.from_numpy(q).half()  # (P, D), int8 → float16 exactly
+    out.mul_(torch.from_numpy(scale)[:, None])
+    return out.numpy()
 
 
 def point_shape(name: str, rows: int, feature_dim: int) -> tuple[int, ...]:

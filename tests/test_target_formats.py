@@ -15,7 +15,7 @@ import torch
 import zarr
 
 from cache import CacheError, CacheKey, open_cache, verify_cache
-from cache.schema import TARGET_FORMATS, quantize_rows
+from cache.schema import TARGET_FORMATS, dequantize_rows, quantize_rows
 from pipeline.extract import ExtractConfig, extract_teacher
 
 IMAGE_SIZE = (28, 56)  # 2 x 4 patches: seconds per extraction
@@ -112,6 +112,8 @@ def test_quantize_rows_zero_rows_and_extremes() -> None:
     q, scale = quantize_rows(x)
     assert scale[0] == 0 and not q[0].any()
     assert q[1].tolist() == [64, -127, 32] and q[2, :2].tolist() == [127, -127]
+    x_hat = dequantize_rows(q, scale).astype(np.float32)  # finite at the float16 maximum
+    assert np.all(np.abs(x_hat - x) <= scale[:, None].astype(np.float32) / 2 + 32)
 
 
 def test_grid_f16_samples_like_extraction(caches, synthetic_nuscenes) -> None:
