@@ -44,8 +44,10 @@ step "5/7 linear probe: distilled student vs the same architecture at random ini
 $PY cli.py evaluate linear-probe --checkpoint "$OUT/run" --data "$OUT/data"
 $PY cli.py evaluate linear-probe --checkpoint none --like "$OUT/run" --data "$OUT/data" --out "$OUT/random_init"
 
-step "6/7 RankMe of the student's features and of the teacher's targets"
+step "6/7 RankMe: student and teacher targets on the cache; student and random init on val"
 $PY cli.py evaluate rankme --checkpoint "$OUT/run" --data "$OUT/data" --cache "$CACHE"
+$PY cli.py evaluate rankme --checkpoint "$OUT/run" --data "$OUT/data" --out "$OUT/run/eval/val"
+$PY cli.py evaluate rankme --checkpoint none --like "$OUT/run" --data "$OUT/data" --out "$OUT/random_init"
 
 step "7/7 pictures: PCA of teacher targets vs student features → $OUT/pictures"
 $PY cli.py visualize --checkpoint "$OUT/run" --data "$OUT/data" --cache "$CACHE" --out "$OUT/pictures"
@@ -57,6 +59,9 @@ out = Path(sys.argv[1])
 d = json.loads((out / "run/eval/linear_probe.json").read_text())
 r = json.loads((out / "random_init/linear_probe.json").read_text())
 print(f"\nlinear-probe mIoU: distilled {100 * d['miou']:.1f}  vs  random init {100 * r['miou']:.1f}")
+rd = json.loads((out / "run/eval/val/rankme.json").read_text())
+rr = json.loads((out / "random_init/rankme.json").read_text())
+print(f"RankMe on val (of {rd['student_dim']} dims): distilled {rd['student']:.1f}  vs  random init {rr['student']:.1f}")
 PYEOF
 printf '\nDemo finished in %s s.\n  results: %s/run (metrics.jsonl, eval/), %s/random_init\n  pictures: %s/pictures\n' \
     "$(( $(date +%s) - start ))" "$OUT" "$OUT" "$OUT"
