@@ -27,8 +27,9 @@ import typer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cache.reader import open_cache  # noqa: E402
 from cache.schema import OFFSETS, TARGET_FORMATS, CacheKey, UnitData  # noqa: E402
-from cache.store import CacheWriter, StorageLayout, open_cache, write_unit_group  # noqa: E402
+from cache.store import CacheWriter, StorageLayout, write_unit_group  # noqa: E402
 
 POINTS_PER_SCAN = 34_700  # nuScenes LIDAR_TOP sweep
 PAIRED_SHARE = 0.5  # rough share of nuScenes points seen by one of the six cameras

@@ -313,7 +313,7 @@ def _train_steps(readers: dict, train_cfg, steps: int) -> dict[str, tuple[float,
 
 def online(cfg: BenchConfig, work: Path) -> list[Row]:
     """Training scans/s with cached targets ÷ with the teacher run online each step."""
-    from cache.store import open_cache
+    from cache.reader import open_cache
     from pipeline.teacher import TeacherConfig
     from trainer.config import TrainConfig
 
@@ -358,8 +358,9 @@ def loader(cfg: BenchConfig, work: Path) -> list[Row]:
     """Data-wait share of real training runs and cache reads ÷ raw .npy memmap reads."""
     from cache_layout import synthetic_unit
 
+    from cache.reader import open_cache
     from cache.schema import CacheKey
-    from cache.store import CacheWriter, open_cache
+    from cache.store import CacheWriter
     from trainer.config import TrainConfig
     from trainer.loop import train
 

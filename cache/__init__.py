@@ -1,9 +1,10 @@
 """The target cache: the only contract between extraction (pipeline/) and training (trainer/).
 
-Format: docs/cache-format.md. Names and versions: cache/schema.py. Writer/reader: cache/store.py.
+Format: docs/cache-format.md. Names and versions: cache/schema.py. Writer and checks: cache/store.py; reader: cache/reader.py.
 """
 
 from cache.lock import LockHeldError, cache_lock
+from cache.reader import CacheReader, open_cache
 from cache.schema import (
     SCHEMA_VERSION,
     CacheError,
@@ -17,12 +18,10 @@ from cache.schema import (
 )
 from cache.store import (
     DEFAULT_LAYOUT,
-    CacheReader,
     CacheWriter,
     StorageLayout,
     cache_info,
     list_caches,
-    open_cache,
     resolve_cache,
     verify_cache,
 )

@@ -2,7 +2,7 @@
 
 Extraction (`pipeline/teacher.py`, which re-exports `sample_features`) samples the float32 grid
 at each paired point's pixel when it writes per-point targets; the reader of a ``grid-f16``
-cache (`cache/store.py`) samples the stored float16 grid the same way when it serves a scan.
+cache (`cache/reader.py`) samples the stored float16 grid the same way when it serves a scan.
 Keeping one function makes both give the same features up to the fp16 rounding of the grid.
 The trainer reaches it through the cache only, never through `pipeline.teacher`.
 """

@@ -1,7 +1,7 @@
 """The on-disk contract between extraction and training: version, arrays, key, records.
 
 Everything that defines what a cache *is* lives here, in one small module; `cache/store.py`
-only implements it. The format itself is described in `docs/cache-format.md`: bump
+(writer) and `cache/reader.py` only implement it. The format itself is described in `docs/cache-format.md`: bump
 ``SCHEMA_VERSION`` (and update that document) whenever a reader of the old version could not read
 a cache written by the new code, or would read it wrongly.
 """

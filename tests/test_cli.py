@@ -33,7 +33,9 @@ def test_help_lists_every_command_with_help_text():
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     for name in EXPECTED:
-        rows = [line for line in lines if line.strip().startswith(name + " ") or f"│ {name} " in line]
+        rows = [
+            line for line in lines if line.strip().startswith(name + " ") or f"│ {name} " in line
+        ]
         assert rows, f"{name} missing from --help:\n{out.stdout}"
         assert len(rows[0].split(name, 1)[1].strip(" │")) > 10, f"{name} has no help line"
     # Lazy imports: listing commands must not import torch/transformers/MinkowskiEngine.

@@ -415,7 +415,7 @@ def test_ablate_two_configs_from_one_cache(synthetic_nuscenes, synthetic_cache, 
 def test_visualize_writes_bev_and_camera_pictures(synthetic_nuscenes, synthetic_cache, tmp_path):
     from PIL import Image
 
-    from cache.store import open_cache
+    from cache.reader import open_cache
 
     root, version = synthetic_nuscenes
     reader = open_cache(synthetic_cache)

@@ -20,6 +20,8 @@ with warnings.catch_warnings():
 
 # ME 0.5.4 builds its sparse matrices with the deprecated torch.sparse.SparseTensor constructor;
 # torch warns about it on every call. It is ME's internal business, not the user's.
-warnings.filterwarnings("ignore", message=r".*torch\.sparse\.SparseTensor.*deprecated", category=UserWarning)
+warnings.filterwarnings(
+    "ignore", message=r".*torch\.sparse\.SparseTensor.*deprecated", category=UserWarning
+)
 
 __all__ = ["ME"]

@@ -214,7 +214,10 @@ def fit_teacher(cfg: FitConfig) -> dict:
     losses = []
     model.train()
     bar = tqdm(
-        total=cfg.epochs * steps_per_epoch, desc="fit teacher", unit="step", disable=not cfg.progress
+        total=cfg.epochs * steps_per_epoch,
+        desc="fit teacher",
+        unit="step",
+        disable=not cfg.progress,
     )
     for _ in range(cfg.epochs):
         order = rng.permutation(len(views))

@@ -72,7 +72,7 @@ def run_rankme(cfg: RankMeConfig) -> dict:
     rng = np.random.default_rng(cfg.seed)
     student, student_paired, teacher = [], [], []
     if cfg.cache is not None:
-        from cache.store import open_cache
+        from cache.reader import open_cache
 
         cache = open_cache(cfg.cache)
         indices = _evenly(len(cache), cfg.max_scans)

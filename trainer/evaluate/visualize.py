@@ -168,7 +168,7 @@ def _find_scan_record(cfg: VisualizeConfig, token: str):
 
 def run_visualize(cfg: VisualizeConfig) -> list[Path]:
     """Draw the pictures of one scan; returns the PNG paths."""
-    from cache.store import open_cache
+    from cache.reader import open_cache
     from trainer.evaluate.backbone import load_model, load_projection_head, point_features
     from trainer.evaluate.rankme import paired_targets
 
