@@ -21,12 +21,14 @@ or next to which other unit: the cache is bit-identical whatever the number of w
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,6 +131,10 @@ class ExtractSummary:
     teacher_random: bool  # the teacher is a RANDOM test/demo model
     teacher_fitted: bool = False  # the teacher is a stand-in fitted to dataset labels (demo/test)
     scans_skipped: int = 0  # scans left out by --skip-bad (listed in the manifest meta)
+    step_s: dict[str, float] = field(default_factory=dict)
+    """Worker-seconds summed over the units this run wrote, per step: pair_s (load points,
+    labels, pairing), image_wait_s (decode + resize not hidden by the prefetch thread),
+    teacher_s (forwards + sampling), write_s (the atomic unit write)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -217,24 +223,32 @@ def _extract_unit(
     image_sizes = [np.zeros((len(scan.cameras), 2), np.int64) for scan in scans]  # (C_i, 2)
     views = [(j, c) for j, scan in enumerate(scans) for c in range(len(scan.cameras))]
     forwards = 0  # counted here: with thread workers the teacher (and its counter) is shared
-    t_images = 0.0
-    for start in range(0, len(views), batch_size):
-        batch = views[start : start + batch_size]
-        t0 = time.perf_counter()
-        images = [reader.load_image(scans[j].cameras[c]) for j, c in batch]  # (H0, W0, 3) uint8
-        t_images += time.perf_counter() - t0
-        grids_batch = teacher.patch_grid(images)  # (B, D, h, w)
-        forwards += 1
-        for k, (j, c) in enumerate(batch):
-            if keep_grids:
-                grids[j][c] = grids_batch[k].permute(1, 2, 0).half().numpy()  # (h, w, D)
-                image_sizes[j][c] = images[k].shape[:2]  # (H0, W0)
-                continue
-            mask = pairings[j].camera == c  # (N_j,)
-            if mask.any():
-                uv = pairings[j].uv[mask]  # (M, 2) float32, exactly what the cache stores
-                features = sample_features(grids_batch[k], uv, images[k].shape[:2])  # (M, D)
-                targets[j][mask] = features.half().numpy()
+    t_images = 0.0  # waiting for images: decode + resize not hidden behind the teacher
+    batches = [views[s : s + batch_size] for s in range(0, len(views), batch_size)]
+    threads = torch.get_num_threads()
+    # One prefetch thread decodes and resizes batch b + 1 while batch b is in the teacher (PIL
+    # and torch release the GIL); a bad image raises here, from result(), as it did inline.
+    with ThreadPoolExecutor(1, thread_name_prefix=f"images-u{unit_id}") as prefetch:
+        load = functools.partial(_load_batch, reader, scans, teacher, threads)
+        pending = prefetch.submit(load, batches[0]) if batches else None
+        for b, batch in enumerate(batches):
+            t0 = time.perf_counter()
+            pixels, sizes = pending.result()  # (B, H, W, 3) uint8, [(H0, W0)] * B
+            t_images += time.perf_counter() - t0
+            if b + 1 < len(batches):
+                pending = prefetch.submit(load, batches[b + 1])
+            grids_batch = teacher.patch_grid(pixels)  # (B, D, h, w)
+            forwards += 1
+            for k, (j, c) in enumerate(batch):
+                if keep_grids:
+                    grids[j][c] = grids_batch[k].permute(1, 2, 0).half().numpy()  # (h, w, D)
+                    image_sizes[j][c] = sizes[k]
+                    continue
+                mask = pairings[j].camera == c  # (N_j,)
+                if mask.any():
+                    uv = pairings[j].uv[mask]  # (M, 2) float32, exactly what the cache stores
+                    features = sample_features(grids_batch[k], uv, sizes[k])  # (M, D)
+                    targets[j][mask] = features.half().numpy()
     t_teacher = time.perf_counter()
 
     # 3. one atomic unit
@@ -261,11 +275,26 @@ def _extract_unit(
         "forwards": forwards,
         "seconds": t_end - t_start,
         "pair_s": t_paired - t_start,
-        "image_load_s": t_images,
+        "image_wait_s": t_images,  # decode + resize the prefetch thread did not hide
         "teacher_s": t_teacher - t_paired - t_images,
         "write_s": t_end - t_teacher,
         "worker_pid": os.getpid(),
     }
+
+
+def _load_batch(
+    reader: NuScenesReader,
+    scans: list[Scan],
+    teacher: Teacher,
+    threads: int,
+    batch: list[tuple[int, int]],
+) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Decode the images of ``batch`` ((scan, camera) pairs) and resize them for the teacher:
+    ((B, H, W, 3) uint8, original (H0, W0) of each). Runs in the unit's prefetch thread, with
+    the worker's torch thread count (OpenMP counts are per thread)."""
+    torch.set_num_threads(threads)
+    images = [reader.load_image(scans[j].cameras[c]) for j, c in batch]  # (H0, W0, 3) uint8
+    return teacher.resize(images), [tuple(im.shape[:2]) for im in images]
 
 
 def _stack(grids: list[np.ndarray], teacher: Teacher) -> np.ndarray:
@@ -415,6 +444,7 @@ def extract_teacher(cfg: ExtractConfig) -> ExtractSummary:
         meta=_run_meta(cfg, teacher, bad),
     )
     totals = dict.fromkeys(("images", "points", "paired", "bytes", "forwards"), 0)
+    step_s = dict.fromkeys(("pair_s", "image_wait_s", "teacher_s", "write_s"), 0.0)
     with writer.lock():
         pending = writer.pending_units()
         t_compute = time.perf_counter()
@@ -460,6 +490,8 @@ def extract_teacher(cfg: ExtractConfig) -> ExtractSummary:
                             ) from e
                         for name in totals:
                             totals[name] += stats[name]
+                        for name in step_s:
+                            step_s[name] += stats[name]
                         elapsed = time.perf_counter() - t_compute
                         bar.set_postfix(img_s=f"{totals['images'] / elapsed:.2f}", refresh=False)
                         bar.update(1)
@@ -488,6 +520,7 @@ def extract_teacher(cfg: ExtractConfig) -> ExtractSummary:
             teacher_random=teacher.identity.random,
             teacher_fitted=teacher.identity.fitted,
             scans_skipped=len(bad),
+            step_s={k: round(v, 3) for k, v in step_s.items()},
         )
         if pending or not _is_final(writer):
             writer.finalize(summary.to_dict())

@@ -233,10 +233,12 @@ class Teacher(nn.Module):
             raise RuntimeError("the teacher is frozen and stays in eval mode; train() is refused")
         return nn.Module.train(self, False)
 
-    def preprocess(self, images: np.ndarray | torch.Tensor | Sequence[np.ndarray]) -> torch.Tensor:
-        """uint8 RGB (B, H0, W0, 3) (or a list of (H0_i, W0_i, 3)) → normalised (B, 3, H, W)
-        float32 on the teacher's device: bilinear antialiased resize (uint8), to [0, 1],
-        ImageNet mean/std."""
+    def resize(self, images: np.ndarray | torch.Tensor | Sequence[np.ndarray]) -> torch.Tensor:
+        """uint8 RGB (B, H0, W0, 3) (or a list of (H0_i, W0_i, 3)) → (B, H, W, 3) uint8 on the
+        CPU at the configured size: bilinear, antialiased, in uint8 (rounded to whole grey levels,
+        like PIL/torchvision); pinned when the teacher runs on CUDA, so the copy to the GPU can be
+        asynchronous. Uses no teacher state: extraction runs it in a prefetch thread for the next
+        batch while the current one is in the teacher. Already-sized images are not resampled."""
         if isinstance(images, np.ndarray | torch.Tensor) and images.ndim == 4:
             batch = [images]
         else:
@@ -251,9 +253,8 @@ class Teacher(nn.Module):
                 )
             x = t.cpu().permute(0, 3, 1, 2)  # (b, 3, H0, W0) uint8
             if tuple(x.shape[-2:]) != self.cfg.image_size:
-                # Resized on the CPU in uint8, like PIL/torchvision (rounded to whole grey levels):
-                # ~30x faster than resizing float 1600x900 images, the same on every device (CUDA
-                # has no uint8 antialiased kernel) and a smaller copy to the GPU.
+                # In uint8 on the CPU: ~30x faster than resizing float 1600x900 images, the same
+                # on every device (CUDA has no uint8 antialiased kernel), a smaller copy to the GPU.
                 x = F.interpolate(
                     x,
                     size=self.cfg.image_size,
@@ -261,8 +262,15 @@ class Teacher(nn.Module):
                     align_corners=False,
                     antialias=True,
                 )  # (b, 3, H, W) uint8
-            out.append(x.to(self.cfg.device).float() / 255.0)
-        x = torch.cat(out)  # (B, 3, H, W)
+            out.append(x)
+        x = torch.cat(out).permute(0, 2, 3, 1)  # (B, H, W, 3) uint8
+        return x.pin_memory() if torch.device(self.cfg.device).type == "cuda" else x
+
+    def preprocess(self, images: np.ndarray | torch.Tensor | Sequence[np.ndarray]) -> torch.Tensor:
+        """uint8 RGB (B, H0, W0, 3) (or a list of (H0_i, W0_i, 3)) → normalised (B, 3, H, W)
+        float32 on the teacher's device: `resize`, to [0, 1], ImageNet mean/std."""
+        x = self.resize(images).permute(0, 3, 1, 2)  # (B, 3, H, W) uint8
+        x = x.to(self.cfg.device, non_blocking=True).float() / 255.0
         return (x - self.mean) / self.std
 
     @torch.inference_mode()

@@ -85,6 +85,8 @@ def test_summary_counts_what_was_written(serial, synthetic_nuscenes) -> None:
     )
     assert 0 < summary.points_paired < summary.points
     assert summary.teacher_random is True
+    assert set(summary.step_s) == {"pair_s", "image_wait_s", "teacher_s", "write_s"}
+    assert all(v >= 0 for v in summary.step_s.values()) and summary.step_s["teacher_s"] > 0
     assert cache.key.image_size == IMAGE_SIZE and cache.key.feature_layer == "last"
     assert cache.feature_dim == 64
     assert cache.verify(progress=False) == []
