@@ -576,6 +576,9 @@ def bench_command(
     points: int = typer.Option(34_700, "--points", help="Points per synthetic scan (size, loader)."),
     reads: int = typer.Option(40, "--reads", help="Random scan reads (loader)."),
     threads: int = typer.Option(2, "--threads", help="torch threads of single-process parts."),
+    device: str = typer.Option("cpu", "--device", help="Teacher device (extraction): cpu, cuda."),
+    dtype: str = typer.Option("float32", "--dtype", help="Teacher autocast dtype (extraction): float32, float16 (CUDA), bfloat16."),
+    workers: int = typer.Option(2, "--workers", help="extract-teacher thread workers (extraction)."),
 ) -> None:
     """Issue-9 benchmarks: print tables of rates and RATIOS (docs/benchmarks.md)."""
     import sys
@@ -588,7 +591,8 @@ def bench_command(
     cfg = BenchConfig(
         data=data, teacher=teacher, split=split, image_size=parse_image_size(image_size),
         batch_size=batch_size, scans=scans, steps=steps, backbone=backbone, dim=dim,
-        points_per_scan=points, reads=reads, threads=threads,
+        points_per_scan=points, reads=reads, threads=threads, device=device, dtype=dtype,
+        workers=workers,
     )  # fmt: skip
     for name in WHATS if what == "all" else [what]:
         try:

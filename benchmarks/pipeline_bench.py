@@ -68,6 +68,12 @@ class BenchConfig:
     """Random scan reads per reader."""
     threads: int = 2
     """torch threads (the bare forward and the single-process runs)."""
+    device: str = "cpu"
+    """Teacher device of `extraction` (bare forward and extract-teacher alike): cpu or cuda."""
+    dtype: str = "float32"
+    """Teacher autocast dtype of `extraction` (float16 needs CUDA)."""
+    workers: int = 2
+    """extract-teacher LocalCluster thread workers in `extraction` (a GPU wants several)."""
     workdir: Path | None = None
     """Scratch folder (None: a temp dir, removed at the end)."""
 
@@ -103,9 +109,17 @@ def _extract(cfg: BenchConfig, cache_root: Path, workers: int, scans_per_unit: i
             n_workers=workers,
             batch_size=cfg.batch_size,
             scans_per_unit=scans_per_unit,
+            device=cfg.device,
+            dtype=cfg.dtype,
             progress=False,
         )
     )
+
+
+def _shares(seconds: dict[str, float]) -> dict[str, float]:
+    """Each value's share of their sum (0 for all when the sum is 0)."""
+    total = sum(seconds.values())
+    return {k: v / total if total > 0 else 0.0 for k, v in seconds.items()}
 
 
 # ---------------------------------------------------------------- 1. extraction efficiency ----
@@ -120,7 +134,9 @@ def extraction(cfg: BenchConfig, work: Path) -> list[Row]:
 
     torch.set_num_threads(cfg.threads)
     reader, scans = _scans(cfg)
-    teacher = Teacher(TeacherConfig(cfg.teacher, cfg.image_size))
+    teacher = Teacher(
+        TeacherConfig(cfg.teacher, cfg.image_size, device=cfg.device, dtype=cfg.dtype)
+    )
     cam0 = scans[0].cameras[0]
     images = np.random.default_rng(0).integers(
         0, 256, (cfg.batch_size, cam0.height, cam0.width, 3), dtype=np.uint8
@@ -130,7 +146,7 @@ def extraction(cfg: BenchConfig, work: Path) -> list[Row]:
     )
 
     # the real extract-teacher (default: 2 thread workers x 1 torch thread), one scan per unit
-    summary = _extract(cfg, work / "cache-extract", workers=2, scans_per_unit=1)
+    summary = _extract(cfg, work / "cache-extract", workers=cfg.workers, scans_per_unit=1)
     torch.set_num_threads(cfg.threads)
     # bare again after it: on a shared machine the load drifts; the ratio uses the mean
     bare_after, _ = images_per_second(
@@ -200,8 +216,12 @@ def extraction(cfg: BenchConfig, work: Path) -> list[Row]:
         ("bare teacher forward, before extract", bare_before, "images/s"),
         ("bare teacher forward, after extract", bare_after, "images/s"),
         ("bare teacher forward (resize+forward), mean", bare, "images/s"),
-        ("extract-teacher (2 thread workers x 1 thread)", summary.images_per_s, "images/s"),
+        (f"extract-teacher ({cfg.workers} thread workers)", summary.images_per_s, "images/s"),
         ("RATIO extract / bare", summary.images_per_s / bare, "ratio"),
+        *[
+            (f"extract-teacher worker time: {name.removesuffix('_s')}", share, "fraction")
+            for name, share in _shares(summary.step_s).items()
+        ],
         ("single process, all pieces", n_img / total, "images/s"),
         ("RATIO single process / bare", n_img / total / bare, "ratio"),
     ]

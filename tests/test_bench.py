@@ -16,7 +16,8 @@ from pipeline_bench import BenchConfig, run_benchmark  # noqa: E402
 
 EXPECTED = {
     "extraction": ["RATIO extract / bare", "share: decode", "share: resize", "share: teacher",
-                   "share: pairing", "share: sampling", "share: write"],
+                   "share: pairing", "share: sampling", "share: write",
+                   "extract-teacher worker time: teacher", "extract-teacher worker time: image_wait"],
     "online": ["train from cache", "train with online teacher", "RATIO cache / online"],
     "loader": ["data_wait_share, 2 loader workers", "RATIO cache / npy throughput"],
     "size": ["D=64: bytes per paired point", "D=64: RATIO dense input / stored",
@@ -44,6 +45,9 @@ def test_benchmark_prints_its_table(what, synthetic_nuscenes, tiny_teacher, caps
     shares = [v for n, v, _ in rows if n.startswith("share: ")]
     if shares:
         assert math.isclose(sum(shares), 1.0, rel_tol=1e-6)
+    worker = [v for n, v, _ in rows if n.startswith("extract-teacher worker time: ")]
+    if worker:
+        assert math.isclose(sum(worker), 1.0, rel_tol=1e-6)
     out = capsys.readouterr().out
     assert out.splitlines()[0].startswith(f"## {what}")
     header = out.splitlines()[1]
