@@ -37,12 +37,12 @@ from pipeline.datasets.records import IGNORE_LABEL
 from pipeline.pairing import PairingConfig, pair_points
 from pipeline.teacher import (
     FITTED_MARKER,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     RANDOM_MARKER,
     RANDOM_SIZES,
+    normalise,
     patch_tokens,
     random_dinov2,
+    resize_uint8,
     sample_features,
     save_teacher_folder,
 )
@@ -120,13 +120,7 @@ def _views(reader: NuScenesReader, split: str, cfg: FitConfig) -> list[_View]:
         for c, camera in enumerate(scan.cameras):
             keep = (pairing.camera == c) & (labels != IGNORE_LABEL)
             image = torch.from_numpy(np.array(reader.load_image(camera)))  # (H0, W0, 3)
-            pixels = F.interpolate(
-                image.permute(2, 0, 1)[None],
-                size=cfg.image_size,
-                mode="bilinear",
-                align_corners=False,
-                antialias=True,
-            )[0]  # (3, H, W) uint8, as Teacher.preprocess resizes
+            pixels = resize_uint8(image.permute(2, 0, 1)[None], cfg.image_size)[0]  # (3, H, W)
             views.append(
                 _View(
                     pixels=pixels,
@@ -138,13 +132,6 @@ def _views(reader: NuScenesReader, split: str, cfg: FitConfig) -> list[_View]:
     return views
 
 
-def _normalise(pixels: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) uint8 → ImageNet-normalised float32, as `Teacher.preprocess`."""
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (pixels.float() / 255.0 - mean) / std
-
-
 def _point_logits(
     model: nn.Module,
     classifier: nn.Linear,
@@ -154,7 +141,7 @@ def _point_logits(
     points_per_image: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (M, K) and labels (M,) of (a sample of) the labelled points of ``views``."""
-    pixels = _normalise(torch.stack([v.pixels for v in views]))  # (B, 3, H, W)
+    pixels = normalise(torch.stack([v.pixels for v in views]))  # (B, 3, H, W), as the teacher
     tokens = model(pixel_values=pixels).last_hidden_state  # (B, 1 + h*w, D)
     grids = patch_tokens(tokens, 0, grid)  # (B, D, h, w)
     features, labels = [], []
@@ -198,9 +185,8 @@ def fit_teacher(cfg: FitConfig) -> dict:
     views = _views(reader, cfg.split, cfg)
     if not any(len(v.label) for v in views):
         raise ValueError(f"{cfg.data}: split {cfg.split!r} has no labelled paired points to fit on")
-    val_views = _views(reader, "val", cfg) if cfg.split != "val" else []
-    if set(reader.scene_names("val")) <= set(reader.scene_names(cfg.split)):
-        val_views = []  # a one-scene set has nothing held out
+    held_out = not set(reader.scene_names("val")) <= set(reader.scene_names(cfg.split))
+    val_views = _views(reader, "val", cfg) if held_out else []  # a one-scene set holds none out
 
     model = random_dinov2(cfg.size, 0, cfg.seed)
     n_classes = int(max(int(v.label.max()) for v in views if len(v.label)) + 1)
