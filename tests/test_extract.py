@@ -255,10 +255,17 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(serial, tmp_path: Path) -
         )
         _wait_for("*/writer.lock" if trial == 0 else "*/units/*.done", root, proc)
         time.sleep(rng.uniform(0.0, 0.5))
-        os.killpg(proc.pid, signal.SIGKILL)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # the whole group had already exited
+            pass
         output = proc.communicate()[0].decode(errors="replace")
+        assert proc.returncode in (-signal.SIGKILL, 0), output  # 0: it finished before the kill
         (path,) = root.iterdir()
-        assert (path / "writer.lock").exists(), output  # the killed run's lock: stale
+        # killed before its end: its lock is left (stale); a run that got to its end (a quiet
+        # machine) has written COMPLETE before letting its lock go
+        stale = (path / "writer.lock").exists()
+        assert stale or (path / "COMPLETE").exists(), output
         manifest = json.loads((path / "manifest.json").read_text())
         done = sorted(path.glob("units/*.done"))
         for marker in done:  # a unit marked done is complete and intact
@@ -273,7 +280,8 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(serial, tmp_path: Path) -
         with warnings.catch_warnings(record=True) as caught:  # an error inside stays visible
             warnings.simplefilter("always")
             resumed = extract_teacher(replace(cfg, processes=False, cache_root=root))
-        assert any("stale lock" in str(w.message) for w in caught), [str(w) for w in caught]
+        if stale:
+            assert any("stale lock" in str(w.message) for w in caught), [str(w) for w in caught]
         assert resumed.cache_path == str(path) and Path(fresh.cache_path).name == path.name
         assert resumed.units_skipped == len(done)
         assert resumed.units_computed == n_units - len(done)
