@@ -265,8 +265,10 @@ class Teacher(nn.Module):
                     f"teacher input must be uint8 RGB images (B, H, W, 3), got {t.dtype} {tuple(t.shape)}"
                 )
             out.append(resize_uint8(t.cpu().permute(0, 3, 1, 2), self.cfg.image_size))
-        x = torch.cat(out).permute(0, 2, 3, 1)  # (B, H, W, 3) uint8
-        return x.pin_memory() if torch.device(self.cfg.device).type == "cuda" else x
+        # one group (a batch the prefetch already resized): no copy; pinned memory is not re-pinned
+        x = (out[0] if len(out) == 1 else torch.cat(out)).permute(0, 2, 3, 1)  # (B, H, W, 3)
+        cuda = torch.device(self.cfg.device).type == "cuda"
+        return x.pin_memory() if cuda and not x.is_pinned() else x
 
     def preprocess(self, images: np.ndarray | torch.Tensor | Sequence[np.ndarray]) -> torch.Tensor:
         """uint8 RGB (B, H0, W0, 3) (or a list of (H0_i, W0_i, 3)) → normalised (B, 3, H, W)
