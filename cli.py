@@ -183,7 +183,8 @@ def extract_teacher_command(
     scheduler: str = typer.Option(None, "--scheduler", help="Address of a running Dask scheduler; default: a LocalCluster."),
     workers: int = typer.Option(2, "--workers", help="LocalCluster workers (each runs one unit at a time)."),
     threads: int = typer.Option(0, "--torch-threads", help="torch threads per worker; 0: cores / workers."),
-    processes: bool = typer.Option(False, "--processes/--threads", help="LocalCluster workers as processes or threads of this process (default: threads, measured faster)."),
+    processes: bool = typer.Option(False, "--processes/--threads", help="LocalCluster workers as processes or threads of this process (default: threads, measured faster on CPU)."),
+    threads_per_worker: int = typer.Option(1, "--threads-per-worker", help="Units each LocalCluster worker runs at once (e.g. --processes --workers 4 --threads-per-worker 3 on a 16-core GPU machine)."),
     batch_size: int = typer.Option(6, "--batch-size", help="Images per teacher forward."),
     device: str = typer.Option("cpu", "--device", help="Teacher device on the workers (cpu, cuda)."),
     dtype: str = typer.Option("float32", "--dtype", help="Teacher autocast dtype: float32, float16 (CUDA), bfloat16."),
@@ -224,6 +225,7 @@ def extract_teacher_command(
         n_workers=workers,
         torch_threads=threads,
         processes=processes,
+        threads_per_worker=threads_per_worker,
         batch_size=batch_size,
         device=device,
         dtype=dtype,
@@ -563,7 +565,7 @@ def ablate_command(
 # ---------------------------------------------------------------- benchmarks ----
 @app.command("bench")
 def bench_command(
-    what: str = typer.Argument(..., help="extraction | online | loader | size | scaling | all"),
+    what: str = typer.Argument(..., help="extraction | online | loader | size | scaling | feed | all"),
     data: Path = typer.Option(None, "--data", help="nuScenes (or synthetic) root."),
     teacher: str = typer.Option("", "--teacher", help="DINOv2 folder or HF id (random is fine)."),
     split: str = typer.Option("all", "--split", help="Split to extract (and train on: loader)."),
@@ -578,7 +580,11 @@ def bench_command(
     threads: int = typer.Option(2, "--threads", help="torch threads of single-process parts."),
     device: str = typer.Option("cpu", "--device", help="Teacher device (extraction): cpu, cuda."),
     dtype: str = typer.Option("float32", "--dtype", help="Teacher autocast dtype (extraction): float32, float16 (CUDA), bfloat16."),
-    workers: int = typer.Option(2, "--workers", help="extract-teacher thread workers (extraction)."),
+    workers: int = typer.Option(2, "--workers", help="extract-teacher workers (extraction, feed)."),
+    processes: bool = typer.Option(False, "--processes/--threads", help="extract-teacher workers as processes (extraction)."),
+    threads_per_worker: int = typer.Option(1, "--threads-per-worker", help="Units each extract-teacher worker runs at once (extraction, feed)."),
+    replicate: int = typer.Option(1, "--replicate", help="Run extraction/feed on K copies of the set's scenes (long runs for GPU rates)."),
+    gpu_rate: float = typer.Option(200.0, "--gpu-rate", help="feed: images/s of the stand-in GPU teacher."),
 ) -> None:
     """Issue-9 benchmarks: print tables of rates and RATIOS (docs/benchmarks.md)."""
     import sys
@@ -592,7 +598,8 @@ def bench_command(
         data=data, teacher=teacher, split=split, image_size=parse_image_size(image_size),
         batch_size=batch_size, scans=scans, steps=steps, backbone=backbone, dim=dim,
         points_per_scan=points, reads=reads, threads=threads, device=device, dtype=dtype,
-        workers=workers,
+        workers=workers, processes=processes, threads_per_worker=threads_per_worker,
+        replicate=replicate, gpu_rate=gpu_rate,
     )  # fmt: skip
     for name in WHATS if what == "all" else [what]:
         try:

@@ -5,6 +5,7 @@
     python cli.py bench loader     --data DATA --teacher DIR
     python cli.py bench size       [--dim 384]
     python cli.py bench scaling    --data DATA --teacher DIR
+    python cli.py bench feed       --data DATA --teacher DIR [--gpu-rate 200 --workers 4]
 
 - extraction: `extract-teacher` images/s ÷ bare teacher forward images/s (same model, image size,
   batch, device, threads), plus a time breakdown of one process doing the same work piece by piece
@@ -16,6 +17,11 @@
 - size: stored bytes per point and per paired point, compression ratio (cache_layout.measure),
   and per target format (point-f16, point-i8, grid-f16 at --image-size) bytes per paired point.
 - scaling: extraction images/s with 2 LocalCluster workers ÷ 1 worker (one scan per unit).
+- feed: extraction images/s with a stand-in GPU teacher (sleeps, no CPU) ÷ its rate, and with
+  a free stand-in: can this machine's CPU side keep a GPU of --gpu-rate images/s busy?
+
+``--replicate K`` runs extraction / feed on K copies of the set (benchmarks/replicate.py): a
+GPU needs thousands of images for a steady-state rate, a synthetic set has a few hundred.
 
 Every benchmark returns rows of (name, value, unit) and prints them; ratios are what to compare
 between machines (the absolute rates depend on the load of a shared machine).
@@ -24,10 +30,14 @@ between machines (the absolute rates depend on the load of a shared machine).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +47,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-WHATS = ("extraction", "online", "loader", "size", "scaling")
+WHATS = ("extraction", "online", "loader", "size", "scaling", "feed")
 
 
 @dataclass(frozen=True)
@@ -73,7 +83,16 @@ class BenchConfig:
     dtype: str = "float32"
     """Teacher autocast dtype of `extraction` (float16 needs CUDA)."""
     workers: int = 2
-    """extract-teacher LocalCluster thread workers in `extraction` (a GPU wants several)."""
+    """extract-teacher LocalCluster workers in `extraction` and `feed` (a GPU wants several)."""
+    processes: bool = False
+    """extract-teacher workers are processes (`extraction` only; `feed` needs threads)."""
+    threads_per_worker: int = 1
+    """Units each extract-teacher worker runs at once (`extraction`, `feed`)."""
+    replicate: int = 1
+    """`extraction` and `feed` run extract-teacher on K copies of the split's scenes (same
+    files, new tokens: benchmarks/replicate.py): long runs for steady-state rates on a GPU."""
+    gpu_rate: float = 200.0
+    """`feed`: images/s of the stand-in GPU teacher (H100, ViT-S/14 float16, 448x896: ~206)."""
     workdir: Path | None = None
     """Scratch folder (None: a temp dir, removed at the end)."""
 
@@ -96,17 +115,28 @@ def _scans(cfg: BenchConfig):
     return reader, reader.scans(cfg.split)[: cfg.scans]
 
 
-def _extract(cfg: BenchConfig, cache_root: Path, workers: int, scans_per_unit: int):
+def _extract(
+    cfg: BenchConfig,
+    cache_root: Path,
+    workers: int,
+    scans_per_unit: int,
+    data: tuple[Path, str] | None = None,
+    processes: bool = False,
+    threads_per_worker: int = 1,
+):
     from pipeline.extract import ExtractConfig, extract_teacher
 
+    root, split = data or (cfg.data, cfg.split)
     return extract_teacher(
         ExtractConfig(
-            data=cfg.data,
+            data=root,
             cache_root=cache_root,
             teacher=cfg.teacher,
-            split=cfg.split,
+            split=split,
             image_size=cfg.image_size,
             n_workers=workers,
+            processes=processes,
+            threads_per_worker=threads_per_worker,
             batch_size=cfg.batch_size,
             scans_per_unit=scans_per_unit,
             device=cfg.device,
@@ -114,6 +144,27 @@ def _extract(cfg: BenchConfig, cache_root: Path, workers: int, scans_per_unit: i
             progress=False,
         )
     )
+
+
+def _run_data(cfg: BenchConfig, work: Path) -> tuple[Path, str]:
+    """(root, split) extract-teacher runs on: ``cfg.data`` and ``cfg.split``, or a set of
+    ``cfg.replicate`` copies of that split's scenes and its split "all"."""
+    if cfg.replicate <= 1:
+        return cfg.data, cfg.split
+    from replicate import replicate
+
+    from pipeline.datasets.nuscenes import NuScenesReader
+
+    scenes = NuScenesReader(cfg.data).scene_names(cfg.split)
+    out = work / f"replicated-x{cfg.replicate}"
+    replicate(cfg.data, out, cfg.replicate, scenes=scenes)
+    return out, "all"
+
+
+def _workers_label(workers: int, processes: bool, threads_per_worker: int) -> str:
+    kind = "process" if processes else "thread"
+    per = f" x {threads_per_worker} threads" if threads_per_worker > 1 else ""
+    return f"{workers} {kind} workers{per}"
 
 
 def _shares(seconds: dict[str, float]) -> dict[str, float]:
@@ -141,17 +192,26 @@ def extraction(cfg: BenchConfig, work: Path) -> list[Row]:
     images = np.random.default_rng(0).integers(
         0, 256, (cfg.batch_size, cam0.height, cam0.width, 3), dtype=np.uint8
     )
-    bare_before, _ = images_per_second(
-        teacher, images, repeats=max(1, cfg.scans * 6 // cfg.batch_size)
-    )
+    # the denominator: the teacher alone (input already resized, grid left on the device);
+    # a GPU forward is ~5 ms, so it gets more repeats than a CPU one
+    repeats = max(1, cfg.scans * 6 // cfg.batch_size) if cfg.device == "cpu" else 50
+    bare_before, _ = images_per_second(teacher, images, repeats, forward_only=True)
 
     # the real extract-teacher (default: 2 thread workers x 1 torch thread), one scan per unit
-    summary = _extract(cfg, work / "cache-extract", workers=cfg.workers, scans_per_unit=1)
+    # (two with --replicate: the run is long anyway, and a GPU wants fewer, larger tasks)
+    label = _workers_label(cfg.workers, cfg.processes, cfg.threads_per_worker)
+    summary = _extract(
+        cfg,
+        work / "cache-extract",
+        workers=cfg.workers,
+        scans_per_unit=1 if cfg.replicate <= 1 else 2,
+        data=_run_data(cfg, work),
+        processes=cfg.processes,
+        threads_per_worker=cfg.threads_per_worker,
+    )
     torch.set_num_threads(cfg.threads)
     # bare again after it: on a shared machine the load drifts; the ratio uses the mean
-    bare_after, _ = images_per_second(
-        teacher, images, repeats=max(1, cfg.scans * 6 // cfg.batch_size)
-    )
+    bare_after, _ = images_per_second(teacher, images, repeats, forward_only=True)
     bare = (bare_before + bare_after) / 2
 
     # the same work in one process, piece by piece, with the pipeline's functions
@@ -215,8 +275,10 @@ def extraction(cfg: BenchConfig, work: Path) -> list[Row]:
     rows: list[Row] = [
         ("bare teacher forward, before extract", bare_before, "images/s"),
         ("bare teacher forward, after extract", bare_after, "images/s"),
-        ("bare teacher forward (resize+forward), mean", bare, "images/s"),
-        (f"extract-teacher ({cfg.workers} thread workers)", summary.images_per_s, "images/s"),
+        ("bare teacher forward (resized input), mean", bare, "images/s"),
+        (f"extract-teacher ({label})", summary.images_per_s, "images/s"),
+        ("extract-teacher images", summary.images, "images"),
+        ("extract-teacher start-up (not in images/s)", max(summary.startup_s, 1e-3), "s"),
         ("RATIO extract / bare", summary.images_per_s / bare, "ratio"),
         *[
             (f"extract-teacher worker time: {name.removesuffix('_s')}", share, "fraction")
@@ -517,12 +579,79 @@ def scaling(cfg: BenchConfig, work: Path) -> list[Row]:
     ]
 
 
+# ---------------------------------------------------------------- 6. feeding a GPU ----
+@contextmanager
+def _standin_gpu(rate: float | None) -> Iterator[None]:
+    """While active, `Teacher.patch_grid` in THIS process is a stand-in for one GPU running
+    the teacher at ``rate`` images/s: one forward at a time (a lock), each sleeping
+    batch / rate seconds with the GIL released and no CPU work, returning a preallocated grid
+    of the real shape. ``rate`` None: a free teacher (no sleep). Benchmark-only: it measures
+    whether the CPU side of extraction (decode, resize, pairing, sampling, write, Dask) keeps a
+    GPU of that rate busy on this machine; the cache it writes has meaningless targets."""
+    from pipeline.teacher import Teacher
+
+    real = Teacher.patch_grid
+    gpu = threading.Lock()
+    grids: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def patch_grid(self, images, on_device: bool = False):
+        pixels = self.resize(images)  # extraction's batches are resized already: no work
+        shape = (len(pixels), self.feature_dim, *self.grid_size)
+        with gpu:
+            if rate:
+                time.sleep(len(pixels) / rate)
+            self.forward_count += 1
+            self.image_count += len(pixels)
+            if shape not in grids:
+                grids[shape] = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        return grids[shape]
+
+    Teacher.patch_grid = patch_grid
+    try:
+        yield
+    finally:
+        Teacher.patch_grid = real
+
+
+def feed(cfg: BenchConfig, work: Path) -> list[Row]:
+    """extract-teacher (thread workers) with a stand-in GPU teacher of ``cfg.gpu_rate``
+    images/s ÷ that rate, and with a free stand-in: the CPU side's own ceiling."""
+    data = _run_data(cfg, work)
+    label = _workers_label(cfg.workers, False, cfg.threads_per_worker)
+    runs = {}
+    for name, rate in (("stand-in GPU", cfg.gpu_rate), ("free stand-in", None)):
+        with _standin_gpu(rate):
+            runs[name] = _extract(
+                cfg,
+                work / f"cache-{'gpu' if rate else 'free'}",
+                workers=cfg.workers,
+                scans_per_unit=2,
+                data=data,
+                threads_per_worker=cfg.threads_per_worker,
+            )
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    gpu, free = runs["stand-in GPU"], runs["free stand-in"]
+    return [
+        ("stand-in GPU teacher rate", cfg.gpu_rate, "images/s"),
+        (f"extract-teacher, stand-in GPU ({label})", gpu.images_per_s, "images/s"),
+        ("RATIO extract / stand-in GPU rate", gpu.images_per_s / cfg.gpu_rate, "ratio"),
+        *[
+            (f"stand-in GPU run worker time: {name.removesuffix('_s')}", share, "fraction")
+            for name, share in _shares(gpu.step_s).items()
+        ],
+        (f"extract-teacher, free stand-in ({label})", free.images_per_s, "images/s"),
+        ("CPU side: core-ms per image (cores / free rate)", 1e3 * cores / free.images_per_s, "ms"),
+        ("images per run", gpu.images, "images"),
+    ]
+
+
 BENCHMARKS = {
     "extraction": extraction,
     "online": online,
     "loader": loader,
     "size": size,
     "scaling": scaling,
+    "feed": feed,
 }
 
 

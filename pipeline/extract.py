@@ -70,7 +70,11 @@ class ExtractConfig:
     on an existing cluster."""
     processes: bool = False
     """LocalCluster workers are processes (True) or threads of this process (False, measured
-    faster here: no per-process start-up, imports and teacher copy; docs/extraction.md)."""
+    faster on CPU: no per-process start-up, imports and teacher copy; docs/extraction.md)."""
+    threads_per_worker: int = 1
+    """Units each LocalCluster worker runs at once (threads sharing its teacher). With
+    ``processes``, N processes x M threads spread the Python-side work (GIL, Zarr's I/O loop)
+    over N interpreters, for GPUs the CPU side must keep up with (docs/scaling.md)."""
     batch_size: int = 6
     """Images per teacher forward (batched across the cameras and scans of a unit)."""
     device: str = "cpu"
@@ -97,6 +101,8 @@ class ExtractConfig:
         object.__setattr__(self, "image_size", tuple(int(s) for s in self.image_size))
         if self.n_workers < 1:
             raise ValueError(f"n_workers must be >= 1, got {self.n_workers}")
+        if self.threads_per_worker < 1:
+            raise ValueError(f"threads_per_worker must be >= 1, got {self.threads_per_worker}")
         if self.torch_threads < 0:
             raise ValueError(f"torch_threads must be >= 0, got {self.torch_threads}")
         if self.batch_size < 1:
@@ -126,11 +132,12 @@ class ExtractSummary:
     bytes_written: int  # bytes of the units this run wrote
     teacher_forwards: int  # teacher forward calls (batches) this run made
     wall_s: float  # seconds of the whole run (cluster start included)
-    compute_s: float  # seconds from workers ready to last unit written
+    compute_s: float  # seconds from workers ready (teacher loaded) to last unit written
     images_per_s: float  # images / compute_s
     teacher_random: bool  # the teacher is a RANDOM test/demo model
     teacher_fitted: bool = False  # the teacher is a stand-in fitted to dataset labels (demo/test)
     scans_skipped: int = 0  # scans left out by --skip-bad (listed in the manifest meta)
+    startup_s: float = 0.0  # cluster start + every worker loading (and warming up) its teacher
     step_s: dict[str, float] = field(default_factory=dict)
     """Worker-seconds summed over the units this run wrote, per step: pair_s (load points,
     labels, pairing), image_wait_s (decode + resize not hidden by the prefetch thread),
@@ -237,18 +244,20 @@ def _extract_unit(
             t_images += time.perf_counter() - t0
             if b + 1 < len(batches):
                 pending = prefetch.submit(load, batches[b + 1])
-            grids_batch = teacher.patch_grid(pixels)  # (B, D, h, w)
+            # on a GPU the grids stay there: points are sampled on it, only float16 comes back
+            grids_batch = teacher.patch_grid(pixels, on_device=True)  # (B, D, h, w) float32
             forwards += 1
             for k, (j, c) in enumerate(batch):
                 if keep_grids:
-                    grids[j][c] = grids_batch[k].permute(1, 2, 0).half().numpy()  # (h, w, D)
+                    grid = grids_batch[k].permute(1, 2, 0).half()  # (h, w, D)
+                    grids[j][c] = grid.cpu().numpy()
                     image_sizes[j][c] = sizes[k]
                     continue
                 mask = pairings[j].camera == c  # (N_j,)
                 if mask.any():
                     uv = pairings[j].uv[mask]  # (M, 2) float32, exactly what the cache stores
                     features = sample_features(grids_batch[k], uv, sizes[k])  # (M, D)
-                    targets[j][mask] = features.half().numpy()
+                    targets[j][mask] = features.half().cpu().numpy()
     t_teacher = time.perf_counter()
 
     # 3. one atomic unit
@@ -280,6 +289,44 @@ def _extract_unit(
         "write_s": t_end - t_teacher,
         "worker_pid": os.getpid(),
     }
+
+
+def prepare_worker(teacher_cfg: TeacherConfig, batch_size: int, torch_threads: int = 0) -> int:
+    """Make a worker ready before the clock starts: its torch thread count, its teacher loaded
+    (one per process) and, off the CPU, one forward of a blank batch (CUDA context, allocator,
+    kernel choice), so that a bad teacher fails here, once, and images/s is the steady rate.
+    Returns the worker's pid."""
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    teacher = cached_teacher(teacher_cfg)
+    if torch.device(teacher_cfg.device).type != "cpu":
+        h, w = teacher_cfg.image_size
+        teacher.patch_grid(torch.zeros(batch_size, h, w, 3, dtype=torch.uint8), on_device=True)
+        teacher.forward_count -= 1  # a warm-up, not work
+        teacher.image_count -= batch_size
+    return os.getpid()
+
+
+def _prepare_workers(client: Any, teacher_cfg: TeacherConfig, batch_size: int, threads: int) -> None:
+    """`prepare_worker` on every worker of ``client``, as ordinary tasks (one pinned to each)."""
+    workers = list(client.scheduler_info()["workers"])
+    futures = [
+        client.submit(
+            prepare_worker,
+            teacher_cfg,
+            batch_size,
+            threads,
+            workers=[w],
+            allow_other_workers=False,
+            pure=False,
+            key=f"prepare-worker-{i}-{time.time_ns()}",
+        )
+        for i, w in enumerate(workers)
+    ]
+    try:
+        client.gather(futures)
+    except Exception as e:
+        raise RuntimeError(f"a worker could not load teacher {teacher_cfg.model!r}: {e}") from e
 
 
 def _load_batch(
@@ -377,17 +424,21 @@ def _client(cfg: ExtractConfig):
     """A Dask client: connected to ``cfg.scheduler``, or owning a fresh LocalCluster."""
     import logging
 
+    import dask
     from dask.distributed import Client, LocalCluster
 
     if cfg.scheduler:
         return Client(cfg.scheduler)
-    cluster = LocalCluster(
-        n_workers=cfg.n_workers,
-        threads_per_worker=1,  # one unit at a time per worker; torch parallelises inside it
-        processes=cfg.processes,
-        dashboard_address=":0",  # a free port: never collides with another cluster's 8787
-        silence_logs=logging.ERROR,
-    )
+    # Dask's statistical profiler samples every worker thread's stack every 10 ms while
+    # holding the GIL: measurable CPU-side time taken from the units (docs/benchmarks.md)
+    with dask.config.set({"distributed.worker.profile.enabled": False}):
+        cluster = LocalCluster(
+            n_workers=cfg.n_workers,
+            threads_per_worker=cfg.threads_per_worker,  # units at once; torch threads inside
+            processes=cfg.processes,
+            dashboard_address=":0",  # a free port: never collides with another cluster's 8787
+            silence_logs=logging.ERROR,
+        )
     return Client(cluster)
 
 
@@ -405,9 +456,10 @@ def _torch_threads(cfg: ExtractConfig) -> int:
     if cfg.torch_threads or cfg.scheduler:
         return cfg.torch_threads
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    # Workers x threads = cores. With thread workers torch's setting is process-wide and each
-    # concurrent forward then runs on its own thread: no oversubscription, no spinning pools.
-    return max(1, (cores or 1) // cfg.n_workers)
+    # Units at once x torch threads = cores. With thread workers torch's setting is
+    # process-wide and each concurrent forward then runs on its own thread: no
+    # oversubscription, no spinning pools.
+    return max(1, (cores or 1) // (cfg.n_workers * cfg.threads_per_worker))
 
 
 def extract_teacher(cfg: ExtractConfig) -> ExtractSummary:
@@ -448,11 +500,16 @@ def extract_teacher(cfg: ExtractConfig) -> ExtractSummary:
     with writer.lock():
         pending = writer.pending_units()
         t_compute = time.perf_counter()
+        startup_s = 0.0
         if pending:
             threads = _torch_threads(cfg)
+            t_startup = time.perf_counter()
             with _client(cfg) as client, _keeping_torch_threads():
-                client.wait_for_workers(1)
-                t_compute = time.perf_counter()  # cluster start-up is not throughput
+                # a LocalCluster's workers all start now; a running cluster's may join later
+                client.wait_for_workers(1 if cfg.scheduler else cfg.n_workers)
+                _prepare_workers(client, teacher_cfg, cfg.batch_size, threads)
+                t_compute = time.perf_counter()  # start-up is not throughput
+                startup_s = t_compute - t_startup
                 # shared arguments travel to each worker once, not once per task
                 writer_f, reader_f = client.scatter([writer, reader], broadcast=True)
                 futures = [
@@ -521,6 +578,7 @@ def extract_teacher(cfg: ExtractConfig) -> ExtractSummary:
             teacher_fitted=teacher.identity.fitted,
             scans_skipped=len(bad),
             step_s={k: round(v, 3) for k, v in step_s.items()},
+            startup_s=startup_s,
         )
         if pending or not _is_final(writer):
             writer.finalize(summary.to_dict())

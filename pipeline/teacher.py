@@ -277,8 +277,12 @@ class Teacher(nn.Module):
         return normalise(x.to(self.cfg.device, non_blocking=True))
 
     @torch.inference_mode()
-    def patch_grid(self, images: np.ndarray | torch.Tensor | Sequence[np.ndarray]) -> torch.Tensor:
-        """uint8 RGB images (B, H0, W0, 3) → last-layer patch tokens (B, D, H/14, W/14) float32 CPU."""
+    def patch_grid(
+        self, images: np.ndarray | torch.Tensor | Sequence[np.ndarray], on_device: bool = False
+    ) -> torch.Tensor:
+        """uint8 RGB images (B, H0, W0, 3) → last-layer patch tokens (B, D, H/14, W/14) float32,
+        on the CPU, or left on the teacher's device with ``on_device`` (extraction samples the
+        paired points there and copies only their features back)."""
         if self.training or self.model.training:
             raise RuntimeError("the teacher must be in eval mode (something called train() on it)")
         pixels = self.preprocess(images)  # (B, 3, H, W)
@@ -288,7 +292,8 @@ class Teacher(nn.Module):
             tokens = self.model(pixel_values=pixels).last_hidden_state  # (B, 1 + R + h*w, D)
         self.forward_count += 1
         self.image_count += len(pixels)
-        return patch_tokens(tokens.float(), self.num_register_tokens, self.grid_size).cpu()
+        grid = patch_tokens(tokens.float(), self.num_register_tokens, self.grid_size)
+        return grid if on_device else grid.cpu()
 
 
 # Workers keep one teacher per process (a Dask worker runs many units); threads share it.

@@ -24,6 +24,8 @@ EXPECTED = {
              "D=64 point-i8: bytes per paired point", "D=64 grid-f16: target bytes per paired point",
              "D=64 grid-f16: RATIO point-f16 / grid-f16 bytes"],
     "scaling": ["extract, 1 worker", "extract, 2 workers", "RATIO 2 workers / 1 worker"],
+    "feed": ["RATIO extract / stand-in GPU rate", "extract-teacher, free stand-in (2 thread workers)",
+             "CPU side: core-ms per image (cores / free rate)", "stand-in GPU run worker time: teacher"],
 }  # fmt: skip
 
 
@@ -32,6 +34,7 @@ def test_benchmark_prints_its_table(what, synthetic_nuscenes, tiny_teacher, caps
     cfg = BenchConfig(
         data=synthetic_nuscenes.root, teacher=str(tiny_teacher), split="val", image_size=(28, 56),
         scans=1, steps=1, dim=64, points_per_scan=1500, reads=3, threads=1,
+        replicate=2 if what in ("extraction", "feed") else 1,
     )  # fmt: skip
     rows = run_benchmark(what, cfg)
     names = [name for name, _, _ in rows]
@@ -45,7 +48,13 @@ def test_benchmark_prints_its_table(what, synthetic_nuscenes, tiny_teacher, caps
     shares = [v for n, v, _ in rows if n.startswith("share: ")]
     if shares:
         assert math.isclose(sum(shares), 1.0, rel_tol=1e-6)
-    worker = [v for n, v, _ in rows if n.startswith("extract-teacher worker time: ")]
+    if what == "extraction":  # --replicate 2: extract-teacher ran on both copies of the split
+        assert dict((n, v) for n, v, _ in rows)["extract-teacher images"] == 2 * 6 * 4
+    worker = [
+        v
+        for n, v, _ in rows
+        if n.startswith(("extract-teacher worker time: ", "stand-in GPU run worker time: "))
+    ]
     if worker:
         assert math.isclose(sum(worker), 1.0, rel_tol=1e-6)
     out = capsys.readouterr().out

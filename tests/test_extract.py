@@ -87,6 +87,9 @@ def test_summary_counts_what_was_written(serial, synthetic_nuscenes) -> None:
     assert summary.teacher_random is True
     assert set(summary.step_s) == {"pair_s", "image_wait_s", "teacher_s", "write_s"}
     assert all(v >= 0 for v in summary.step_s.values()) and summary.step_s["teacher_s"] > 0
+    # start-up (cluster + every worker's teacher) is reported apart from the throughput clock
+    assert summary.startup_s > 0 and summary.compute_s > 0
+    assert summary.wall_s > summary.startup_s + summary.compute_s
     assert cache.key.image_size == IMAGE_SIZE and cache.key.feature_layer == "last"
     assert cache.feature_dim == 64
     assert cache.verify(progress=False) == []
@@ -163,6 +166,15 @@ def test_parallel_on_an_existing_cluster_equals_serial_bit_for_bit(serial, tmp_p
     for a, b in zip(_arrays(parallel.cache_path), _arrays(summary.cache_path), strict=True):
         for name in a:
             assert np.array_equal(a[name], b[name]), name
+
+
+def test_units_in_parallel_threads_of_one_worker_equal_serial(serial, tmp_path: Path) -> None:
+    """--threads-per-worker 2: the two units run at once in one worker, sharing its teacher
+    (and, on a GPU, its device): same bytes as one unit at a time."""
+    cfg, summary = serial
+    two = extract_teacher(replace(cfg, cache_root=tmp_path, threads_per_worker=2))
+    assert two.units_computed == 2 and two.teacher_forwards == summary.teacher_forwards
+    assert _markers(two.cache_path) == _markers(summary.cache_path)
 
 
 def test_rerun_does_no_teacher_work(serial) -> None:

@@ -375,7 +375,8 @@ def read_image(camera: CameraFrame) -> np.ndarray:
     path = camera.image_path
     try:
         with Image.open(path) as image:
-            array = np.asarray(image.convert("RGB"))
+            # convert() copies even an RGB image: only non-RGB files (grey, CMYK) need it
+            array = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
     except FileNotFoundError as e:
         raise DataError(f"{path}: image file missing ({camera.channel})") from e
     except OSError as e:  # PIL raises OSError subclasses for truncated / unknown formats
