@@ -25,7 +25,15 @@ from typing import Any
 
 # Tables whose records belong to one scene (copied under new tokens); every other table
 # (sensor, calibrated_sensor, log, map, category, attribute, visibility) is shared by the copies.
-PER_SCENE = ("scene", "sample", "sample_data", "ego_pose", "lidarseg", "instance", "sample_annotation")
+PER_SCENE = (
+    "scene",
+    "sample",
+    "sample_data",
+    "ego_pose",
+    "lidarseg",
+    "instance",
+    "sample_annotation",
+)
 
 
 def _new_token(token: str, copy: int) -> str:

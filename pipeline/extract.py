@@ -307,7 +307,9 @@ def prepare_worker(teacher_cfg: TeacherConfig, batch_size: int, torch_threads: i
     return os.getpid()
 
 
-def _prepare_workers(client: Any, teacher_cfg: TeacherConfig, batch_size: int, threads: int) -> None:
+def _prepare_workers(
+    client: Any, teacher_cfg: TeacherConfig, batch_size: int, threads: int
+) -> None:
     """`prepare_worker` on every worker of ``client``, as ordinary tasks (one pinned to each)."""
     workers = list(client.scheduler_info()["workers"])
     futures = [
