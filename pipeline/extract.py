@@ -431,9 +431,16 @@ def _client(cfg: ExtractConfig):
 
     if cfg.scheduler:
         return Client(cfg.scheduler)
-    # Dask's statistical profiler samples every worker thread's stack every 10 ms while
-    # holding the GIL: measurable CPU-side time taken from the units (docs/benchmarks.md)
-    with dask.config.set({"distributed.worker.profile.enabled": False}):
+    settings = {
+        # Dask's statistical profiler samples every worker thread's stack every 10 ms while
+        # holding the GIL: CPU-side time taken from the units (docs/benchmarks.md)
+        "distributed.worker.profile.enabled": False,
+        # Dask starts worker processes with MALLOC_TRIM_THRESHOLD_=65536, which turns off
+        # glibc's adaptive mmap threshold: every image-sized buffer is then mmap'd, page-faulted
+        # and unmapped again. Measured: 2.5x the kernel time, -40 % images/s (docs/benchmarks.md)
+        "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
+    }
+    with dask.config.set(settings):
         cluster = LocalCluster(
             n_workers=cfg.n_workers,
             threads_per_worker=cfg.threads_per_worker,  # units at once; torch threads inside

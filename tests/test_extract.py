@@ -177,6 +177,29 @@ def test_units_in_parallel_threads_of_one_worker_equal_serial(serial, tmp_path: 
     assert _markers(two.cache_path) == _markers(summary.cache_path)
 
 
+def _worker_settings() -> tuple[str | None, bool]:
+    import dask
+
+    return os.environ.get("MALLOC_TRIM_THRESHOLD_"), dask.config.get(
+        "distributed.worker.profile.enabled"
+    )
+
+
+def test_local_worker_processes_keep_glibc_malloc_adaptive(serial) -> None:
+    """Our LocalCluster's worker processes start without Dask's MALLOC_TRIM_THRESHOLD_=65536
+    (it made every image buffer an mmap + page faults: -40 % images/s, docs/benchmarks.md)
+    and without Dask's stack-sampling profiler (GIL time taken from the units)."""
+    from pipeline.extract import _client
+
+    cfg, _ = serial
+    with _client(replace(cfg, processes=True, n_workers=1)) as client:
+        try:
+            settings = list(client.run(_worker_settings).values())
+        finally:
+            client.cluster.close()
+    assert settings == [(None, False)]
+
+
 def test_rerun_does_no_teacher_work(serial) -> None:
     cfg, first = serial
     complete = Path(first.cache_path, "COMPLETE")
