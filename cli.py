@@ -581,7 +581,7 @@ def bench_command(
     device: str = typer.Option("cpu", "--device", help="Teacher device (extraction): cpu, cuda."),
     dtype: str = typer.Option("float32", "--dtype", help="Teacher autocast dtype (extraction): float32, float16 (CUDA), bfloat16."),
     workers: int = typer.Option(2, "--workers", help="extract-teacher workers (extraction, feed)."),
-    processes: bool = typer.Option(False, "--processes/--threads", help="extract-teacher workers as processes (extraction)."),
+    processes: bool = typer.Option(False, "--processes/--threads", help="extract-teacher workers as processes (extraction, feed)."),
     threads_per_worker: int = typer.Option(1, "--threads-per-worker", help="Units each extract-teacher worker runs at once (extraction, feed)."),
     replicate: int = typer.Option(1, "--replicate", help="Run extraction/feed on K copies of the set's scenes (long runs for GPU rates)."),
     gpu_rate: float = typer.Option(200.0, "--gpu-rate", help="feed: images/s of the stand-in GPU teacher."),

@@ -34,10 +34,7 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,7 +82,7 @@ class BenchConfig:
     workers: int = 2
     """extract-teacher LocalCluster workers in `extraction` and `feed` (a GPU wants several)."""
     processes: bool = False
-    """extract-teacher workers are processes (`extraction` only; `feed` needs threads)."""
+    """extract-teacher workers are processes (`extraction`, `feed`)."""
     threads_per_worker: int = 1
     """Units each extract-teacher worker runs at once (`extraction`, `feed`)."""
     replicate: int = 1
@@ -580,53 +577,23 @@ def scaling(cfg: BenchConfig, work: Path) -> list[Row]:
 
 
 # ---------------------------------------------------------------- 6. feeding a GPU ----
-@contextmanager
-def _standin_gpu(rate: float | None) -> Iterator[None]:
-    """While active, `Teacher.patch_grid` in THIS process is a stand-in for one GPU running
-    the teacher at ``rate`` images/s: one forward at a time (a lock), each sleeping
-    batch / rate seconds with the GIL released and no CPU work, returning a preallocated grid
-    of the real shape. ``rate`` None: a free teacher (no sleep). Benchmark-only: it measures
-    whether the CPU side of extraction (decode, resize, pairing, sampling, write, Dask) keeps a
-    GPU of that rate busy on this machine; the cache it writes has meaningless targets."""
-    from pipeline.teacher import Teacher
-
-    real = Teacher.patch_grid
-    gpu = threading.Lock()
-    grids: dict[tuple[int, ...], torch.Tensor] = {}
-
-    def patch_grid(self, images, on_device: bool = False):
-        pixels = self.resize(images)  # extraction's batches are resized already: no work
-        shape = (len(pixels), self.feature_dim, *self.grid_size)
-        with gpu:
-            if rate:
-                time.sleep(len(pixels) / rate)
-            self.forward_count += 1
-            self.image_count += len(pixels)
-            if shape not in grids:
-                grids[shape] = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-        return grids[shape]
-
-    Teacher.patch_grid = patch_grid
-    try:
-        yield
-    finally:
-        Teacher.patch_grid = real
-
-
 def feed(cfg: BenchConfig, work: Path) -> list[Row]:
-    """extract-teacher (thread workers) with a stand-in GPU teacher of ``cfg.gpu_rate``
-    images/s ÷ that rate, and with a free stand-in: the CPU side's own ceiling."""
+    """extract-teacher with a stand-in GPU teacher (benchmarks/standin_gpu.py) of
+    ``cfg.gpu_rate`` images/s ÷ that rate, and with a free stand-in: the CPU side's ceiling."""
+    from standin_gpu import standin_gpu
+
     data = _run_data(cfg, work)
-    label = _workers_label(cfg.workers, False, cfg.threads_per_worker)
+    label = _workers_label(cfg.workers, cfg.processes, cfg.threads_per_worker)
     runs = {}
     for name, rate in (("stand-in GPU", cfg.gpu_rate), ("free stand-in", None)):
-        with _standin_gpu(rate):
+        with standin_gpu(rate, work / "gpu.lock"):
             runs[name] = _extract(
                 cfg,
                 work / f"cache-{'gpu' if rate else 'free'}",
                 workers=cfg.workers,
                 scans_per_unit=2,
                 data=data,
+                processes=cfg.processes,
                 threads_per_worker=cfg.threads_per_worker,
             )
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
