@@ -184,7 +184,7 @@ def extract_teacher_command(
     workers: int = typer.Option(2, "--workers", help="LocalCluster workers (each runs one unit at a time)."),
     threads: int = typer.Option(0, "--torch-threads", help="torch threads per worker; 0: cores / workers."),
     processes: bool = typer.Option(False, "--processes/--threads", help="LocalCluster workers as processes or threads of this process (default: threads, measured faster on CPU)."),
-    threads_per_worker: int = typer.Option(1, "--threads-per-worker", help="Units each LocalCluster worker runs at once (e.g. --processes --workers 4 --threads-per-worker 3 on a 16-core GPU machine)."),
+    threads_per_worker: int = typer.Option(1, "--threads-per-worker", help="Units each LocalCluster worker runs at once (on a GPU node: --processes --workers 4 --threads-per-worker 2, docs/scaling.md)."),
     batch_size: int = typer.Option(6, "--batch-size", help="Images per teacher forward."),
     device: str = typer.Option("cpu", "--device", help="Teacher device on the workers (cpu, cuda)."),
     dtype: str = typer.Option("float32", "--dtype", help="Teacher autocast dtype: float32, float16 (CUDA), bfloat16."),

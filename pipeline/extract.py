@@ -153,7 +153,8 @@ class ExtractSummary:
             f"{self.units_computed} units computed, {self.units_skipped} skipped; "
             f"{self.scans} scans, {self.images} images, {self.points} points "
             f"({paired:.1%} paired), {self.bytes_written / 1e6:.1f} MB written; "
-            f"{self.images_per_s:.2f} images/s, {self.wall_s:.1f} s wall; "
+            f"{self.images_per_s:.2f} images/s after {self.startup_s:.1f} s start-up, "
+            f"{self.wall_s:.1f} s wall; "
             f"{self.teacher_forwards} teacher forwards"
             + (f"; {self.scans_skipped} bad scans skipped" if self.scans_skipped else "")
         )
