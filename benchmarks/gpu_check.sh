@@ -28,9 +28,18 @@ mkdir -p "$OUT" "$WORK"
 log="$OUT/gpu_check.log"
 exec > >(tee -a "$log") 2>&1
 
-if ! "$PY" -c "import zarr, dask.distributed, pyquaternion, google_crc32c" 2>/dev/null; then
-    [ -d .whl ] || { echo "zarr/dask missing and no ./.whl wheels to install"; exit 1; }
-    "$PY" -m pip install -q --no-index --no-deps .whl/*.whl
+# what extraction imports (matplotlib and MinkowskiEngine are not needed here)
+missing() {
+    "$PY" - <<'PY'
+import importlib.util
+mods = "torch numpy zarr numcodecs google_crc32c dask distributed transformers typer tqdm pyquaternion PIL yaml scipy"
+print(" ".join(m for m in mods.split() if importlib.util.find_spec(m) is None))
+PY
+}
+if [ -n "$(missing)" ]; then
+    echo "missing: $(missing)"
+    [ -d .whl ] && "$PY" -m pip install -q --no-index --no-deps .whl/*.whl
+    [ -z "$(missing)" ] || { echo "still missing: $(missing) (put their wheels in ./.whl)"; exit 1; }
 fi
 nproc
 "$PY" -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no cuda')"

@@ -586,7 +586,7 @@ def feed(cfg: BenchConfig, work: Path) -> list[Row]:
     label = _workers_label(cfg.workers, cfg.processes, cfg.threads_per_worker)
     runs = {}
     for name, rate in (("stand-in GPU", cfg.gpu_rate), ("free stand-in", None)):
-        with standin_gpu(rate, work / "gpu.lock"):
+        with standin_gpu(rate, work / "gpu.lock", cfg.processes):
             runs[name] = _extract(
                 cfg,
                 work / f"cache-{'gpu' if rate else 'free'}",

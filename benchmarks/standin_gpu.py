@@ -25,7 +25,7 @@ import torch
 RATE_ENV = "CLEVERDISTILL_STANDIN_GPU_RATE"  # images/s; "0": a free teacher (no sleep)
 LOCK_ENV = "CLEVERDISTILL_STANDIN_GPU_LOCK"  # lock file: one forward at a time, all processes
 
-_real: dict[str, Any] = {}
+_REAL = "_standin_gpu_real_patch_grid"  # Teacher attribute holding the real method while installed
 _grids: dict[tuple[int, ...], torch.Tensor] = {}
 
 
@@ -45,19 +45,21 @@ def _patch_grid(self, images, on_device: bool = False) -> torch.Tensor:
 
 
 def install() -> None:
-    """Replace `Teacher.patch_grid` in this process when the environment asks for it."""
+    """Replace `Teacher.patch_grid` in this process when the environment asks for it (once:
+    the real method is kept on the class, so a second copy of this module cannot stack)."""
     from pipeline.teacher import Teacher
 
-    if os.environ.get(RATE_ENV) and "patch_grid" not in _real:
-        _real["patch_grid"] = Teacher.patch_grid
+    if os.environ.get(RATE_ENV) and not hasattr(Teacher, _REAL):
+        setattr(Teacher, _REAL, Teacher.patch_grid)
         Teacher.patch_grid = _patch_grid
 
 
 def uninstall() -> None:
     from pipeline.teacher import Teacher
 
-    if "patch_grid" in _real:
-        Teacher.patch_grid = _real.pop("patch_grid")
+    if hasattr(Teacher, _REAL):
+        Teacher.patch_grid = getattr(Teacher, _REAL)
+        delattr(Teacher, _REAL)
 
 
 def dask_setup(worker: Any = None) -> None:
@@ -66,9 +68,10 @@ def dask_setup(worker: Any = None) -> None:
 
 
 @contextmanager
-def standin_gpu(rate: float | None, lock: Path) -> Iterator[None]:
-    """The stand-in at ``rate`` images/s (None: free) for this process and the Dask workers
-    started inside the block (their preload is this file)."""
+def standin_gpu(rate: float | None, lock: Path, processes: bool) -> Iterator[None]:
+    """The stand-in at ``rate`` images/s (None: free) for this process and, with
+    ``processes``, for the Dask worker processes started inside the block (their preload is
+    this file; thread workers share this process and its patched class)."""
     import dask
     import dask.distributed  # noqa: F401  (its config defaults must exist before config.set:
     # leaving the block would otherwise delete every "distributed" setting with ours)
@@ -76,8 +79,9 @@ def standin_gpu(rate: float | None, lock: Path) -> Iterator[None]:
     os.environ[RATE_ENV] = str(rate or 0)
     os.environ[LOCK_ENV] = str(lock)
     install()
+    preload = [str(Path(__file__).resolve())] if processes else []
     try:
-        with dask.config.set({"distributed.worker.preload": [str(Path(__file__).resolve())]}):
+        with dask.config.set({"distributed.worker.preload": preload}):
             yield
     finally:
         uninstall()
