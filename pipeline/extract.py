@@ -441,14 +441,21 @@ def _client(cfg: ExtractConfig):
         # and unmapped again. Measured: 2.5x the kernel time, -40 % images/s (docs/benchmarks.md)
         "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
     }
-    with dask.config.set(settings):
-        cluster = LocalCluster(
-            n_workers=cfg.n_workers,
-            threads_per_worker=cfg.threads_per_worker,  # units at once; torch threads inside
-            processes=cfg.processes,
-            dashboard_address=":0",  # a free port: never collides with another cluster's 8787
-            silence_logs=logging.ERROR,
-        )
+    # An earlier Dask cluster of this process may have put it in os.environ (Dask's nannies set
+    # their pre-spawn variables in the parent), and children inherit that: keep it out of ours.
+    trim = os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+    try:
+        with dask.config.set(settings):
+            cluster = LocalCluster(
+                n_workers=cfg.n_workers,
+                threads_per_worker=cfg.threads_per_worker,  # units at once; torch threads inside
+                processes=cfg.processes,
+                dashboard_address=":0",  # a free port: never collides with another cluster's 8787
+                silence_logs=logging.ERROR,
+            )
+    finally:
+        if trim is not None:
+            os.environ["MALLOC_TRIM_THRESHOLD_"] = trim
     return Client(cluster)
 
 

@@ -192,7 +192,18 @@ def test_local_worker_processes_keep_glibc_malloc_adaptive(serial) -> None:
     from pipeline.extract import _client
 
     cfg, _ = serial
-    with _client(replace(cfg, processes=True, n_workers=1)) as client:
+    # as left behind by any earlier default Dask cluster of this process (its nanny's doing)
+    before = os.environ.get("MALLOC_TRIM_THRESHOLD_")
+    os.environ["MALLOC_TRIM_THRESHOLD_"] = "65536"
+    try:
+        client = _client(replace(cfg, processes=True, n_workers=1))
+        assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "65536"  # ours is left as it was
+    finally:
+        if before is None:
+            del os.environ["MALLOC_TRIM_THRESHOLD_"]
+        else:
+            os.environ["MALLOC_TRIM_THRESHOLD_"] = before
+    with client:
         try:
             settings = list(client.run(_worker_settings).values())
         finally:
