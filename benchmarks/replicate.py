@@ -94,17 +94,12 @@ def replicate(
     """Write ``out`` (a nuScenes root) holding ``copies`` copies of ``data``'s scenes (only
     those named in ``scenes`` when given, in their order of scene.json); returns the new
     version directory. ``out`` must not exist yet."""
-    data, out = Path(data).resolve(), Path(out)
+    from pipeline.datasets.nuscenes import NuScenesReader
+
     if copies < 1:
         raise ValueError(f"copies must be >= 1, got {copies}")
-    versions = sorted(p.parent.name for p in data.glob("*/sample.json"))
-    if version is None:
-        if len(versions) != 1:
-            raise ValueError(f"{data}: pass the version, found {versions or 'none'}")
-        version = versions[0]
-    src = data / version
-    if not (src / "sample.json").is_file():
-        raise ValueError(f"{src}: not a nuScenes version directory (no sample.json)")
+    source = NuScenesReader(data, version)  # picks the version, or names what is wrong
+    data, version, src, out = source.root, source.version, source.version_dir, Path(out)
     out.mkdir(parents=True, exist_ok=False)
     for child in data.iterdir():  # samples/, sweeps/, maps/, ... : shared files
         if child.name not in (version, "lidarseg") and child.is_dir():

@@ -185,7 +185,7 @@ def _worker_settings() -> tuple[str | None, bool]:
     )
 
 
-def test_local_worker_processes_keep_glibc_malloc_adaptive(serial) -> None:
+def test_local_worker_processes_keep_glibc_malloc_adaptive(serial, monkeypatch) -> None:
     """Our LocalCluster's worker processes start without Dask's MALLOC_TRIM_THRESHOLD_=65536
     (it made every image buffer an mmap + page faults: -40 % images/s, docs/benchmarks.md)
     and without Dask's stack-sampling profiler (GIL time taken from the units)."""
@@ -193,16 +193,9 @@ def test_local_worker_processes_keep_glibc_malloc_adaptive(serial) -> None:
 
     cfg, _ = serial
     # as left behind by any earlier default Dask cluster of this process (its nanny's doing)
-    before = os.environ.get("MALLOC_TRIM_THRESHOLD_")
-    os.environ["MALLOC_TRIM_THRESHOLD_"] = "65536"
-    try:
-        client = _client(replace(cfg, processes=True, n_workers=1))
-        assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "65536"  # ours is left as it was
-    finally:
-        if before is None:
-            del os.environ["MALLOC_TRIM_THRESHOLD_"]
-        else:
-            os.environ["MALLOC_TRIM_THRESHOLD_"] = before
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
+    client = _client(replace(cfg, processes=True, n_workers=1))
+    assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "65536"  # ours is left as it was
     with client:
         try:
             settings = list(client.run(_worker_settings).values())
