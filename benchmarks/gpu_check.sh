@@ -55,15 +55,17 @@ fi
 
 bench() {
     echo "### bench $*"
-    "$PY" cli.py bench "$@" --data "$WORK/data" --teacher "$WORK/teacher" --split all \
-        --image-size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" --scans 4 \
-        --replicate "$COPIES" 2>&1 | grep -v " - INFO - " || true
+    timeout "${BENCH_TIMEOUT:-150}" "$PY" cli.py bench "$@" --data "$WORK/data" \
+        --teacher "$WORK/teacher" --split all --image-size "$SIZE" --device "$DEVICE" \
+        --dtype "$DTYPE" --scans 4 --replicate "$COPIES" 2>&1 | grep -v " - INFO - " || true
 }
-# 1. thread workers (the default kind), several per GPU
-bench extraction --workers 8
-# 2. processes x threads: each process has its own GIL and its own Zarr I/O loop
+# Most telling first (a lease can end mid-script; the log keeps what finished).
+# 1. processes x threads: each process has its own GIL and its own Zarr I/O loop
 bench extraction --processes --workers 4 --threads-per-worker 2
+# 2. thread workers (the default kind), several per GPU
+bench extraction --workers 8
 bench extraction --processes --workers 8
+bench extraction --processes --workers 8 --threads-per-worker 2
 # 3. the CPU side alone against a stand-in GPU at the measured bare rate
-bench feed --workers 8 --gpu-rate 200
+bench feed --processes --workers 4 --threads-per-worker 2 --gpu-rate 200
 echo "done: $log"
