@@ -188,6 +188,7 @@ def extract_teacher_command(
     batch_size: int = typer.Option(6, "--batch-size", help="Images per teacher forward."),
     device: str = typer.Option("cpu", "--device", help="Teacher device on the workers (cpu, cuda)."),
     dtype: str = typer.Option("float32", "--dtype", help="Teacher autocast dtype: float32, float16 (CUDA), bfloat16."),
+    image_decode: str = typer.Option("auto", "--image-decode", help="Where JPEGs are decoded and resized: cpu (PIL), device (torchvision, nvJPEG on CUDA), auto (device on CUDA when torchvision is installed)."),
     scans_per_unit: int = typer.Option(4, "--scans-per-unit", help="Scans per work unit (one task, one atomic cache unit)."),
     min_depth: float = typer.Option(1.0, "--min-depth", help="Pairing: minimum camera depth (m)."),
     occlusion: bool = typer.Option(True, "--occlusion/--no-occlusion", help="Pairing: reject occluded points."),
@@ -229,6 +230,7 @@ def extract_teacher_command(
         batch_size=batch_size,
         device=device,
         dtype=dtype,
+        image_decode=image_decode,
         scans_per_unit=scans_per_unit,
         pairing=PairingConfig(min_depth=min_depth, occlusion=occlusion),
         progress=progress,
@@ -585,6 +587,7 @@ def bench_command(
     threads_per_worker: int = typer.Option(1, "--threads-per-worker", help="Units each extract-teacher worker runs at once (extraction, feed)."),
     replicate: int = typer.Option(1, "--replicate", help="Run extraction/feed on K copies of the set's scenes (long runs for GPU rates)."),
     gpu_rate: float = typer.Option(200.0, "--gpu-rate", help="feed: images/s of the stand-in GPU teacher."),
+    image_decode: str = typer.Option("auto", "--image-decode", help="extract-teacher image decoding (extraction, feed): auto, cpu, device."),
 ) -> None:
     """Issue-9 benchmarks: print tables of rates and RATIOS (docs/benchmarks.md)."""
     import sys
@@ -599,7 +602,7 @@ def bench_command(
         batch_size=batch_size, scans=scans, steps=steps, backbone=backbone, dim=dim,
         points_per_scan=points, reads=reads, threads=threads, device=device, dtype=dtype,
         workers=workers, processes=processes, threads_per_worker=threads_per_worker,
-        replicate=replicate, gpu_rate=gpu_rate,
+        replicate=replicate, gpu_rate=gpu_rate, image_decode=image_decode,
     )  # fmt: skip
     for name in WHATS if what == "all" else [what]:
         try:

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The GPU extraction check of issue 9, as one script for a lent GPU machine (device tool):
 #   bash benchmarks/gpu_check.sh            # results under $OUT (or ./gpu-check)
-# It renders the synthetic set at nuScenes resolution, makes a random ViT-S/14-shaped teacher,
-# and prints `bench extraction` tables (extract-teacher images/s ÷ bare forward images/s, both
-# on the GPU) for thread workers and for processes x threads, on --replicate copies of the set
-# (steady-state runs of ~1,500 images), then `bench feed` (the CPU side against a stand-in GPU
-# of the bare rate). Python packages missing on the machine are installed from ./.whl when
+# It renders the synthetic set at nuScenes resolution, makes random ViT-S/14- and ViT-B/14-shaped
+# teachers, and prints `bench extraction` tables (extract-teacher images/s ÷ bare forward
+# images/s, both on the GPU) on --replicate copies of the set (steady-state runs of ~1,500
+# images): JPEGs decoded on the GPU and, as the same machine's baseline, on the CPU; and it runs
+# the CUDA-only tests (tests/test_images.py). Python packages missing on the machine are installed from ./.whl when
 # present (wheels of zarr, dask, ... for its Python; docs/benchmarks.md, "GPU").
 # Environment: DEVICE (cuda), DTYPE (float16), SIZE (448x896), COPIES (8), SCENES (4),
 # SAMPLES (8), WIDTH/HEIGHT (1600/900), PY (python3). CPU dry run:
@@ -52,20 +52,28 @@ if [ ! -f "$WORK/data/synthetic_meta.json" ]; then
         --workers "$cores"
 fi
 [ -d "$WORK/teacher" ] || "$PY" cli.py make-teacher --out "$WORK/teacher" --size vits14
+[ -d "$WORK/teacher-b" ] || "$PY" cli.py make-teacher --out "$WORK/teacher-b" --size vitb14
+stamp() { echo "--- $(date +%T) $*"; }
+stamp "disk: 2 GiB written, fdatasync (the cache's fsync'd writes need this bandwidth)"
+dd if=/dev/zero of="$WORK/dd.bin" bs=16M count=128 conv=fdatasync 2>&1 | tail -1
+rm -f "$WORK/dd.bin"
 
 bench() {
-    echo "### bench $*"
-    timeout "${BENCH_TIMEOUT:-150}" "$PY" cli.py bench "$@" --data "$WORK/data" \
-        --teacher "$WORK/teacher" --split all --image-size "$SIZE" --device "$DEVICE" \
-        --dtype "$DTYPE" --scans 4 --replicate "$COPIES" 2>&1 | grep -v " - INFO - " || true
+    stamp "bench $*"
+    timeout "${BENCH_TIMEOUT:-150}" "$PY" cli.py bench "$@" --data "$WORK/data" --split all \
+        --image-size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" --scans 4 \
+        --replicate "$COPIES" 2>&1 | grep -v " - INFO - " || true
 }
 # Most telling first (a lease can end mid-script; the log keeps what finished).
-# 1. processes x threads: each process has its own GIL and its own Zarr I/O loop
-bench extraction --processes --workers 4 --threads-per-worker 2
-# 2. thread workers (the default kind), several per GPU
-bench extraction --workers 8
-bench extraction --processes --workers 8
-bench extraction --processes --workers 8 --threads-per-worker 2
-# 3. the CPU side alone against a stand-in GPU at the measured bare rate
-bench feed --processes --workers 4 --threads-per-worker 2 --gpu-rate 200
+# 1. ViT-S/14, 8 processes x 2 threads (the best CPU-decode setting of 2026-11-26: 0.36 on an
+#    H200), JPEG decode + resize on the GPU (nvJPEG)
+bench extraction --teacher "$WORK/teacher" --processes --workers 8 --threads-per-worker 2 --image-decode device
+# 2. the CUDA-only tests: nvJPEG decode gives the CPU's targets; a broken JPEG is named
+stamp "pytest (CUDA)"
+timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_images.py \
+    tests/test_teacher.py -k "device or cuda" 2>&1 | tail -25 || true
+# 3. ViT-B/14, as 1.
+bench extraction --teacher "$WORK/teacher-b" --processes --workers 8 --threads-per-worker 2 --image-decode device
+# 4. the same machine's baseline: ViT-S/14 with CPU decode
+bench extraction --teacher "$WORK/teacher" --processes --workers 8 --threads-per-worker 2 --image-decode cpu
 echo "done: $log"

@@ -90,6 +90,8 @@ class BenchConfig:
     files, new tokens: benchmarks/replicate.py): long runs for steady-state rates on a GPU."""
     gpu_rate: float = 200.0
     """`feed`: images/s of the stand-in GPU teacher (H100, ViT-S/14 float16, 448x896: ~206)."""
+    image_decode: str = "auto"
+    """extract-teacher's image decoding in `extraction` and `feed`: auto, cpu or device."""
     workdir: Path | None = None
     """Scratch folder (None: a temp dir, removed at the end)."""
 
@@ -138,6 +140,7 @@ def _extract(
             scans_per_unit=scans_per_unit,
             device=cfg.device,
             dtype=cfg.dtype,
+            image_decode=cfg.image_decode,
             progress=False,
         )
     )
@@ -253,6 +256,7 @@ def extraction(cfg: BenchConfig, work: Path) -> list[Row]:
             t["teacher"] += t3 - t2
             t["sampling"] += t4 - t3
     t0 = time.perf_counter()
+    write_steps: dict[str, float] = {}
     writer.write_unit(
         0,
         UnitData(
@@ -264,6 +268,7 @@ def extraction(cfg: BenchConfig, work: Path) -> list[Row]:
             uv=[p.uv for p in pairings],
             label=labels,
         ),
+        timings=write_steps,
     )
     t["write"] = time.perf_counter() - t0
     total = sum(t.values())
@@ -286,6 +291,10 @@ def extraction(cfg: BenchConfig, work: Path) -> list[Row]:
     ]
     rows += [(f"share: {k}", v / total, "fraction") for k, v in t.items()]
     rows += [(f"time per image: {k}", v / n_img * 1e3, "ms") for k, v in t.items()]
+    rows += [
+        (f"time per image: write, {k.removesuffix('_s')}", v / n_img * 1e3, "ms")
+        for k, v in write_steps.items()
+    ]
     rows.append(("paired share of points", paired, "fraction"))
     return rows
 
@@ -638,5 +647,9 @@ def run_benchmark(what: str, cfg: BenchConfig) -> list[Row]:
         if cfg.teacher
         else ""
     )
+    if what in ("extraction", "feed"):
+        from pipeline.images import resolve_image_decode
+
+        extra += f", {cfg.device} {cfg.dtype}, decode {resolve_image_decode(cfg.image_decode, cfg.device)}"
     print_table(f"{what} (torch {torch.__version__}, --threads {cfg.threads}{extra})", rows)
     return rows

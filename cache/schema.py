@@ -294,15 +294,22 @@ class UnitData:
     scan i, camera c = the value of `camera` (index into the scan's cameras)."""
     image_sizes: list[np.ndarray] | None = None
     """grid-f16 only: each (C_i, 2) int (H0, W0), the original size of each camera image."""
+    paired_target: list[np.ndarray] | None = None
+    """Point formats, instead of ``target``: each (P_i, D) float16, the targets of scan i's
+    paired points (camera != -1) only, in point order: the rows the cache stores (extraction
+    samples straight into them, without an (N_i, D) array that is a third zeros)."""
 
     def validate(self, feature_dim: int, fmt: str = DEFAULT_TARGET_FORMAT) -> None:
         """Raise ValueError naming the scan and array whose length, shape or dtype is wrong
         (the arrays format ``fmt`` needs)."""
         grid = not target_format(fmt).paired_rows
+        paired_only = not grid and self.target is None and self.paired_target is not None
         per_scan = {**POINT_ARRAYS}
-        if not grid:
+        if not grid and not paired_only:
             per_scan["target"] = (np.dtype(np.float16), ("D",))
-        needs = ("grids", "image_sizes") if grid else ("target",)
+        needs = (
+            ("grids", "image_sizes") if grid else ("paired_target",) if paired_only else ("target",)
+        )
         n = len(self.tokens)
         for name in ("lidar_paths", *per_scan, *needs):
             if getattr(self, name) is None:
@@ -326,6 +333,15 @@ class UnitData:
                     )
             if grid:
                 self._validate_grid(j, token, feature_dim)
+            if paired_only:
+                t = self.paired_target[j]
+                want = (int((self.camera[j] != -1).sum()), feature_dim)
+                if not isinstance(t, np.ndarray) or t.dtype != np.float16 or t.shape != want:
+                    got = (t.dtype, t.shape) if isinstance(t, np.ndarray) else type(t).__name__
+                    raise ValueError(
+                        f"UnitData scan {token}: 'paired_target' must be float16 {want} "
+                        f"(paired points x D), got {got}"
+                    )
 
     def _validate_grid(self, j: int, token: str, feature_dim: int) -> None:
         g, sizes = self.grids[j], np.asarray(self.image_sizes[j])

@@ -67,6 +67,7 @@ from cache.schema import (
     target_format,
     unit_name,
 )
+from cache.shardwrite import write_shard
 
 # ---------------------------------------------------------------- layout ----
 CODECS = ("none", "zstd", "blosc")
@@ -118,7 +119,10 @@ def target_arrays(
     spec = target_format(fmt)
     if spec.paired_rows:
         paired = [c != UNPAIRED for c in data.camera]  # each (N_i,) bool
-        parts = [t[m] for t, m in zip(data.target, paired, strict=True)]
+        if data.paired_target is not None and data.target is None:
+            parts = list(data.paired_target)  # already the paired rows
+        else:
+            parts = [t[m] for t, m in zip(data.target, paired, strict=True)]
         target = (
             np.concatenate(parts) if parts else np.zeros((0, feature_dim), np.float16)
         )  # (P, D) float16
@@ -149,10 +153,14 @@ def write_unit_group(
     feature_dim: int,
     layout: StorageLayout,
     fmt: str = DEFAULT_TARGET_FORMAT,
+    digests: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, int]:
     """Write ``data`` as a new Zarr v3 group at ``path``: one shard file per row array, the
     targets in format ``fmt`` (point formats keep only the rows of paired points, camera != -1;
-    see cache/schema.py). Returns the rows of each array written."""
+    see cache/schema.py). Returns the rows of each array written. Uncompressed row arrays get
+    their shard file from `cache.shardwrite` (zarr writes their metadata): the same bytes,
+    a fraction of the CPU time; their size and sha256 go into ``digests`` (by path relative to
+    ``path``) when given."""
     data.validate(feature_dim, fmt)
     spec = target_format(fmt)
     store = zarr.storage.LocalStore(path)
@@ -177,15 +185,18 @@ def write_unit_group(
         k = max(1, -(-len(arr) // layout.chunk_rows))
         c = max(1, -(-len(arr) // k))
         codec = layout.target_codec if name in spec.row_arrays else layout.other_codec
-        zarr.create_array(
-            store,
-            name=name,
-            data=arr,
-            chunks=(c, *arr.shape[1:]),
-            shards=(k * c, *arr.shape[1:]),
-            compressors=_compressors(codec, arr.dtype),
-            fill_value=0,
+        geometry = dict(chunks=(c, *arr.shape[1:]), shards=(k * c, *arr.shape[1:]), fill_value=0)
+        if codec != "none":
+            compressors = _compressors(codec, arr.dtype)
+            zarr.create_array(store, name=name, data=arr, compressors=compressors, **geometry)
+            continue
+        zarr.create_array(  # the metadata only
+            store, name=name, shape=arr.shape, dtype=arr.dtype, compressors=(), **geometry
         )
+        shard = write_shard(path / name, arr, chunk_rows=c, n_chunks=k)
+        if shard is not None and digests is not None:
+            rel = shard.path.relative_to(path).as_posix()
+            digests[rel] = {"size": shard.size, "sha256": shard.sha256}
     index = {OFFSETS: _offsets(data.rows()), **index}
     for name, arr in index.items():
         chunks = tuple(max(1, n) for n in arr.shape)  # one chunk (zarr refuses 0-sized ones)
@@ -223,14 +234,23 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _file_digests(directory: Path) -> dict[str, dict[str, Any]]:
-    """{relative posix path: {"size", "sha256"}} of every file under ``directory``."""
+def _file_digests(
+    directory: Path, known: dict[str, dict[str, Any]] | None = None
+) -> dict[str, dict[str, Any]]:
+    """{relative posix path: {"size", "sha256"}} of every file under ``directory``; files in
+    ``known`` (digested while written) are taken from it, not read again."""
     out = {}
+    known = known or {}
     for p in sorted(directory.rglob("*")):
-        if p.is_file():
-            with open(p, "rb") as fh:
-                digest = hashlib.file_digest(fh, "sha256").hexdigest()
-            out[p.relative_to(directory).as_posix()] = {"size": p.stat().st_size, "sha256": digest}
+        rel = p.relative_to(directory).as_posix()
+        if not p.is_file():
+            continue
+        if rel in known:
+            out[rel] = known[rel]
+            continue
+        with open(p, "rb") as fh:
+            digest = hashlib.file_digest(fh, "sha256").hexdigest()
+        out[rel] = {"size": p.stat().st_size, "sha256": digest}
     return out
 
 
@@ -394,12 +414,23 @@ class CacheWriter:
         return len(stale)
 
     # -- writing ------------------------------------------------------------------------------
-    def write_unit(self, unit_id: int, data: UnitData) -> int:
+    def write_unit(
+        self, unit_id: int, data: UnitData, timings: dict[str, float] | None = None
+    ) -> int:
         """Write unit ``unit_id`` atomically; returns bytes written (0 when already complete).
 
         Temp dir + fsync + rename + ``.done`` marker (sizes, sha256 and row counts), in that
         order: a unit without a valid marker is never read, and is rewritten by a re-run.
+        ``timings``, when given, receives the seconds of the steps: ``arrays_s`` (the Zarr
+        group), ``sha256_s`` (file digests), ``fsync_s`` (fsync, rename, marker).
         """
+        clock = [time.perf_counter()]
+
+        def lap(name: str) -> None:
+            if timings is not None:
+                clock.append(time.perf_counter())
+                timings[name] = timings.get(name, 0.0) + clock[-1] - clock[-2]
+
         if not 0 <= unit_id < len(self.units):
             raise IndexError(f"unit {unit_id} out of range: cache has {len(self.units)} units")
         if list(data.tokens) != self.units[unit_id]:
@@ -415,8 +446,13 @@ class CacheWriter:
         tmp = units_dir / f".{unit_name(unit_id)}.tmp-{uuid.uuid4().hex}"
         try:
             fmt = self.key.target_format
-            stored_rows = write_unit_group(tmp, data, self.feature_dim, self.layout, fmt)
-            files = _file_digests(tmp)
+            written: dict[str, dict[str, Any]] = {}
+            stored_rows = write_unit_group(
+                tmp, data, self.feature_dim, self.layout, fmt, digests=written
+            )
+            lap("arrays_s")
+            files = _file_digests(tmp, known=written)
+            lap("sha256_s")
             # Guard: never mark a group that lost part of its files (e.g. its temp dir was
             # removed under a writer that outlived its run): every array's metadata must be there.
             arrays = unit_arrays(fmt)
@@ -465,6 +501,7 @@ class CacheWriter:
             "pid": os.getpid(),
         }
         _write_json_atomic(self.marker_path(unit_id), marker)
+        lap("fsync_s")
         return marker["bytes"]
 
     def finalize(self, summary: dict) -> None:

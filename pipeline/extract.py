@@ -20,6 +20,7 @@ or next to which other unit: the cache is bit-identical whatever the number of w
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -41,6 +42,7 @@ from cache import CacheKey, CacheWriter, UnitData, dataset_fingerprint
 from cache.schema import DEFAULT_TARGET_FORMAT, target_format
 from pipeline.datasets import DataError, NuScenesReader, Scan
 from pipeline.datasets.check import check_scan
+from pipeline.images import IMAGE_DECODES, decode_on_device, read_encoded, resolve_image_decode
 from pipeline.pairing import UNPAIRED, PairingConfig, pair_points
 from pipeline.teacher import FEATURE_LAYER, Teacher, TeacherConfig, cached_teacher, sample_features
 
@@ -81,6 +83,11 @@ class ExtractConfig:
     """torch device of the teacher on the workers."""
     dtype: str = "float32"
     """Teacher autocast dtype: "float32", "float16" (CUDA) or "bfloat16"."""
+    image_decode: str = "auto"
+    """Where camera JPEGs are decoded and resized: "cpu" (PIL, in each unit's prefetch thread),
+    "device" (torchvision's decode_jpeg on the teacher's device: nvJPEG on CUDA, then a float
+    resize there; needs torchvision) or "auto" (device when the teacher is on CUDA and
+    torchvision is installed, else cpu). The run's meta records the mode used (pipeline/images.py)."""
     scans_per_unit: int = 4
     """Scans per work unit (one Dask task, one atomic cache unit)."""
     pairing: PairingConfig = field(default_factory=PairingConfig)
@@ -110,6 +117,10 @@ class ExtractConfig:
         if self.scans_per_unit < 1:
             raise ValueError(f"scans_per_unit must be >= 1, got {self.scans_per_unit}")
         target_format(self.target_format)  # ValueError naming the known formats
+        if self.image_decode not in IMAGE_DECODES:
+            raise ValueError(
+                f"image_decode must be one of {IMAGE_DECODES}, got {self.image_decode!r}"
+            )
 
     def teacher_config(self) -> TeacherConfig:
         return TeacherConfig(
@@ -182,19 +193,40 @@ def extract_unit(
     pairing: PairingConfig,
     batch_size: int,
     torch_threads: int = 0,
+    image_decode: str = "cpu",
 ) -> dict[str, Any]:
-    """Compute and write one unit; returns its statistics (counts and seconds per step)."""
+    """Compute and write one unit; returns its statistics (counts and seconds per step).
+    ``image_decode``: "cpu" or "device" (`resolve_image_decode`)."""
     global _running_units
     with _running:
         _running_units += 1
     try:
-        return _extract_unit(
-            writer, unit_id, scans, reader, teacher_cfg, pairing, batch_size, torch_threads
-        )
+        stream = _unit_stream(teacher_cfg.device)
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            return _extract_unit(
+                writer,
+                unit_id,
+                scans,
+                reader,
+                teacher_cfg,
+                pairing,
+                batch_size,
+                torch_threads,
+                image_decode,
+            )
     finally:
         with _running:
             _running_units -= 1
             _running.notify_all()
+
+
+def _unit_stream(device: str) -> torch.cuda.Stream | None:
+    """A CUDA stream of its own for a unit on a CUDA teacher (None elsewhere): units running
+    at once in one process (threads) then queue their work independently, and the memory a
+    unit frees is reused only by that unit's later work (what `decode_on_device` relies on)."""
+    if torch.device(device).type != "cuda":
+        return None
+    return torch.cuda.Stream(device=device)  # from torch's per-device pool: not created anew
 
 
 def _extract_unit(
@@ -206,6 +238,7 @@ def _extract_unit(
     pairing: PairingConfig,
     batch_size: int,
     torch_threads: int = 0,
+    image_decode: str = "cpu",
 ) -> dict[str, Any]:
     """Compute and write one unit; returns its statistics (counts and seconds per step)."""
     t_start = time.perf_counter()
@@ -226,7 +259,18 @@ def _extract_unit(
     # point formats sample each paired point's feature now, grid-f16 keeps the grids (float16)
     # and the reader samples them (the same `sample_features`)
     keep_grids = writer.key.target_format == "grid-f16"
-    targets = [np.zeros((len(p), teacher.feature_dim), np.float16) for p in points]  # (N_i, D)
+    device = torch.device(teacher_cfg.device)
+    # point formats: each scan's paired rows (in point order), filled camera by camera on the
+    # teacher's device, copied back once per scan: (P_i, D) float16
+    targets = [
+        torch.zeros(
+            (int((p.camera != UNPAIRED).sum()), teacher.feature_dim),
+            dtype=torch.float16,
+            device=device,
+        )
+        for p in ([] if keep_grids else pairings)
+    ]
+    rank = [np.cumsum(p.camera != UNPAIRED) - 1 for p in pairings]  # (N_i,): row in targets[i]
     grids = [[None] * len(scan.cameras) for scan in scans]  # grid-f16: (h, w, D) per camera
     image_sizes = [np.zeros((len(scan.cameras), 2), np.int64) for scan in scans]  # (C_i, 2)
     views = [(j, c) for j, scan in enumerate(scans) for c in range(len(scan.cameras))]
@@ -234,17 +278,25 @@ def _extract_unit(
     t_images = 0.0  # waiting for images: decode + resize not hidden behind the teacher
     batches = [views[s : s + batch_size] for s in range(0, len(views), batch_size)]
     threads = torch.get_num_threads()
+    on_device = image_decode == "device"
     # One prefetch thread decodes and resizes batch b + 1 while batch b is in the teacher (PIL
     # and torch release the GIL); a bad image raises here, from result(), as it did inline.
+    # With on-device decoding it only reads the files; this thread decodes them on the device.
     with ThreadPoolExecutor(1, thread_name_prefix=f"images-u{unit_id}") as prefetch:
-        load = functools.partial(_load_batch, reader, scans, teacher, threads)
+        load = functools.partial(
+            _read_batch if on_device else _load_batch, reader, scans, teacher, threads
+        )
         pending = prefetch.submit(load, batches[0]) if batches else None
         for b, batch in enumerate(batches):
             t0 = time.perf_counter()
-            pixels, sizes = pending.result()  # (B, H, W, 3) uint8, [(H0, W0)] * B
-            t_images += time.perf_counter() - t0
+            loaded = pending.result()
             if b + 1 < len(batches):
                 pending = prefetch.submit(load, batches[b + 1])
+            if on_device:
+                pixels, sizes = _decode_batch(scans, teacher, batch, loaded)
+            else:
+                pixels, sizes = loaded  # (B, H, W, 3) uint8, [(H0, W0)] * B
+            t_images += time.perf_counter() - t0
             # on a GPU the grids stay there: points are sampled on it, only float16 comes back
             grids_batch = teacher.patch_grid(pixels, on_device=True)  # (B, D, h, w) float32
             forwards += 1
@@ -254,11 +306,13 @@ def _extract_unit(
                     grids[j][c] = grid.cpu().numpy()
                     image_sizes[j][c] = sizes[k]
                     continue
-                mask = pairings[j].camera == c  # (N_j,)
-                if mask.any():
-                    uv = pairings[j].uv[mask]  # (M, 2) float32, exactly what the cache stores
+                points_c = np.flatnonzero(pairings[j].camera == c)  # (M,)
+                if len(points_c):
+                    uv = pairings[j].uv[points_c]  # (M, 2) float32, exactly what the cache stores
                     features = sample_features(grids_batch[k], uv, sizes[k])  # (M, D)
-                    targets[j][mask] = features.half().cpu().numpy()
+                    rows = torch.from_numpy(rank[j][points_c]).to(device, non_blocking=True)
+                    targets[j][rows] = features.half()
+    paired_target = [t.cpu().numpy() for t in targets]  # waits for the unit's last forwards
     t_teacher = time.perf_counter()
 
     # 3. one atomic unit
@@ -266,7 +320,8 @@ def _extract_unit(
         tokens=[s.token for s in scans],
         lidar_paths=[s.lidar_path for s in scans],
         points=points,
-        target=None if keep_grids else targets,
+        target=None,
+        paired_target=None if keep_grids else paired_target,
         camera=[p.camera for p in pairings],
         uv=[p.uv for p in pairings],
         label=labels,
@@ -292,14 +347,18 @@ def _extract_unit(
     }
 
 
-def prepare_worker(teacher_cfg: TeacherConfig, batch_size: int, torch_threads: int = 0) -> int:
+def prepare_worker(
+    teacher_cfg: TeacherConfig, batch_size: int, torch_threads: int = 0, image_decode: str = "cpu"
+) -> int:
     """Make a worker ready before the clock starts: its torch thread count, its teacher loaded
     (one per process) and, off the CPU, one forward of a blank batch (CUDA context, allocator,
-    kernel choice), so that a bad teacher fails here, once, and images/s is the steady rate.
-    Returns the worker's pid."""
+    kernel choice) and, with on-device decoding, one decode (the decoder's start-up), so that a
+    bad teacher fails here, once, and images/s is the steady rate. Returns the worker's pid."""
     if torch_threads:
         torch.set_num_threads(torch_threads)
     teacher = cached_teacher(teacher_cfg)
+    if image_decode == "device":
+        _warm_up_decoder(teacher_cfg.device)
     if torch.device(teacher_cfg.device).type != "cpu":
         h, w = teacher_cfg.image_size
         teacher.patch_grid(torch.zeros(batch_size, h, w, 3, dtype=torch.uint8), on_device=True)
@@ -308,8 +367,21 @@ def prepare_worker(teacher_cfg: TeacherConfig, batch_size: int, torch_threads: i
     return os.getpid()
 
 
+def _warm_up_decoder(device: str) -> None:
+    """Decode one small JPEG on ``device`` (torchvision): its decoder starts before the clock."""
+    import io
+
+    from PIL import Image
+    from torchvision.io import decode_jpeg
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 32)).save(buf, format="JPEG")
+    data = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+    decode_jpeg([data], device=device)
+
+
 def _prepare_workers(
-    client: Any, teacher_cfg: TeacherConfig, batch_size: int, threads: int
+    client: Any, teacher_cfg: TeacherConfig, batch_size: int, threads: int, image_decode: str
 ) -> None:
     """`prepare_worker` on every worker of ``client``, as ordinary tasks (one pinned to each)."""
     workers = list(client.scheduler_info()["workers"])
@@ -319,6 +391,7 @@ def _prepare_workers(
             teacher_cfg,
             batch_size,
             threads,
+            image_decode,
             workers=[w],
             allow_other_workers=False,
             pure=False,
@@ -330,6 +403,33 @@ def _prepare_workers(
         client.gather(futures)
     except Exception as e:
         raise RuntimeError(f"a worker could not load teacher {teacher_cfg.model!r}: {e}") from e
+
+
+def _read_batch(
+    reader: NuScenesReader,
+    scans: list[Scan],
+    teacher: Teacher,
+    threads: int,
+    batch: list[tuple[int, int]],
+) -> list[torch.Tensor]:
+    """The encoded files of ``batch`` ((scan, camera) pairs): the prefetch thread's part of
+    on-device decoding (I/O only)."""
+    return [read_encoded(scans[j].cameras[c]) for j, c in batch]
+
+
+def _decode_batch(
+    scans: list[Scan], teacher: Teacher, batch: list[tuple[int, int]], encoded: list[torch.Tensor]
+) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Decode and resize ``batch`` on the teacher's device: ((B, H, W, 3) uint8 there, original
+    (H0, W0) of each). Runs on the unit's stream, after the unit's earlier work on it finished:
+    torchvision's decoder writes from a stream of its own (pipeline/images.py)."""
+    if torch.device(teacher.cfg.device).type == "cuda":
+        torch.cuda.current_stream().synchronize()
+    cameras = [scans[j].cameras[c] for j, c in batch]
+    images = decode_on_device(cameras, encoded, teacher.cfg.device)  # (H0, W0, 3) uint8 each
+    sizes = [tuple(im.shape[:2]) for im in images]
+    same = len(set(sizes)) == 1  # nuScenes: one resize call for the batch
+    return teacher.resize(torch.stack(images) if same else images), sizes
 
 
 def _load_batch(
@@ -491,6 +591,8 @@ def extract_teacher(cfg: ExtractConfig) -> ExtractSummary:
         raise ValueError(f"{reader.version_dir}: split {cfg.split!r} has no scans")
     teacher_cfg = cfg.teacher_config()
     teacher = cached_teacher(teacher_cfg)  # validates model and image size before any Dask work
+    # "auto" resolved once, here: the meta records what ran
+    cfg = dataclasses.replace(cfg, image_decode=resolve_image_decode(cfg.image_decode, cfg.device))
     bad = preflight(reader, scans, cfg.progress)
     if bad and not cfg.skip_bad:
         lines = [p for problems in bad.values() for p in problems]
@@ -524,7 +626,7 @@ def extract_teacher(cfg: ExtractConfig) -> ExtractSummary:
             with _client(cfg) as client, _keeping_torch_threads():
                 # a LocalCluster's workers all start now; a running cluster's may join later
                 client.wait_for_workers(1 if cfg.scheduler else cfg.n_workers)
-                _prepare_workers(client, teacher_cfg, cfg.batch_size, threads)
+                _prepare_workers(client, teacher_cfg, cfg.batch_size, threads, cfg.image_decode)
                 t_compute = time.perf_counter()  # start-up is not throughput
                 startup_s = t_compute - t_startup
                 # shared arguments travel to each worker once, not once per task
@@ -540,6 +642,7 @@ def extract_teacher(cfg: ExtractConfig) -> ExtractSummary:
                         cfg.pairing,
                         cfg.batch_size,
                         threads,
+                        cfg.image_decode,
                         key=f"extract-unit-{key.digest()}-{u}",
                         pure=False,
                     )

@@ -152,16 +152,21 @@ def pair_points(points_xyz: np.ndarray, scan: Scan, cfg: PairingConfig) -> Pairi
             depth=np.zeros(n, dtype=np.float32),
         )
     uv, depth, visible = camera_views(points_xyz, scan, cfg)
-    sizes = np.array([(f.width, f.height) for f in scan.cameras], dtype=np.float64)  # (C, 2)
-    # Distance to the nearest image border, per camera and point.
-    border = np.minimum(uv, sizes[:, None, :] - uv).min(axis=2)  # (C, N)
-    border = np.where(visible, border, -np.inf)
-    best = border.argmax(axis=0)  # (N,)
-    paired = visible.any(axis=0)  # (N,)
-    points = np.arange(len(points_xyz))
-    camera = np.where(paired, best, UNPAIRED).astype(np.int8)
-    best_uv = np.where(paired[:, None], uv[best, points], 0.0)
-    best_depth = np.where(paired, depth[best, points], 0.0)
-    return Pairing(
-        camera=camera, uv=best_uv.astype(np.float32), depth=best_depth.astype(np.float32)
-    )
+    # Each point goes to the camera where its distance to the nearest image border is largest;
+    # camera by camera over its visible points only (ties keep the lower camera index).
+    n = len(points_xyz)
+    best_border = np.full(n, -np.inf)
+    camera = np.full(n, UNPAIRED, dtype=np.int8)
+    for c, frame in enumerate(scan.cameras):
+        idx = np.flatnonzero(visible[c])  # (M,)
+        u, v = uv[c, idx, 0], uv[c, idx, 1]
+        border = np.minimum(np.minimum(u, frame.width - u), np.minimum(v, frame.height - v))
+        better = border > best_border[idx]
+        best_border[idx[better]] = border[better]
+        camera[idx[better]] = c
+    paired = np.flatnonzero(camera != UNPAIRED)
+    best_uv = np.zeros((n, 2), dtype=np.float32)
+    best_depth = np.zeros(n, dtype=np.float32)
+    best_uv[paired] = uv[camera[paired], paired]
+    best_depth[paired] = depth[camera[paired], paired]
+    return Pairing(camera=camera, uv=best_uv, depth=best_depth)

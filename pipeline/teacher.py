@@ -157,12 +157,22 @@ def weights_sha256(folder: str | Path) -> str:
 
 def resize_uint8(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(B, 3, H0, W0) uint8 → (B, 3, H, W) uint8 of ``size`` = (H, W): bilinear, antialiased,
-    half-pixel centres, in uint8 (rounded to whole grey levels, like PIL/torchvision). In uint8
-    on the CPU: ~30x faster than resizing float 1600x900 images, the same on every device (CUDA
-    has no uint8 antialiased kernel), a smaller copy to the GPU. Already-sized input is returned."""
+    half-pixel centres, rounded to whole grey levels (like PIL/torchvision), on ``x``'s device.
+    On the CPU in uint8 (~30x faster than resizing float 1600x900 images, a smaller copy to the
+    GPU); elsewhere (CUDA has no uint8 antialiased kernel) through float32 then rounded
+    (`resize_uint8_float`: within one grey level of the CPU result). Already-sized input is
+    returned."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
+    if x.device.type != "cpu":
+        return resize_uint8_float(x, size)
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+def resize_uint8_float(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """`resize_uint8` computed in float32 on any device: the path of images decoded on a GPU."""
+    y = F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
+    return y.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def normalise(x: torch.Tensor) -> torch.Tensor:
@@ -247,11 +257,11 @@ class Teacher(nn.Module):
         return nn.Module.train(self, False)
 
     def resize(self, images: np.ndarray | torch.Tensor | Sequence[np.ndarray]) -> torch.Tensor:
-        """uint8 RGB (B, H0, W0, 3) (or a list of (H0_i, W0_i, 3)) → (B, H, W, 3) uint8 on the
-        CPU at the configured size: bilinear, antialiased, in uint8 (rounded to whole grey levels,
-        like PIL/torchvision); pinned when the teacher runs on CUDA, so the copy to the GPU can be
-        asynchronous. Uses no teacher state: extraction runs it in a prefetch thread for the next
-        batch while the current one is in the teacher. Already-sized images are not resampled."""
+        """uint8 RGB (B, H0, W0, 3) (or a list of (H0_i, W0_i, 3)) → (B, H, W, 3) uint8 at the
+        configured size, on the device the images are on (`resize_uint8`); CPU results are
+        pinned when the teacher runs on CUDA, so the copy to the GPU can be asynchronous. Uses
+        no teacher state: extraction runs it in a prefetch thread for the next batch while the
+        current one is in the teacher. Already-sized images are not resampled."""
         if isinstance(images, np.ndarray | torch.Tensor) and images.ndim == 4:
             batch = [images]
         else:
@@ -264,11 +274,11 @@ class Teacher(nn.Module):
                 raise ValueError(
                     f"teacher input must be uint8 RGB images (B, H, W, 3), got {t.dtype} {tuple(t.shape)}"
                 )
-            out.append(resize_uint8(t.cpu().permute(0, 3, 1, 2), self.cfg.image_size))
+            out.append(resize_uint8(t.permute(0, 3, 1, 2), self.cfg.image_size))
         # one group (a batch the prefetch already resized): no copy; pinned memory is not re-pinned
         x = (out[0] if len(out) == 1 else torch.cat(out)).permute(0, 2, 3, 1)  # (B, H, W, 3)
         cuda = torch.device(self.cfg.device).type == "cuda"
-        return x.pin_memory() if cuda and not x.is_pinned() else x
+        return x.pin_memory() if cuda and x.device.type == "cpu" and not x.is_pinned() else x
 
     def preprocess(self, images: np.ndarray | torch.Tensor | Sequence[np.ndarray]) -> torch.Tensor:
         """uint8 RGB (B, H0, W0, 3) (or a list of (H0_i, W0_i, 3)) → normalised (B, 3, H, W)

@@ -179,6 +179,24 @@ def test_write_unit_rejects_bad_data(tmp_path: Path) -> None:
     assert not list((writer.path / "units").iterdir())  # nothing half-written left behind
 
 
+def test_paired_target_rows_write_the_same_unit_as_full_target(tmp_path: Path) -> None:
+    """UnitData.paired_target (what extraction hands over) stores exactly what target does."""
+    full, paired = (CacheWriter.create(tmp_path / n, make_key(), UNITS, D, {}) for n in "ab")
+    for u, data in enumerate(unit_data()):
+        full.write_unit(u, data)
+        rows = [t[c != -1] for t, c in zip(data.target, data.camera, strict=True)]
+        paired.write_unit(u, dataclasses.replace(data, target=None, paired_target=rows))
+    for u in range(len(UNITS)):
+        a, b = (json.loads(w.marker_path(u).read_text()) for w in (full, paired))
+        assert a["files"] == b["files"] and a["arrays"] == b["arrays"]  # sizes and sha256
+    data = make_unit(UNITS[0], 0)
+    rows = [t[c != -1] for t, c in zip(data.target, data.camera, strict=True)]
+    rows[1] = rows[1][:-1]
+    fresh = CacheWriter.create(tmp_path / "c", make_key(), UNITS, D, {})
+    with pytest.raises(ValueError, match=r"scan s1: 'paired_target' must be float16"):
+        fresh.write_unit(0, dataclasses.replace(data, target=None, paired_target=rows))
+
+
 def test_create_is_idempotent_and_checks_the_manifest(tmp_path: Path) -> None:
     a = CacheWriter.create(tmp_path, make_key(), UNITS, D, {"run": 1})
     manifest = (a.path / "manifest.json").read_bytes()
@@ -742,3 +760,43 @@ def test_damaged_shard_raises_cache_error_naming_the_file(
     with pytest.raises(CacheError, match=re.escape(str(shard)) + ".*" + message):
         reader.read_scan(3)
     assert open_cache(writer.path, fast_path=False).read_scan(0).token == "s0"  # other units
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "int8", "uint8", "int64"])
+def test_direct_shard_writer_equals_zarr_byte_for_byte(tmp_path: Path, dtype: str) -> None:
+    """cache/shardwrite.py writes the shard file zarr-python writes: every file of the array
+    folder identical, for 1-D and 2-D arrays, padded last chunks, all-zero chunks (left out),
+    -0.0 chunks (kept: zarr compares bit patterns), all-zero and empty arrays (no shard file)."""
+    from cache.shardwrite import write_shard
+
+    rng = np.random.default_rng(0)
+    arrays = [
+        (rng.normal(size=(n, *t)) * 50).astype(dtype) for n in (1, 7, 1000) for t in ((), (5,))
+    ]
+    first_empty = np.zeros((100, 4), dtype)
+    first_empty[60:] = 1
+    arrays += [first_empty, np.zeros((50,), dtype), np.zeros((0, 3), dtype)]
+    if dtype.startswith("float"):
+        arrays.append(np.full((20, 2), -0.0, dtype))
+
+    def folder(d: Path, arr: np.ndarray, c: int, k: int, ours: bool) -> dict[str, bytes]:
+        geometry = dict(chunks=(c, *arr.shape[1:]), shards=(k * c, *arr.shape[1:]), fill_value=0)
+        store = zarr.storage.LocalStore(d)
+        if ours:
+            zarr.create_array(
+                store, name="a", shape=arr.shape, dtype=arr.dtype, compressors=(), **geometry
+            )
+            write_shard(d / "a", arr, chunk_rows=c, n_chunks=k)
+        else:
+            zarr.create_array(store, name="a", data=arr, compressors=(), **geometry)
+        return {p.relative_to(d).as_posix(): p.read_bytes() for p in d.rglob("*") if p.is_file()}
+
+    for i, arr in enumerate(arrays):
+        for chunk_rows in (1, 7, 64, 4096):
+            k = max(1, -(-len(arr) // chunk_rows))  # as write_unit_group cuts a unit's arrays
+            c = max(1, -(-len(arr) // k))
+            theirs = folder(tmp_path / f"z{i}-{chunk_rows}", arr, c, k, ours=False)
+            ours = folder(tmp_path / f"o{i}-{chunk_rows}", arr, c, k, ours=True)
+            assert ours == theirs, (arr.shape, chunk_rows)
+            shard = [name for name in ours if "/c/" in name]
+            assert len(shard) == (1 if arr.any() or (arr.size and np.signbit(arr).any()) else 0)
