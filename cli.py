@@ -184,7 +184,7 @@ def extract_teacher_command(
     workers: int = typer.Option(2, "--workers", help="LocalCluster workers (each runs one unit at a time)."),
     threads: int = typer.Option(0, "--torch-threads", help="torch threads per worker; 0: cores / workers."),
     processes: bool = typer.Option(False, "--processes/--threads", help="LocalCluster workers as processes or threads of this process (default: threads, measured faster on CPU)."),
-    threads_per_worker: int = typer.Option(1, "--threads-per-worker", help="Units each LocalCluster worker runs at once (on a GPU node: --processes --workers 4 --threads-per-worker 2, docs/scaling.md)."),
+    threads_per_worker: int = typer.Option(1, "--threads-per-worker", help="Units each LocalCluster worker runs at once (on a GPU node: --processes --workers 8 --threads-per-worker 2 on 16 cores, docs/scaling.md)."),
     batch_size: int = typer.Option(6, "--batch-size", help="Images per teacher forward."),
     device: str = typer.Option("cpu", "--device", help="Teacher device on the workers (cpu, cuda)."),
     dtype: str = typer.Option("float32", "--dtype", help="Teacher autocast dtype: float32, float16 (CUDA), bfloat16."),
@@ -588,6 +588,7 @@ def bench_command(
     replicate: int = typer.Option(1, "--replicate", help="Run extraction/feed on K copies of the set's scenes (long runs for GPU rates)."),
     gpu_rate: float = typer.Option(200.0, "--gpu-rate", help="feed: images/s of the stand-in GPU teacher."),
     image_decode: str = typer.Option("auto", "--image-decode", help="extract-teacher image decoding (extraction, feed): auto, cpu, device."),
+    target_format: str = typer.Option("point-f16", "--target-format", help="extract-teacher target format (extraction, feed): point-f16, point-i8, grid-f16."),
 ) -> None:
     """Issue-9 benchmarks: print tables of rates and RATIOS (docs/benchmarks.md)."""
     import sys
@@ -603,6 +604,7 @@ def bench_command(
         points_per_scan=points, reads=reads, threads=threads, device=device, dtype=dtype,
         workers=workers, processes=processes, threads_per_worker=threads_per_worker,
         replicate=replicate, gpu_rate=gpu_rate, image_decode=image_decode,
+        target_format=target_format,
     )  # fmt: skip
     for name in WHATS if what == "all" else [what]:
         try:

@@ -2,15 +2,16 @@
 # The GPU extraction check of issue 9, as one script for a lent GPU machine (device tool):
 #   bash benchmarks/gpu_check.sh            # results under $OUT (or ./gpu-check)
 # It renders the synthetic set at nuScenes resolution, makes random ViT-S/14- and ViT-B/14-shaped
-# teachers, and prints `bench extraction` tables (extract-teacher images/s ÷ bare forward
-# images/s, both on the GPU) on --replicate copies of the set (steady-state runs of ~1,500
-# images): JPEGs decoded on the GPU and, as the same machine's baseline, on the CPU; and it runs
-# the CUDA-only tests (tests/test_images.py). Python packages missing on the machine are installed from ./.whl when
-# present (wheels of zarr, dask, ... for its Python; docs/benchmarks.md, "GPU").
-# Environment: DEVICE (cuda), DTYPE (float16), SIZE (448x896), COPIES (8), SCENES (4),
-# SAMPLES (8), WIDTH/HEIGHT (1600/900), PY (python3). CPU dry run:
-#   DEVICE=cpu DTYPE=float32 SIZE=56x98 COPIES=2 SCENES=2 SAMPLES=2 WIDTH=320 HEIGHT=180 \
-#     PY=.venv/bin/python bash benchmarks/gpu_check.sh
+# teachers, measures the disk (the cache's fsync'd writes need its bandwidth), and prints
+# `bench extraction` tables (extract-teacher images/s ÷ bare forward images/s, both on the GPU,
+# JPEGs decoded there) on --replicate copies of the set (steady-state runs of ~1,500 images) for
+# the target formats, and runs the CUDA-only tests. Python packages missing on the machine are
+# installed from ./.whl when present (wheels of zarr, dask, ... for its Python;
+# docs/benchmarks.md, "GPU").
+# Environment: DEVICE (cuda), DTYPE (float16), DECODE (device), SIZE (448x896), COPIES (8),
+# SCENES (4), SAMPLES (8), WIDTH/HEIGHT (1600/900), PY (python3). CPU dry run:
+#   DEVICE=cpu DTYPE=float32 DECODE=cpu SIZE=56x98 COPIES=2 SCENES=2 SAMPLES=2 WIDTH=320 \
+#     HEIGHT=180 PY=.venv/bin/python bash benchmarks/gpu_check.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEVICE=${DEVICE:-cuda}
@@ -22,6 +23,7 @@ SAMPLES=${SAMPLES:-8}
 WIDTH=${WIDTH:-1600}
 HEIGHT=${HEIGHT:-900}
 PY=${PY:-python3}
+DECODE=${DECODE:-device}
 OUT=${OUT:-gpu-check}
 WORK=${WORK:-/tmp/gpu-check}
 mkdir -p "$OUT" "$WORK"
@@ -65,15 +67,20 @@ bench() {
         --replicate "$COPIES" 2>&1 | grep -v " - INFO - " || true
 }
 # Most telling first (a lease can end mid-script; the log keeps what finished).
-# 1. ViT-S/14, 8 processes x 2 threads (the best CPU-decode setting of 2026-11-26: 0.36 on an
-#    H200), JPEG decode + resize on the GPU (nvJPEG)
-bench extraction --teacher "$WORK/teacher" --processes --workers 8 --threads-per-worker 2 --image-decode device
-# 2. the CUDA-only tests: nvJPEG decode gives the CPU's targets; a broken JPEG is named
+# Measured 2026-11-26 on an H200 (docs/benchmarks.md §GPU): point-f16 with nvJPEG 0.53 (ViT-S)
+# and 0.63 (ViT-B), at 70-85 % of the disk's 1.6 GB/s; the smaller formats are next.
+W="--processes --workers 8 --threads-per-worker 2 --image-decode $DECODE"
+# 1. ViT-S/14, point-i8 (about half the bytes of point-f16, quantized on the GPU)
+bench extraction --teacher "$WORK/teacher" $W --target-format point-i8
+# 2. the CUDA-only tests: nvJPEG decode gives the CPU's targets; a broken JPEG is named;
+#    quantize_rows gives numpy's bytes on the GPU
 stamp "pytest (CUDA)"
 timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_images.py \
-    tests/test_teacher.py -k "device or cuda" 2>&1 | tail -25 || true
-# 3. ViT-B/14, as 1.
-bench extraction --teacher "$WORK/teacher-b" --processes --workers 8 --threads-per-worker 2 --image-decode device
-# 4. the same machine's baseline: ViT-S/14 with CPU decode
-bench extraction --teacher "$WORK/teacher" --processes --workers 8 --threads-per-worker 2 --image-decode cpu
+    tests/test_teacher.py tests/test_target_formats.py -k "device or cuda" 2>&1 | tail -25 || true
+# 3. ViT-B/14, point-i8
+bench extraction --teacher "$WORK/teacher-b" $W --target-format point-i8
+# 4. ViT-S/14, grid-f16 (the patch grids, sampled by the reader)
+bench extraction --teacher "$WORK/teacher" $W --target-format grid-f16
+# 5. the same machine's point-f16 (0.53 on 2026-11-26)
+bench extraction --teacher "$WORK/teacher" $W --target-format point-f16
 echo "done: $log"

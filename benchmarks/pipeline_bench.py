@@ -92,6 +92,8 @@ class BenchConfig:
     """`feed`: images/s of the stand-in GPU teacher (H100, ViT-S/14 float16, 448x896: ~206)."""
     image_decode: str = "auto"
     """extract-teacher's image decoding in `extraction` and `feed`: auto, cpu or device."""
+    target_format: str = "point-f16"
+    """extract-teacher's target format in `extraction` and `feed` (bytes per image differ 2x)."""
     workdir: Path | None = None
     """Scratch folder (None: a temp dir, removed at the end)."""
 
@@ -141,6 +143,7 @@ def _extract(
             device=cfg.device,
             dtype=cfg.dtype,
             image_decode=cfg.image_decode,
+            target_format=cfg.target_format,
             progress=False,
         )
     )
@@ -280,6 +283,16 @@ def extraction(cfg: BenchConfig, work: Path) -> list[Row]:
         ("bare teacher forward (resized input), mean", bare, "images/s"),
         (f"extract-teacher ({label})", summary.images_per_s, "images/s"),
         ("extract-teacher images", summary.images, "images"),
+        (
+            "extract-teacher MB written per image",
+            summary.bytes_written / max(1, summary.images) / 1e6,
+            "MB",
+        ),
+        (
+            "extract-teacher write rate (the disk must sustain it)",
+            summary.bytes_written / max(summary.compute_s, 1e-9) / 1e6,
+            "MB/s",
+        ),
         ("extract-teacher start-up (not in images/s)", max(summary.startup_s, 1e-3), "s"),
         ("RATIO extract / bare", summary.images_per_s / bare, "ratio"),
         *[
@@ -650,6 +663,7 @@ def run_benchmark(what: str, cfg: BenchConfig) -> list[Row]:
     if what in ("extraction", "feed"):
         from pipeline.images import resolve_image_decode
 
-        extra += f", {cfg.device} {cfg.dtype}, decode {resolve_image_decode(cfg.image_decode, cfg.device)}"
+        decode = resolve_image_decode(cfg.image_decode, cfg.device)
+        extra += f", {cfg.device} {cfg.dtype}, decode {decode}, {cfg.target_format}"
     print_table(f"{what} (torch {torch.__version__}, --threads {cfg.threads}{extra})", rows)
     return rows

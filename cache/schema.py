@@ -113,21 +113,38 @@ def target_format(name: str) -> TargetFormat:
     return TARGET_FORMATS[name]
 
 
-def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def quantize_rows(x: Any) -> tuple[Any, Any]:
     """(P, D) float16 → (int8 (P, D), float16 scale (P,)): symmetric per row, scale = max|x| / 127
     rounded to float16 (down where 127 * scale would pass the float16 maximum), q =
     round-half-even(x / scale) clipped to ±127; an all-zero row (or one whose scale underflows
     float16) gets scale 0 and q 0. `dequantize_rows` inverts it to within
-    half a step (scale / 2) plus float16 rounding."""
-    x32 = x.astype(np.float32)  # (P, D)
-    scale = (np.abs(x32).max(axis=1, initial=0.0) / 127.0).astype(np.float16)  # (P,)
-    # near the float16 maximum a scale rounded up would dequantize 127 * scale to inf
-    too_big = scale.astype(np.float32) * 127 > np.finfo(np.float16).max
-    scale[too_big] = np.nextafter(scale[too_big], np.float16(0))
-    s32 = scale.astype(np.float32)[:, None]  # (P, 1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.where(s32 > 0, np.rint(x32 / s32), 0.0)
-    return np.clip(q, -127, 127).astype(np.int8), scale
+    half a step (scale / 2) plus float16 rounding.
+
+    ``x`` is a numpy array (numpy arrays come back) or a torch tensor on any device (tensors on
+    that device come back: extraction quantizes on the GPU). One implementation, in torch:
+    every step is exactly rounded IEEE float32 (max, division, round-half-even, casts), so
+    every device gives the same bytes (tests compare with numpy's formula)."""
+    import torch
+
+    x32 = torch.as_tensor(x).to(torch.float32, copy=True)  # (P, D), ours to change in place
+    if x32.shape[1]:
+        low, high = torch.aminmax(x32, dim=1)
+        amax = torch.maximum(-low, high)  # (P,)
+    else:
+        amax = x32.new_zeros(len(x32))
+    scale = (amax / 127.0).half()  # (P,)
+    # near the float16 maximum a scale rounded up would dequantize 127 * scale to inf: step it
+    # one float16 ulp towards 0 (scales are >= 0, so one less in the bit pattern)
+    too_big = scale.float() * 127 > torch.finfo(torch.float16).max
+    if bool(too_big.any()):
+        bits = scale.view(torch.int16)
+        bits[too_big] -= 1
+    s32 = scale.float()[:, None]  # (P, 1)
+    q = x32.div_(s32).round_()  # (P, D), in place: inf/nan where the scale is 0
+    q = q.masked_fill_(s32 == 0, 0.0).clamp_(-127, 127).to(torch.int8)
+    if isinstance(x, np.ndarray):
+        return q.numpy(), scale.numpy()
+    return q, scale
 
 
 def dequantize_rows(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
@@ -297,7 +314,11 @@ class UnitData:
     paired_target: list[np.ndarray] | None = None
     """Point formats, instead of ``target``: each (P_i, D) float16, the targets of scan i's
     paired points (camera != -1) only, in point order: the rows the cache stores (extraction
-    samples straight into them, without an (N_i, D) array that is a third zeros)."""
+    samples straight into them, without an (N_i, D) array that is a third zeros). For
+    point-i8 they may come quantized already: int8, with ``paired_target_scale``."""
+    paired_target_scale: list[np.ndarray] | None = None
+    """point-i8 with int8 ``paired_target``: each (P_i,) float16, the rows' scales, both as
+    `quantize_rows` makes them (extraction quantizes on the teacher's device)."""
 
     def validate(self, feature_dim: int, fmt: str = DEFAULT_TARGET_FORMAT) -> None:
         """Raise ValueError naming the scan and array whose length, shape or dtype is wrong
@@ -334,14 +355,31 @@ class UnitData:
             if grid:
                 self._validate_grid(j, token, feature_dim)
             if paired_only:
-                t = self.paired_target[j]
-                want = (int((self.camera[j] != -1).sum()), feature_dim)
-                if not isinstance(t, np.ndarray) or t.dtype != np.float16 or t.shape != want:
-                    got = (t.dtype, t.shape) if isinstance(t, np.ndarray) else type(t).__name__
-                    raise ValueError(
-                        f"UnitData scan {token}: 'paired_target' must be float16 {want} "
-                        f"(paired points x D), got {got}"
-                    )
+                self._validate_paired(j, token, feature_dim, fmt)
+
+    def _validate_paired(self, j: int, token: str, feature_dim: int, fmt: str) -> None:
+        t = self.paired_target[j]
+        paired = int((self.camera[j] != -1).sum())
+        quantized = self.paired_target_scale is not None
+        if quantized and fmt != "point-i8":
+            raise ValueError(f"UnitData: 'paired_target_scale' is for point-i8, not {fmt!r}")
+        dtype = np.int8 if quantized else np.float16
+        if not isinstance(t, np.ndarray) or t.dtype != dtype or t.shape != (paired, feature_dim):
+            got = (t.dtype, t.shape) if isinstance(t, np.ndarray) else type(t).__name__
+            raise ValueError(
+                f"UnitData scan {token}: 'paired_target' must be {np.dtype(dtype)} "
+                f"{(paired, feature_dim)} (paired points x D), got {got}"
+            )
+        if quantized:
+            scale = self.paired_target_scale[j] if len(self.paired_target_scale) > j else None
+            if (
+                not isinstance(scale, np.ndarray)
+                or scale.dtype != np.float16
+                or scale.shape != (paired,)
+            ):
+                raise ValueError(
+                    f"UnitData scan {token}: 'paired_target_scale' must be float16 ({paired},)"
+                )
 
     def _validate_grid(self, j: int, token: str, feature_dim: int) -> None:
         g, sizes = self.grids[j], np.asarray(self.image_sizes[j])

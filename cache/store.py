@@ -119,6 +119,15 @@ def target_arrays(
     spec = target_format(fmt)
     if spec.paired_rows:
         paired = [c != UNPAIRED for c in data.camera]  # each (N_i,) bool
+        index = {TARGET_OFFSETS: _offsets([int(m.sum()) for m in paired])}
+        if data.paired_target_scale is not None:  # point-i8, quantized by the caller
+            q = (
+                np.concatenate(data.paired_target)
+                if paired
+                else np.zeros((0, feature_dim), np.int8)
+            )
+            scale = np.concatenate(data.paired_target_scale) if paired else np.zeros(0, np.float16)
+            return {"target": q, "target_scale": scale}, index
         if data.paired_target is not None and data.target is None:
             parts = list(data.paired_target)  # already the paired rows
         else:
@@ -126,7 +135,6 @@ def target_arrays(
         target = (
             np.concatenate(parts) if parts else np.zeros((0, feature_dim), np.float16)
         )  # (P, D) float16
-        index = {TARGET_OFFSETS: _offsets([int(m.sum()) for m in paired])}
         if fmt == "point-i8":
             q, scale = quantize_rows(target)  # (P, D) int8, (P,) float16
             return {"target": q, "target_scale": scale}, index

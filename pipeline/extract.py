@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from cache import CacheKey, CacheWriter, UnitData, dataset_fingerprint
-from cache.schema import DEFAULT_TARGET_FORMAT, target_format
+from cache.schema import DEFAULT_TARGET_FORMAT, quantize_rows, target_format
 from pipeline.datasets import DataError, NuScenesReader, Scan
 from pipeline.datasets.check import check_scan
 from pipeline.images import IMAGE_DECODES, decode_on_device, read_encoded, resolve_image_decode
@@ -312,7 +312,14 @@ def _extract_unit(
                     features = sample_features(grids_batch[k], uv, sizes[k])  # (M, D)
                     rows = torch.from_numpy(rank[j][points_c]).to(device, non_blocking=True)
                     targets[j][rows] = features.half()
-    paired_target = [t.cpu().numpy() for t in targets]  # waits for the unit's last forwards
+    # back to the CPU once per scan (waits for the unit's last forwards); point-i8 is quantized
+    # where the rows are (`quantize_rows`: the same bytes on every device)
+    scales = None
+    if writer.key.target_format == "point-i8":
+        quantized = [quantize_rows(t) for t in targets]  # [(q (P_i, D) int8, scale (P_i,))]
+        targets = [q for q, _ in quantized]
+        scales = [scale.cpu().numpy() for _, scale in quantized]
+    paired_target = [t.cpu().numpy() for t in targets]
     t_teacher = time.perf_counter()
 
     # 3. one atomic unit
@@ -322,6 +329,7 @@ def _extract_unit(
         points=points,
         target=None,
         paired_target=None if keep_grids else paired_target,
+        paired_target_scale=scales,
         camera=[p.camera for p in pairings],
         uv=[p.uv for p in pairings],
         label=labels,
@@ -402,7 +410,10 @@ def _prepare_workers(
     try:
         client.gather(futures)
     except Exception as e:
-        raise RuntimeError(f"a worker could not load teacher {teacher_cfg.model!r}: {e}") from e
+        raise RuntimeError(
+            f"a worker could not load teacher {teacher_cfg.model!r} (or start its image decoder, "
+            f"image_decode {image_decode!r}): {e}"
+        ) from e
 
 
 def _read_batch(

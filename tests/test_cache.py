@@ -40,7 +40,7 @@ from cache import (
     resolve_cache,
     verify_cache,
 )
-from cache.schema import LOCK_FILE, ScanTargets
+from cache.schema import LOCK_FILE, ScanTargets, quantize_rows
 from cache.shardread import ShardArray
 from cache.store import write_unit_group
 
@@ -180,7 +180,8 @@ def test_write_unit_rejects_bad_data(tmp_path: Path) -> None:
 
 
 def test_paired_target_rows_write_the_same_unit_as_full_target(tmp_path: Path) -> None:
-    """UnitData.paired_target (what extraction hands over) stores exactly what target does."""
+    """UnitData.paired_target (what extraction hands over) stores exactly what target does; for
+    point-i8 also when the caller quantized the rows (with paired_target_scale)."""
     full, paired = (CacheWriter.create(tmp_path / n, make_key(), UNITS, D, {}) for n in "ab")
     for u, data in enumerate(unit_data()):
         full.write_unit(u, data)
@@ -189,6 +190,23 @@ def test_paired_target_rows_write_the_same_unit_as_full_target(tmp_path: Path) -
     for u in range(len(UNITS)):
         a, b = (json.loads(w.marker_path(u).read_text()) for w in (full, paired))
         assert a["files"] == b["files"] and a["arrays"] == b["arrays"]  # sizes and sha256
+    # point-i8: rows quantized by the caller (extraction does it on the GPU) = quantized here
+    key = make_key(target_format="point-i8", schema_version=None)
+    full, quant = (CacheWriter.create(tmp_path / n, key, UNITS, D, {}) for n in ("i8a", "i8b"))
+    for u, unit in enumerate(unit_data()):
+        full.write_unit(u, unit)
+        rows = [quantize_rows(t[c != -1]) for t, c in zip(unit.target, unit.camera, strict=True)]
+        quant.write_unit(
+            u,
+            dataclasses.replace(
+                unit,
+                target=None,
+                paired_target=[q for q, _ in rows],
+                paired_target_scale=[scale for _, scale in rows],
+            ),
+        )
+        a, b = (json.loads(w.marker_path(u).read_text()) for w in (full, quant))
+        assert a["files"] == b["files"]
     data = make_unit(UNITS[0], 0)
     rows = [t[c != -1] for t, c in zip(data.target, data.camera, strict=True)]
     rows[1] = rows[1][:-1]

@@ -116,6 +116,42 @@ def test_quantize_rows_zero_rows_and_extremes() -> None:
     assert np.all(np.abs(x_hat - x) <= scale[:, None].astype(np.float32) / 2 + 32)
 
 
+def _quantize_numpy(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The rule of `quantize_rows`, written with numpy (how schema version 2 was first written)."""
+    x32 = x.astype(np.float32)
+    scale = (np.abs(x32).max(axis=1, initial=0.0) / 127.0).astype(np.float16)
+    too_big = scale.astype(np.float32) * 127 > np.finfo(np.float16).max
+    scale[too_big] = np.nextafter(scale[too_big], np.float16(0))
+    s32 = scale.astype(np.float32)[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(s32 > 0, np.rint(x32 / s32), 0.0)
+    return np.clip(q, -127, 127).astype(np.int8), scale
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])  # fmt: skip
+def test_quantize_rows_gives_numpys_bytes_on_every_device(device: str) -> None:
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((3000, 384)) * rng.uniform(1e-6, 300, (3000, 1))).astype(np.float16)
+    x[0] = 0
+    x[1, :3] = [65504, -65504, 1]
+    x[2] = 0
+    x[2, :2] = [127, 63.5]  # scale 1, x / scale = 63.5 exactly: a tie, rounds to even
+    x[3] = np.float16(6e-8)  # the scale underflows float16 to 0
+    ref_q, ref_scale = _quantize_numpy(x)
+    q, scale = quantize_rows(x)  # numpy in, numpy out
+    assert np.array_equal(q, ref_q) and np.array_equal(
+        scale.view(np.int16), ref_scale.view(np.int16)
+    )
+    tq, tscale = quantize_rows(torch.from_numpy(x).to(device))
+    assert tq.device.type == device and tq.dtype == torch.int8 and tscale.dtype == torch.float16
+    assert np.array_equal(tq.cpu().numpy(), ref_q)
+    assert np.array_equal(tscale.cpu().numpy().view(np.int16), ref_scale.view(np.int16))
+    assert q[2, :2].tolist() == [127, 64] and scale[3] == 0 and not q[3].any()
+    empty_q, empty_scale = quantize_rows(np.zeros((0, 384), np.float16))
+    assert empty_q.shape == (0, 384) and empty_scale.shape == (0,)
+
+
 def test_grid_f16_samples_like_extraction(caches, synthetic_nuscenes) -> None:
     for a, c in zip(_scans(caches["point-f16"]), _scans(caches["grid-f16"]), strict=True):
         _same_points(a, c)
