@@ -120,13 +120,17 @@ def target_arrays(
     if spec.paired_rows:
         paired = [c != UNPAIRED for c in data.camera]  # each (N_i,) bool
         index = {TARGET_OFFSETS: _offsets([int(m.sum()) for m in paired])}
-        if data.paired_target_scale is not None:  # point-i8, quantized by the caller
+        if data.target is None and data.paired_target_scale is not None:  # point-i8, quantized
             q = (
                 np.concatenate(data.paired_target)
-                if paired
+                if data.paired_target
                 else np.zeros((0, feature_dim), np.int8)
-            )
-            scale = np.concatenate(data.paired_target_scale) if paired else np.zeros(0, np.float16)
+            )  # (P, D) int8
+            scale = (
+                np.concatenate(data.paired_target_scale)
+                if data.paired_target_scale
+                else np.zeros(0, np.float16)
+            )  # (P,) float16
             return {"target": q, "target_scale": scale}, index
         if data.paired_target is not None and data.target is None:
             parts = list(data.paired_target)  # already the paired rows
@@ -430,7 +434,8 @@ class CacheWriter:
         Temp dir + fsync + rename + ``.done`` marker (sizes, sha256 and row counts), in that
         order: a unit without a valid marker is never read, and is rewritten by a re-run.
         ``timings``, when given, receives the seconds of the steps: ``arrays_s`` (the Zarr
-        group), ``sha256_s`` (file digests), ``fsync_s`` (fsync, rename, marker).
+        group; shard files written directly are hashed here, as they are written),
+        ``sha256_s`` (the other files' digests), ``fsync_s`` (fsync, rename, marker).
         """
         clock = [time.perf_counter()]
 

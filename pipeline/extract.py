@@ -87,7 +87,8 @@ class ExtractConfig:
     """Where camera JPEGs are decoded and resized: "cpu" (PIL, in each unit's prefetch thread),
     "device" (torchvision's decode_jpeg on the teacher's device: nvJPEG on CUDA, then a float
     resize there; needs torchvision) or "auto" (device when the teacher is on CUDA and
-    torchvision is installed, else cpu). The run's meta records the mode used (pipeline/images.py)."""
+    torchvision is installed, else cpu). The run's meta records the mode used
+    (pipeline/images.py)."""
     scans_per_unit: int = 4
     """Scans per work unit (one Dask task, one atomic cache unit)."""
     pairing: PairingConfig = field(default_factory=PairingConfig)
@@ -301,9 +302,8 @@ def _extract_unit(
             grids_batch = teacher.patch_grid(pixels, on_device=True)  # (B, D, h, w) float32
             forwards += 1
             for k, (j, c) in enumerate(batch):
-                if keep_grids:
-                    grid = grids_batch[k].permute(1, 2, 0).half()  # (h, w, D)
-                    grids[j][c] = grid.cpu().numpy()
+                if keep_grids:  # stays on the device until the scan's grids go back together
+                    grids[j][c] = grids_batch[k].permute(1, 2, 0).half()  # (h, w, D)
                     image_sizes[j][c] = sizes[k]
                     continue
                 points_c = np.flatnonzero(pairings[j].camera == c)  # (M,)
@@ -458,10 +458,13 @@ def _load_batch(
     return teacher.resize(images), [tuple(im.shape[:2]) for im in images]
 
 
-def _stack(grids: list[np.ndarray], teacher: Teacher) -> np.ndarray:
-    """The (h, w, D) grids of a scan's cameras → (C, h, w, D) float16 (C may be 0)."""
+def _stack(grids: list[torch.Tensor], teacher: Teacher) -> np.ndarray:
+    """The (h, w, D) float16 grids of a scan's cameras (on the teacher's device) → one
+    (C, h, w, D) float16 array on the CPU (C may be 0): one copy back per scan."""
     h, w = teacher.grid_size
-    return np.stack(grids) if grids else np.zeros((0, h, w, teacher.feature_dim), np.float16)
+    if not grids:
+        return np.zeros((0, h, w, teacher.feature_dim), np.float16)
+    return torch.stack(grids).cpu().numpy()
 
 
 # ---------------------------------------------------------------- the client ----

@@ -9,8 +9,9 @@ needed for this mode.
 
 - `read_encoded` reads a file's bytes (I/O only: the prefetch thread runs it).
 - `decode_on_device` decodes a batch; files that are not whole JPEGs (no end-of-image marker:
-  truncated), or that the device decoder refuses, go through PIL (`read_image`), so a bad file raises the same `DataError` naming it.
-  Every image is checked against its record's size, as `read_image` does.
+  truncated), or that the device decoder refuses, go through PIL (`read_image`), so a bad file
+  raises the same `DataError` naming it. Every image is checked against its record's size, as
+  `read_image` does.
 
 Pixels differ from PIL's by a few grey levels at most (another IDCT); the cache records which
 decoder a run used (meta ``extract_config.image_decode``).
