@@ -129,7 +129,7 @@ def check_data_command(
 @app.command("make-teacher")
 def make_teacher_command(
     out: Path = typer.Option(..., "--out", help="Folder to create (must not exist or be empty)."),
-    size: str = typer.Option("tiny", "--size", help="tiny (D=64, 2 layers), small (D=96, 4 layers), vits14 / vitb14 (the shapes of ViT-S/14, ViT-B/14: timing only)."),
+    size: str = typer.Option("tiny", "--size", help="tiny (D=64, 2 layers), small (D=96, 4 layers), vits14 / vitb14 / vitl14 (the shapes of ViT-S/14, ViT-B/14, ViT-L/14: timing only)."),
     registers: int = typer.Option(0, "--registers", help="Register tokens (0: Dinov2Model, >0: Dinov2WithRegistersModel; not with --fit-on)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random initialisation."),
     fit_on: Path = typer.Option(None, "--fit-on", help="nuScenes-format dataset (the synthetic one): fit the teacher to its labels so its features carry class content (a stand-in for real DINOv2 weights)."),

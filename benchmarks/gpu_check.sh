@@ -83,4 +83,7 @@ bench extraction --teacher "$WORK/teacher-b" $W --target-format point-i8
 bench extraction --teacher "$WORK/teacher" $W --target-format grid-f16
 # 5. the same machine's point-f16 (0.53 on 2026-11-26)
 bench extraction --teacher "$WORK/teacher" $W --target-format point-f16
+# 6. ViT-L/14, point-f16: ~4x ViT-B's work per image for 1.33x its bytes (7.7 MB per image)
+[ -d "$WORK/teacher-l" ] || "$PY" cli.py make-teacher --out "$WORK/teacher-l" --size vitl14
+bench extraction --teacher "$WORK/teacher-l" $W --target-format point-f16
 echo "done: $log"

@@ -329,6 +329,7 @@ RANDOM_SIZES = {
     "small": (96, 4, 3),
     "vits14": (384, 12, 6),  # the shape of DINOv2 ViT-S/14 (random weights): for timing only
     "vitb14": (768, 12, 12),  # the shape of DINOv2 ViT-B/14 (random weights): for timing only
+    "vitl14": (1024, 24, 16),  # the shape of DINOv2 ViT-L/14 (random weights): for timing only
 }
 
 RANDOM_README = """# RANDOM DINOv2 — for demos and tests only
