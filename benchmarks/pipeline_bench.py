@@ -128,7 +128,7 @@ def _extract(
     from pipeline.extract import ExtractConfig, extract_teacher
 
     root, split = data or (cfg.data, cfg.split)
-    return extract_teacher(
+    summary = extract_teacher(
         ExtractConfig(
             data=root,
             cache_root=cache_root,
@@ -147,6 +147,7 @@ def _extract(
             progress=False,
         )
     )
+    return summary
 
 
 def _run_data(cfg: BenchConfig, work: Path) -> tuple[Path, str]:
@@ -164,6 +165,11 @@ def _run_data(cfg: BenchConfig, work: Path) -> tuple[Path, str]:
     return out, "all"
 
 
+def _busy_cores(rows: list[Row]) -> float:
+    """The busy-cores value of `LoadSampler.rows` (0 when the window had no samples)."""
+    return next((v for n, v, _ in rows if n.startswith("busy CPU cores")), 0.0)
+
+
 def _workers_label(workers: int, processes: bool, threads_per_worker: int) -> str:
     kind = "process" if processes else "thread"
     per = f" x {threads_per_worker} threads" if threads_per_worker > 1 else ""
@@ -179,6 +185,7 @@ def _shares(seconds: dict[str, float]) -> dict[str, float]:
 # ---------------------------------------------------------------- 1. extraction efficiency ----
 def extraction(cfg: BenchConfig, work: Path) -> list[Row]:
     """extract-teacher images/s ÷ bare forward images/s, and where one process spends its time."""
+    from machine_load import LoadSampler
     from teacher_forward import images_per_second
 
     from cache.schema import CacheKey, UnitData
@@ -203,15 +210,17 @@ def extraction(cfg: BenchConfig, work: Path) -> list[Row]:
     # the real extract-teacher (default: 2 thread workers x 1 torch thread), one scan per unit
     # (two with --replicate: the run is long anyway, and a GPU wants fewer, larger tasks)
     label = _workers_label(cfg.workers, cfg.processes, cfg.threads_per_worker)
-    summary = _extract(
-        cfg,
-        work / "cache-extract",
-        workers=cfg.workers,
-        scans_per_unit=1 if cfg.replicate <= 1 else 2,
-        data=_run_data(cfg, work),
-        processes=cfg.processes,
-        threads_per_worker=cfg.threads_per_worker,
-    )
+    data = _run_data(cfg, work)
+    with LoadSampler() as load:  # which resource bounds the run: CPU, disk or GPU
+        summary = _extract(
+            cfg,
+            work / "cache-extract",
+            workers=cfg.workers,
+            scans_per_unit=1 if cfg.replicate <= 1 else 2,
+            data=data,
+            processes=cfg.processes,
+            threads_per_worker=cfg.threads_per_worker,
+        )
     torch.set_num_threads(cfg.threads)
     # bare again after it: on a shared machine the load drifts; the ratio uses the mean
     bare_after, _ = images_per_second(teacher, images, repeats, forward_only=True)
@@ -299,6 +308,7 @@ def extraction(cfg: BenchConfig, work: Path) -> list[Row]:
             (f"extract-teacher worker time: {name.removesuffix('_s')}", share, "fraction")
             for name, share in _shares(summary.step_s).items()
         ],
+        *[(f"during extract-teacher: {n}", v, u) for n, v, u in load.rows(*summary.compute_window)],
         ("single process, all pieces", n_img / total, "images/s"),
         ("RATIO single process / bare", n_img / total / bare, "ratio"),
     ]
@@ -602,13 +612,14 @@ def scaling(cfg: BenchConfig, work: Path) -> list[Row]:
 def feed(cfg: BenchConfig, work: Path) -> list[Row]:
     """extract-teacher with a stand-in GPU teacher (benchmarks/standin_gpu.py) of
     ``cfg.gpu_rate`` images/s ÷ that rate, and with a free stand-in: the CPU side's ceiling."""
+    from machine_load import LoadSampler
     from standin_gpu import standin_gpu
 
     data = _run_data(cfg, work)
     label = _workers_label(cfg.workers, cfg.processes, cfg.threads_per_worker)
-    runs = {}
+    runs, loads = {}, {}
     for name, rate in (("stand-in GPU", cfg.gpu_rate), ("free stand-in", None)):
-        with standin_gpu(rate, work / "gpu.lock", cfg.processes):
+        with standin_gpu(rate, work / "gpu.lock", cfg.processes), LoadSampler() as loads[name]:
             runs[name] = _extract(
                 cfg,
                 work / f"cache-{'gpu' if rate else 'free'}",
@@ -620,6 +631,7 @@ def feed(cfg: BenchConfig, work: Path) -> list[Row]:
             )
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     gpu, free = runs["stand-in GPU"], runs["free stand-in"]
+    busy = _busy_cores(loads["free stand-in"].rows(*free.compute_window))
     return [
         ("stand-in GPU teacher rate", cfg.gpu_rate, "images/s"),
         (f"extract-teacher, stand-in GPU ({label})", gpu.images_per_s, "images/s"),
@@ -630,6 +642,8 @@ def feed(cfg: BenchConfig, work: Path) -> list[Row]:
         ],
         (f"extract-teacher, free stand-in ({label})", free.images_per_s, "images/s"),
         ("CPU side: core-ms per image (cores / free rate)", 1e3 * cores / free.images_per_s, "ms"),
+        ("free stand-in run: busy CPU cores (machine-wide)", busy, "cores"),
+        ("CPU side: busy core-ms per image (measured)", 1e3 * busy / free.images_per_s, "ms"),
         ("images per run", gpu.images, "images"),
     ]
 

@@ -150,6 +150,9 @@ class ExtractSummary:
     teacher_fitted: bool = False  # the teacher is a stand-in fitted to dataset labels (demo/test)
     scans_skipped: int = 0  # scans left out by --skip-bad (listed in the manifest meta)
     startup_s: float = 0.0  # cluster start + every worker loading (and warming up) its teacher
+    compute_window: tuple[float, float] = (0.0, 0.0)
+    """Unix times (time.time()) of the start and end of ``compute_s``: workers ready, last unit
+    written (the cluster's shutdown comes after)."""
     step_s: dict[str, float] = field(default_factory=dict)
     """Worker-seconds summed over the units this run wrote, per step: pair_s (load points,
     labels, pairing), image_wait_s (decode + resize not hidden by the prefetch thread),
@@ -632,7 +635,7 @@ def extract_teacher(cfg: ExtractConfig) -> ExtractSummary:
     step_s = dict.fromkeys(("pair_s", "image_wait_s", "teacher_s", "write_s"), 0.0)
     with writer.lock():
         pending = writer.pending_units()
-        t_compute = time.perf_counter()
+        t_compute, compute_at = time.perf_counter(), time.time()
         startup_s = 0.0
         if pending:
             threads = _torch_threads(cfg)
@@ -642,6 +645,7 @@ def extract_teacher(cfg: ExtractConfig) -> ExtractSummary:
                 client.wait_for_workers(1 if cfg.scheduler else cfg.n_workers)
                 _prepare_workers(client, teacher_cfg, cfg.batch_size, threads, cfg.image_decode)
                 t_compute = time.perf_counter()  # start-up is not throughput
+                compute_at = time.time()
                 startup_s = t_compute - t_startup
                 # shared arguments travel to each worker once, not once per task
                 writer_f, reader_f = client.scatter([writer, reader], broadcast=True)
@@ -693,7 +697,11 @@ def extract_teacher(cfg: ExtractConfig) -> ExtractSummary:
                     raise
                 finally:
                     bar.close()
-        compute_s = time.perf_counter() - t_compute
+                t_done = time.perf_counter()  # the last unit is written; closing is not compute
+                done_at = time.time()
+        else:
+            t_done, done_at = t_compute, time.time()
+        compute_s = t_done - t_compute
         summary = ExtractSummary(
             cache_path=str(writer.path),
             scans=len(scans),
@@ -713,6 +721,7 @@ def extract_teacher(cfg: ExtractConfig) -> ExtractSummary:
             scans_skipped=len(bad),
             step_s={k: round(v, 3) for k, v in step_s.items()},
             startup_s=startup_s,
+            compute_window=(compute_at, done_at),
         )
         if pending or not _is_final(writer):
             writer.finalize(summary.to_dict())

@@ -17,7 +17,8 @@ from pipeline_bench import BenchConfig, run_benchmark  # noqa: E402
 EXPECTED = {
     "extraction": ["RATIO extract / bare", "share: decode", "share: resize", "share: teacher",
                    "share: pairing", "share: sampling", "share: write",
-                   "extract-teacher worker time: teacher", "extract-teacher worker time: image_wait"],
+                   "extract-teacher worker time: teacher", "extract-teacher worker time: image_wait",
+                   "during extract-teacher: busy CPU cores (user + system)"],
     "online": ["train from cache", "train with online teacher", "RATIO cache / online"],
     "loader": ["data_wait_share, 2 loader workers", "RATIO cache / npy throughput"],
     "size": ["D=64: bytes per paired point", "D=64: RATIO dense input / stored",
@@ -25,7 +26,8 @@ EXPECTED = {
              "D=64 grid-f16: RATIO point-f16 / grid-f16 bytes"],
     "scaling": ["extract, 1 worker", "extract, 2 workers", "RATIO 2 workers / 1 worker"],
     "feed": ["RATIO extract / stand-in GPU rate", "extract-teacher, free stand-in (2 thread workers)",
-             "CPU side: core-ms per image (cores / free rate)", "stand-in GPU run worker time: teacher"],
+             "CPU side: core-ms per image (cores / free rate)", "stand-in GPU run worker time: teacher",
+             "CPU side: busy core-ms per image (measured)"],
 }  # fmt: skip
 
 
@@ -43,6 +45,8 @@ def test_benchmark_prints_its_table(what, synthetic_nuscenes, tiny_teacher, caps
     for name, value, unit in rows:
         if unit == "fraction" and name.startswith("data_wait"):
             assert 0 <= value < 1, (name, value)  # a wait share may be 0
+        elif name.startswith("during extract-teacher: ") and "busy CPU" not in name:
+            assert math.isfinite(value) and value >= 0, (name, value)  # tmpfs writes no disk
         else:
             assert math.isfinite(value) and value > 0, (name, value)
     shares = [v for n, v, _ in rows if n.startswith("share: ")]
@@ -80,3 +84,35 @@ def test_feed_with_worker_processes(synthetic_nuscenes, tiny_teacher) -> None:
     rows = {name: value for name, value, _ in run_benchmark("feed", cfg)}
     assert 0 < rows["RATIO extract / stand-in GPU rate"] <= 1.0
     assert rows["images per run"] == 6 * 4
+
+
+def test_machine_load_window_arithmetic() -> None:
+    """Averages over a window are counter differences over its length: 3 s of CPU busy and
+    1 s in iowait in 1.5 s are 2 and 0.67 cores; 300 MB and 1.2 s busy of 2 disks in 1.5 s."""
+    from machine_load import Counters, window_rows
+
+    a = Counters(t=10.0, cpu_busy_s=100.0, cpu_iowait_s=5.0, disk_write_bytes=0, disk_busy_ms=0)
+    b = Counters(t=11.5, cpu_busy_s=103.0, cpu_iowait_s=6.0, disk_write_bytes=300_000_000,
+                 disk_busy_ms=1200)  # fmt: skip
+    rows = {name: value for name, value, _ in window_rows(a, b, disks=2)}
+    assert rows["busy CPU cores (user + system)"] == pytest.approx(2.0)
+    assert rows["cores idle waiting on I/O"] == pytest.approx(2 / 3)
+    assert rows["disk writes (whole disks)"] == pytest.approx(200.0)
+    assert rows["disk busy (mean over whole disks)"] == pytest.approx(0.4)
+
+
+def test_machine_load_sees_a_busy_core() -> None:
+    """A thread spinning for 0.6 s is at least half a busy core in the sampler's window."""
+    import time
+
+    from machine_load import LoadSampler
+
+    with LoadSampler(interval=0.05) as load:
+        t0 = time.time()
+        while time.time() - t0 < 0.6:
+            pass
+        t1 = time.time()
+    rows = {name: value for name, value, _ in load.rows(t0, t1)}
+    assert len(load.samples) >= 5
+    assert rows["busy CPU cores (user + system)"] >= 0.5
+    assert rows["logical CPU cores of the machine"] >= 1
