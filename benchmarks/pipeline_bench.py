@@ -619,7 +619,11 @@ def feed(cfg: BenchConfig, work: Path) -> list[Row]:
     label = _workers_label(cfg.workers, cfg.processes, cfg.threads_per_worker)
     runs, loads = {}, {}
     for name, rate in (("stand-in GPU", cfg.gpu_rate), ("free stand-in", None)):
-        with standin_gpu(rate, work / "gpu.lock", cfg.processes), LoadSampler() as loads[name]:
+        decode = cfg.image_decode == "device"  # the stand-in decodes too (no torchvision)
+        with (
+            standin_gpu(rate, work / "gpu.lock", cfg.processes, decode),
+            LoadSampler() as loads[name],
+        ):
             runs[name] = _extract(
                 cfg,
                 work / f"cache-{'gpu' if rate else 'free'}",
@@ -677,7 +681,10 @@ def run_benchmark(what: str, cfg: BenchConfig) -> list[Row]:
     if what in ("extraction", "feed"):
         from pipeline.images import resolve_image_decode
 
-        decode = resolve_image_decode(cfg.image_decode, cfg.device)
+        if what == "feed" and cfg.image_decode == "device":
+            decode = "device (stand-in: read, not decoded)"
+        else:
+            decode = resolve_image_decode(cfg.image_decode, cfg.device)
         extra += f", {cfg.device} {cfg.dtype}, decode {decode}, {cfg.target_format}"
     print_table(f"{what} (torch {torch.__version__}, --threads {cfg.threads}{extra})", rows)
     return rows

@@ -6,7 +6,7 @@ Layout of one cache, ``ROOT/<key.digest()>/``::
     manifest.json          key, schema version, units (scan tokens), feature dim, layout, meta
     writer.lock            while an extraction run writes (cache/lock.py)
     units/u00000/          one Zarr v3 group per unit, arrays sharded: one shard file per array
-    units/u00000.done      JSON marker: rows, per-file sizes and sha256; written last
+    units/u00000.done      JSON marker: rows, per-file sizes and crc32c; written last
     units/.u00000.tmp-*    a unit being written (or left by a killed writer: never read)
     COMPLETE               written by finalize() once every unit is done
 
@@ -67,7 +67,13 @@ from cache.schema import (
     target_format,
     unit_name,
 )
-from cache.shardwrite import write_shard
+from cache.shardwrite import (
+    CHECKSUM,
+    file_checksum,
+    write_group,
+    write_plain_array,
+    write_sharded_array,
+)
 
 # ---------------------------------------------------------------- layout ----
 CODECS = ("none", "zstd", "blosc")
@@ -113,44 +119,33 @@ def _offsets(counts: list[int]) -> np.ndarray:
 
 def target_arrays(
     data: UnitData, feature_dim: int, fmt: str = DEFAULT_TARGET_FORMAT
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """The stored target arrays of ``data`` in format ``fmt``: (row arrays, index arrays), each
-    name -> array (cache/schema.py `TARGET_FORMATS`; `offsets` is not included)."""
+) -> tuple[dict[str, list[np.ndarray]], dict[str, np.ndarray]]:
+    """The stored target arrays of ``data`` in format ``fmt``: (row arrays as lists of parts, one
+    per scan or one in all, whose row-wise concatenation is the array; index arrays), each name
+    -> value (cache/schema.py `TARGET_FORMATS`; `offsets` is not included)."""
     spec = target_format(fmt)
     if spec.paired_rows:
         paired = [c != UNPAIRED for c in data.camera]  # each (N_i,) bool
         index = {TARGET_OFFSETS: _offsets([int(m.sum()) for m in paired])}
         if data.target is None and data.paired_target_scale is not None:  # point-i8, quantized
-            q = (
-                np.concatenate(data.paired_target)
-                if data.paired_target
-                else np.zeros((0, feature_dim), np.int8)
-            )  # (P, D) int8
-            scale = (
-                np.concatenate(data.paired_target_scale)
-                if data.paired_target_scale
-                else np.zeros(0, np.float16)
-            )  # (P,) float16
+            q = list(data.paired_target) or [np.zeros((0, feature_dim), np.int8)]  # (P_i, D)
+            scale = list(data.paired_target_scale) or [np.zeros(0, np.float16)]  # (P_i,)
             return {"target": q, "target_scale": scale}, index
         if data.paired_target is not None and data.target is None:
             parts = list(data.paired_target)  # already the paired rows
         else:
             parts = [t[m] for t, m in zip(data.target, paired, strict=True)]
-        target = (
-            np.concatenate(parts) if parts else np.zeros((0, feature_dim), np.float16)
-        )  # (P, D) float16
+        parts = parts or [np.zeros((0, feature_dim), np.float16)]  # (P_i, D) float16
         if fmt == "point-i8":
-            q, scale = quantize_rows(target)  # (P, D) int8, (P,) float16
-            return {"target": q, "target_scale": scale}, index
-        return {"target": target}, index
+            q, scale = quantize_rows(np.concatenate(parts))  # (P, D) int8, (P,) float16
+            return {"target": [q], "target_scale": [scale]}, index
+        return {"target": parts}, index
     grids = [g.reshape(-1, feature_dim) for g in data.grids]  # each (C_i * h * w, D)
     sizes = [
         np.column_stack([np.tile(g.shape[1:3], (len(g), 1)), np.asarray(hw).reshape(-1, 2)])
         for g, hw in zip(data.grids, data.image_sizes, strict=True)
     ]  # each (C_i, 4): h, w, H0, W0
-    rows = {
-        "grid": np.concatenate(grids) if grids else np.zeros((0, feature_dim), np.float16),
-    }
+    rows = {"grid": grids or [np.zeros((0, feature_dim), np.float16)]}
     index = {
         VIEW_OFFSETS: _offsets([len(g) for g in data.grids]),
         GRID_OFFSETS: _offsets([len(g) for g in grids]),
@@ -169,13 +164,13 @@ def write_unit_group(
 ) -> dict[str, int]:
     """Write ``data`` as a new Zarr v3 group at ``path``: one shard file per row array, the
     targets in format ``fmt`` (point formats keep only the rows of paired points, camera != -1;
-    see cache/schema.py). Returns the rows of each array written. Uncompressed row arrays get
-    their shard file from `cache.shardwrite` (zarr writes their metadata): the same bytes,
-    a fraction of the CPU time; their size and sha256 go into ``digests`` (by path relative to
-    ``path``) when given."""
+    see cache/schema.py). Returns the rows of each array written. Uncompressed arrays (the
+    default) and the group are written by `cache.shardwrite`, byte for byte as zarr-python
+    writes them, at a fraction of the CPU time and without concatenating the scans' rows; their
+    files' sizes and checksums go into ``digests`` (by path relative to ``path``) when given.
+    Compressed arrays are written by zarr-python."""
     data.validate(feature_dim, fmt)
     spec = target_format(fmt)
-    store = zarr.storage.LocalStore(path)
     attrs = {
         "schema_version": spec.schema_version,
         "tokens": list(data.tokens),
@@ -183,37 +178,44 @@ def write_unit_group(
     }
     if fmt != DEFAULT_TARGET_FORMAT:  # absent = point-f16: the version-1 group, byte for byte
         attrs["target_format"] = fmt
-    zarr.create_group(store, attributes=attrs)
+    written = write_group(path, attrs)
+    store = zarr.storage.LocalStore(path)
     targets, index = target_arrays(data, feature_dim, fmt)
     rows = {}
     for name, (dtype, _) in POINT_ARRAYS.items():
-        parts = getattr(data, name)
-        rows[name] = (
-            np.concatenate(parts) if parts else np.zeros(point_shape(name, 0, feature_dim), dtype)
-        )
-    for name, arr in {**rows, **targets}.items():
+        rows[name] = list(getattr(data, name)) or [
+            np.zeros(point_shape(name, 0, feature_dim), dtype)
+        ]
+    counts = {}
+    for name, parts in {**rows, **targets}.items():
+        n = counts[name] = sum(len(p) for p in parts)
         # The whole unit in one shard (one file per array), cut into k equal chunks of at most
         # chunk_rows rows: Zarr pads the last chunk to full size, so equal chunks waste < k rows.
-        k = max(1, -(-len(arr) // layout.chunk_rows))
-        c = max(1, -(-len(arr) // k))
+        k = max(1, -(-n // layout.chunk_rows))
+        c = max(1, -(-n // k))
         codec = layout.target_codec if name in spec.row_arrays else layout.other_codec
-        geometry = dict(chunks=(c, *arr.shape[1:]), shards=(k * c, *arr.shape[1:]), fill_value=0)
-        if codec != "none":
-            compressors = _compressors(codec, arr.dtype)
-            zarr.create_array(store, name=name, data=arr, compressors=compressors, **geometry)
+        if codec == "none":
+            files = write_sharded_array(path / name, parts, chunk_rows=c, n_chunks=k)
+            written.update({f"{name}/{rel}": f for rel, f in files.items()})
             continue
-        zarr.create_array(  # the metadata only
-            store, name=name, shape=arr.shape, dtype=arr.dtype, compressors=(), **geometry
+        arr = np.concatenate(parts)
+        zarr.create_array(
+            store,
+            name=name,
+            data=arr,
+            chunks=(c, *arr.shape[1:]),
+            shards=(k * c, *arr.shape[1:]),
+            fill_value=0,
+            compressors=_compressors(codec, arr.dtype),
         )
-        shard = write_shard(path / name, arr, chunk_rows=c, n_chunks=k)
-        if shard is not None and digests is not None:
-            rel = shard.path.relative_to(path).as_posix()
-            digests[rel] = {"size": shard.size, "sha256": shard.sha256}
     index = {OFFSETS: _offsets(data.rows()), **index}
-    for name, arr in index.items():
-        chunks = tuple(max(1, n) for n in arr.shape)  # one chunk (zarr refuses 0-sized ones)
-        zarr.create_array(store, name=name, data=arr, chunks=chunks, compressors=())
-    return {name: len(arr) for name, arr in {**rows, **targets, **index}.items()}
+    for name, arr in index.items():  # one plain chunk each, read whole
+        files = write_plain_array(path / name, arr)
+        written.update({f"{name}/{rel}": f for rel, f in files.items()})
+        counts[name] = len(arr)
+    if digests is not None:
+        digests.update(written)
+    return counts
 
 
 def row_arrays(fmt: str) -> tuple[str, ...]:
@@ -249,8 +251,8 @@ def _fsync_dir(path: Path) -> None:
 def _file_digests(
     directory: Path, known: dict[str, dict[str, Any]] | None = None
 ) -> dict[str, dict[str, Any]]:
-    """{relative posix path: {"size", "sha256"}} of every file under ``directory``; files in
-    ``known`` (digested while written) are taken from it, not read again."""
+    """{relative posix path: {"size", "crc32c"}} of every file under ``directory``; files in
+    ``known`` (checksummed while written) are taken from it, not read again."""
     out = {}
     known = known or {}
     for p in sorted(directory.rglob("*")):
@@ -260,18 +262,17 @@ def _file_digests(
         if rel in known:
             out[rel] = known[rel]
             continue
-        with open(p, "rb") as fh:
-            digest = hashlib.file_digest(fh, "sha256").hexdigest()
-        out[rel] = {"size": p.stat().st_size, "sha256": digest}
+        out[rel] = {"size": p.stat().st_size, CHECKSUM: file_checksum(p)}
     return out
 
 
 def _array_digest(files: dict[str, dict[str, Any]], name: str) -> str:
-    """One sha256 per array: over the (path, sha256) of its stored files (metadata + shards)."""
+    """One digest per array: sha256 over the (path, checksum) of its stored files (metadata +
+    shards)."""
     h = hashlib.sha256()
     for rel in sorted(files):
         if rel.split("/", 1)[0] == name:
-            h.update(f"{rel}\0{files[rel]['sha256']}\n".encode())
+            h.update(f"{rel}\0{files[rel][CHECKSUM]}\n".encode())
     return h.hexdigest()
 
 
@@ -389,7 +390,7 @@ class CacheWriter:
 
     def pending_units(self, verify_checksums: bool = False) -> list[int]:
         """Units still to write. A unit with a marker whose files fail the check (sizes; also
-        sha256 with ``verify_checksums``) loses its marker and is pending again, with a warning
+        checksums with ``verify_checksums``) loses its marker and is pending again, with a warning
         naming the problem. Call it from the run's driver, holding `lock()`."""
         pending = []
         for u, tokens in enumerate(self.units):
@@ -431,11 +432,11 @@ class CacheWriter:
     ) -> int:
         """Write unit ``unit_id`` atomically; returns bytes written (0 when already complete).
 
-        Temp dir + fsync + rename + ``.done`` marker (sizes, sha256 and row counts), in that
-        order: a unit without a valid marker is never read, and is rewritten by a re-run.
+        Temp dir + fsync + rename + ``.done`` marker (sizes, crc32c checksums and row counts), in
+        that order: a unit without a valid marker is never read, and is rewritten by a re-run.
         ``timings``, when given, receives the seconds of the steps: ``arrays_s`` (the Zarr
-        group; shard files written directly are hashed here, as they are written),
-        ``sha256_s`` (the other files' digests), ``fsync_s`` (fsync, rename, marker).
+        group; files written directly are checksummed here, as they are written),
+        ``checksums_s`` (the other files' checksums), ``fsync_s`` (fsync, rename, marker).
         """
         clock = [time.perf_counter()]
 
@@ -465,7 +466,7 @@ class CacheWriter:
             )
             lap("arrays_s")
             files = _file_digests(tmp, known=written)
-            lap("sha256_s")
+            lap("checksums_s")
             # Guard: never mark a group that lost part of its files (e.g. its temp dir was
             # removed under a writer that outlived its run): every array's metadata must be there.
             arrays = unit_arrays(fmt)
@@ -505,7 +506,7 @@ class CacheWriter:
             "paired": paired,
             "bytes": sum(f["size"] for f in files.values()),
             "arrays": {
-                name: {"rows": stored_rows[name], "sha256": _array_digest(files, name)}
+                name: {"rows": stored_rows[name], "digest": _array_digest(files, name)}
                 for name in arrays
             },
             "files": files,
@@ -590,8 +591,8 @@ def unit_problems(
 ) -> list[str]:
     """Problems of one unit, each naming it; [] when complete and intact.
 
-    Checks the marker, the files it lists (sizes; sha256 with ``checksums``) and, with
-    ``checksums``, the Zarr contents (`_content_problems`): row counts equal, offsets monotonic,
+    Checks the marker, the files it lists (sizes; with ``checksums`` their crc32c, or sha256 in
+    older markers) and, with ``checksums``, the Zarr contents (`_content_problems`): row counts equal, offsets monotonic,
     ending at rows, per-scan target rows or grid views; with ``manifest`` also the unit's
     target format and feature dim against the cache's.
     """
@@ -617,13 +618,22 @@ def unit_problems(
                 f"unit {name}: file {rel} has {p.stat().st_size} bytes, marker says {want['size']}"
                 " (truncated or rewritten)"
             )
-        elif checksums:
-            with open(p, "rb") as fh:
-                if hashlib.file_digest(fh, "sha256").hexdigest() != want["sha256"]:
-                    problems.append(f"unit {name}: file {rel} checksum mismatch (corrupted)")
+        elif checksums and _checksum(p, want) != want.get(CHECKSUM, want.get("sha256")):
+            problems.append(f"unit {name}: file {rel} checksum mismatch (corrupted)")
     if problems or not checksums:
         return problems
     return _content_problems(unit_dir, name, marker, tokens, manifest)
+
+
+def _checksum(path: Path, want: dict[str, Any]) -> str | None:
+    """The checksum of ``path`` of the kind its marker entry ``want`` records: crc32c, or sha256
+    (markers written before 2026-11-26); None when it records neither."""
+    if CHECKSUM in want:
+        return file_checksum(path)
+    if "sha256" in want:
+        with open(path, "rb") as fh:
+            return hashlib.file_digest(fh, "sha256").hexdigest()
+    return None
 
 
 def _offsets_problems(

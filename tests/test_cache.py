@@ -111,10 +111,13 @@ def tree_digest(path: Path) -> dict[str, str]:
 
 
 def refresh_marker(writer: CacheWriter, unit: int) -> None:
-    """Re-record sizes/sha256 of a unit's files, so only the structural checks can notice."""
+    """Re-record sizes/checksums of a unit's files, so only the structural checks can notice."""
+    from cache.shardwrite import file_checksum
+
     m = marker(writer, unit)
-    for rel, digest in tree_digest(writer.unit_dir(unit)).items():
-        m["files"][rel] = {"size": (writer.unit_dir(unit) / rel).stat().st_size, "sha256": digest}
+    for rel in tree_digest(writer.unit_dir(unit)):
+        p = writer.unit_dir(unit) / rel
+        m["files"][rel] = {"size": p.stat().st_size, "crc32c": file_checksum(p)}
     writer.marker_path(unit).write_text(json.dumps(m))
 
 
@@ -189,7 +192,7 @@ def test_paired_target_rows_write_the_same_unit_as_full_target(tmp_path: Path) -
         paired.write_unit(u, dataclasses.replace(data, target=None, paired_target=rows))
     for u in range(len(UNITS)):
         a, b = (json.loads(w.marker_path(u).read_text()) for w in (full, paired))
-        assert a["files"] == b["files"] and a["arrays"] == b["arrays"]  # sizes and sha256
+        assert a["files"] == b["files"] and a["arrays"] == b["arrays"]  # sizes and checksums
     # point-i8: rows quantized by the caller (extraction does it on the GPU) = quantized here
     key = make_key(target_format="point-i8", schema_version=None)
     full, quant = (CacheWriter.create(tmp_path / n, key, UNITS, D, {}) for n in ("i8a", "i8b"))
@@ -415,6 +418,26 @@ def test_flipped_byte_is_detected_and_unit_rewritten(tmp_path: Path) -> None:
         assert writer.pending_units(verify_checksums=True) == [1]
     assert writer.write_unit(1, unit_data()[1]) > 0
     assert verify_cache(writer.path, progress=False) == []
+
+
+def test_markers_with_sha256_still_verify(tmp_path: Path) -> None:
+    """Markers written before crc32c (2026-11-26) record sha256 per file: a cache of them
+    verifies, and a flipped byte is still found."""
+    writer = write_cache(tmp_path)
+    for unit in range(len(UNITS)):
+        m = marker(writer, unit)
+        m["files"] = {
+            rel: {"size": len(b), "sha256": hashlib.sha256(b).hexdigest()}
+            for rel, b in ((rel, (writer.unit_dir(unit) / rel).read_bytes()) for rel in m["files"])
+        }
+        writer.marker_path(unit).write_text(json.dumps(m))
+    assert verify_cache(writer.path, progress=False) == []
+    shard = writer.unit_dir(2) / "uv" / "c" / "0" / "0"
+    raw = bytearray(shard.read_bytes())
+    raw[5] ^= 0x10
+    shard.write_bytes(bytes(raw))
+    problems = verify_cache(writer.path, progress=False)
+    assert problems == ["unit u00002: file uv/c/0/0 checksum mismatch (corrupted)"]
 
 
 def test_truncated_shard_missing_marker_and_missing_unit_are_detected(tmp_path: Path) -> None:
@@ -781,11 +804,13 @@ def test_damaged_shard_raises_cache_error_naming_the_file(
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32", "int8", "uint8", "int64"])
-def test_direct_shard_writer_equals_zarr_byte_for_byte(tmp_path: Path, dtype: str) -> None:
-    """cache/shardwrite.py writes the shard file zarr-python writes: every file of the array
-    folder identical, for 1-D and 2-D arrays, padded last chunks, all-zero chunks (left out),
-    -0.0 chunks (kept: zarr compares bit patterns), all-zero and empty arrays (no shard file)."""
-    from cache.shardwrite import write_shard
+def test_direct_writers_equal_zarr_byte_for_byte(tmp_path: Path, dtype: str) -> None:
+    """cache/shardwrite.py writes the folder zarr-python writes, every file identical: sharded
+    arrays given as several parts (split anywhere, empty parts too) for 1-D and 2-D arrays,
+    padded last chunks, all-zero chunks (left out), -0.0 chunks (kept: zarr compares bit
+    patterns), all-zero and empty arrays (no shard file); plain single-chunk arrays; groups
+    with attributes. The checksums it returns are those of the files."""
+    from cache.shardwrite import file_checksum, write_group, write_plain_array, write_sharded_array
 
     rng = np.random.default_rng(0)
     arrays = [
@@ -797,24 +822,35 @@ def test_direct_shard_writer_equals_zarr_byte_for_byte(tmp_path: Path, dtype: st
     if dtype.startswith("float"):
         arrays.append(np.full((20, 2), -0.0, dtype))
 
-    def folder(d: Path, arr: np.ndarray, c: int, k: int, ours: bool) -> dict[str, bytes]:
-        geometry = dict(chunks=(c, *arr.shape[1:]), shards=(k * c, *arr.shape[1:]), fill_value=0)
-        store = zarr.storage.LocalStore(d)
-        if ours:
-            zarr.create_array(
-                store, name="a", shape=arr.shape, dtype=arr.dtype, compressors=(), **geometry
-            )
-            write_shard(d / "a", arr, chunk_rows=c, n_chunks=k)
-        else:
-            zarr.create_array(store, name="a", data=arr, compressors=(), **geometry)
+    def files(d: Path) -> dict[str, bytes]:
         return {p.relative_to(d).as_posix(): p.read_bytes() for p in d.rglob("*") if p.is_file()}
 
+    def checked(d: Path, written: dict) -> dict[str, bytes]:
+        found = files(d)
+        assert sorted(written) == sorted(found)
+        for rel, f in written.items():
+            assert f == {"size": len(found[rel]), "crc32c": file_checksum(d / rel)}, rel
+        return found
+
     for i, arr in enumerate(arrays):
+        cuts = np.sort(rng.integers(0, len(arr) + 1, 3))  # 4 parts, some maybe empty
+        parts = np.split(arr, cuts)
         for chunk_rows in (1, 7, 64, 4096):
             k = max(1, -(-len(arr) // chunk_rows))  # as write_unit_group cuts a unit's arrays
             c = max(1, -(-len(arr) // k))
-            theirs = folder(tmp_path / f"z{i}-{chunk_rows}", arr, c, k, ours=False)
-            ours = folder(tmp_path / f"o{i}-{chunk_rows}", arr, c, k, ours=True)
-            assert ours == theirs, (arr.shape, chunk_rows)
-            shard = [name for name in ours if "/c/" in name]
+            geometry = dict(chunks=(c, *arr.shape[1:]), shards=(k * c, *arr.shape[1:]))
+            theirs = tmp_path / f"z{i}-{chunk_rows}"
+            zarr.create_array(theirs, data=arr, compressors=(), fill_value=0, **geometry)
+            ours = tmp_path / f"o{i}-{chunk_rows}"
+            got = checked(ours, write_sharded_array(ours, parts, chunk_rows=c, n_chunks=k))
+            assert got == files(theirs), (arr.shape, chunk_rows, cuts)
+            shard = [name for name in got if "/" in name]
             assert len(shard) == (1 if arr.any() or (arr.size and np.signbit(arr).any()) else 0)
+        theirs, ours = tmp_path / f"pz{i}", tmp_path / f"po{i}"
+        chunks = tuple(max(1, n) for n in arr.shape)
+        zarr.create_array(theirs, data=arr, chunks=chunks, compressors=())
+        assert checked(ours, write_plain_array(ours, arr)) == files(theirs), arr.shape
+
+    attrs = {"schema_version": 2, "tokens": ["a", "é"], "lidar_paths": [], "x": 1.5}
+    zarr.create_group(tmp_path / "gz", attributes=attrs)
+    assert checked(tmp_path / "go", write_group(tmp_path / "go", attrs)) == files(tmp_path / "gz")

@@ -62,7 +62,7 @@ def _arrays(path: str | Path) -> list[dict[str, np.ndarray]]:
 
 
 def _markers(path: str | Path) -> dict[str, dict]:
-    """Per unit: the sha256 of each array, from the .done markers."""
+    """Per unit: the digest of each array (over its files' checksums), from the .done markers."""
     return {
         p.name: json.loads(p.read_text())["arrays"]
         for p in sorted(Path(path, "units").glob("*.done"))
