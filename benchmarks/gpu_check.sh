@@ -68,7 +68,9 @@ bench() {
 }
 # Most telling first (a lease can end mid-script; the log keeps what finished).
 # Measured 2026-11-26 on an H200 (docs/benchmarks.md §GPU): point-f16 with nvJPEG 0.53 (ViT-S)
-# and 0.63 (ViT-B), at 70-85 % of the disk's 1.6 GB/s; the smaller formats are next.
+# and 0.63 (ViT-B), at 70-85 % of the disk's 1.6 GB/s; the smaller formats are next. Each table
+# ends with "during extract-teacher:" rows (busy cores, iowait, disk MB/s and busy share, GPU
+# utilisation): which of CPU, disk and GPU bounds the run.
 W="--processes --workers 8 --threads-per-worker 2 --image-decode $DECODE"
 # 1. ViT-S/14, point-i8 (about half the bytes of point-f16, quantized on the GPU)
 bench extraction --teacher "$WORK/teacher" $W --target-format point-i8
@@ -81,6 +83,9 @@ timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_images.py \
 bench extraction --teacher "$WORK/teacher-b" $W --target-format point-i8
 # 4. ViT-S/14, grid-f16 (the patch grids, sampled by the reader)
 bench extraction --teacher "$WORK/teacher" $W --target-format grid-f16
+# 4b. ViT-S/14, point-i8, 3 units in flight per process (writes wait on the disk: more overlap?)
+bench extraction --teacher "$WORK/teacher" --processes --workers 8 --threads-per-worker 3 \
+    --image-decode "$DECODE" --target-format point-i8
 # 5. the same machine's point-f16 (0.53 on 2026-11-26)
 bench extraction --teacher "$WORK/teacher" $W --target-format point-f16
 # 6. ViT-L/14, point-f16: ~4x ViT-B's work per image for 1.33x its bytes (7.7 MB per image)
