@@ -194,7 +194,7 @@ def extract_teacher_command(
     occlusion: bool = typer.Option(True, "--occlusion/--no-occlusion", help="Pairing: reject occluded points."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave out scans failing the pre-flight check (listed in the cache's meta) instead of failing."),
-    target_format: str = typer.Option("point-f16", "--target-format", help="How targets are stored (part of the cache key): point-f16 (float16 per paired point), point-i8 (int8 + float16 scale per paired point), grid-f16 (float16 patch grid of every image, sampled when read)."),
+    target_format: str = typer.Option("point-f16", "--target-format", help="How targets are stored (part of the cache key): point-f16 (float16 per paired point), point-i8 (int8 + float16 scale per paired point), grid-f16 (float16 patch grid of every image, sampled when read), grid-i8 (those grids as int8 + float16 scale per cell)."),
 ) -> None:
     """Stage one: DINOv2 features at every paired LiDAR point → the Zarr target cache (Dask).
 
@@ -588,7 +588,7 @@ def bench_command(
     replicate: int = typer.Option(1, "--replicate", help="Run extraction/feed on K copies of the set's scenes (long runs for GPU rates)."),
     gpu_rate: float = typer.Option(200.0, "--gpu-rate", help="feed: images/s of the stand-in GPU teacher."),
     image_decode: str = typer.Option("auto", "--image-decode", help="extract-teacher image decoding (extraction, feed): auto, cpu, device."),
-    target_format: str = typer.Option("point-f16", "--target-format", help="extract-teacher target format (extraction, feed): point-f16, point-i8, grid-f16."),
+    target_format: str = typer.Option("point-f16", "--target-format", help="extract-teacher target format (extraction, feed): point-f16, point-i8, grid-f16, grid-i8."),
 ) -> None:
     """Issue-9 benchmarks: print tables of rates and RATIOS (docs/benchmarks.md)."""
     import sys

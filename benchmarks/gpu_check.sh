@@ -74,6 +74,8 @@ bench() {
 W="--processes --workers 8 --threads-per-worker 2 --image-decode $DECODE"
 # 1. ViT-S/14, point-i8 (about half the bytes of point-f16, quantized on the GPU)
 bench extraction --teacher "$WORK/teacher" $W --target-format point-i8
+# 1b. ViT-S/14, grid-i8 (the grids quantized per cell on the GPU: the fewest bytes per image)
+bench extraction --teacher "$WORK/teacher" $W --target-format grid-i8
 # 2. the CUDA-only tests: nvJPEG decode gives the CPU's targets; a broken JPEG is named;
 #    quantize_rows gives numpy's bytes on the GPU
 stamp "pytest (CUDA)"

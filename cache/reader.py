@@ -163,8 +163,8 @@ class CacheReader:
     def read_scan(self, i: int) -> ScanTargets:
         """Scan ``i`` (0 <= i < len): one read per row array (direct for uncompressed shards,
         else zarr), `target` (N, D) float16 with zero rows where unpaired, whatever the target
-        format: point-f16 rows scattered back, point-i8 rows dequantized, grid-f16 grids sampled
-        at the paired points' pixels (`cache/sampling.py`)."""
+        format: point-f16 rows scattered back, point-i8 rows dequantized, grid-f16 grids (grid-i8:
+        dequantized) sampled at the paired points' pixels (`cache/sampling.py`)."""
         if not 0 <= i < len(self.tokens):
             raise IndexError(f"scan {i} out of range: cache {self.path} has {len(self)} scans")
         u, j = int(self._unit_of[i]), int(self._index_in_unit[i])
@@ -196,7 +196,7 @@ class CacheReader:
         self, unit: _OpenUnit, j: int, fields: dict[str, np.ndarray], paired: np.ndarray, where: str
     ) -> np.ndarray:
         """(P, D) float16 features of the paired points of scan ``j`` sampled from its stored
-        grids (grid-f16), exactly as extraction samples them."""
+        grids (grid formats; grid-i8 dequantized first), exactly as extraction samples them."""
         from cache.sampling import sample_view_grids  # torch: only grid caches need it
 
         v_start, v_end = _span(unit.index[VIEW_OFFSETS], j)
@@ -204,13 +204,17 @@ class CacheReader:
         sizes = unit.index[VIEW_SIZES][v_start:v_end]  # (V_j, 4) h, w, H0, W0
         camera = fields["camera"][paired]  # (P,)
         cells = int((sizes[:, 0].astype(np.int64) * sizes[:, 1]).sum())
-        fits = g_end - g_start == cells and g_end <= unit.arrays["grid"].shape[0]
+        quantized = "grid_scale" in unit.arrays  # grid-i8
+        stored = [unit.arrays[n] for n in ("grid", "grid_scale") if n in unit.arrays]
+        fits = g_end - g_start == cells and all(g_end <= a.shape[0] for a in stored)
         if not fits or (len(camera) and int(camera.max()) >= len(sizes)):
             raise CacheError(
                 f"{where}: {g_end - g_start} grid rows and {len(sizes)} views do not fit its "
                 "points (corrupted; run `python cli.py cache verify`)"
             )
-        grid = _rows(unit.arrays["grid"], g_start, g_end)  # (sum h*w, D) float16
+        grid = _rows(unit.arrays["grid"], g_start, g_end)  # (sum h*w, D) float16; grid-i8: int8
+        if quantized:
+            grid = dequantize_rows(grid, _rows(unit.arrays["grid_scale"], g_start, g_end))
         return sample_view_grids(grid, sizes, camera, fields["uv"][paired])
 
     def verify(self, progress: bool = True) -> list[str]:

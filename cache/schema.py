@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-SCHEMA_VERSION: int = 2
+SCHEMA_VERSION: int = 3
 """Newest version of the on-disk format: readers refuse caches with a newer (or an unknown older)
 one. History:
 
@@ -30,8 +30,11 @@ one. History:
    code"). ``point-f16`` is unchanged and still written as version 1 (same bytes, same key and
    digest): caches written before version 2 existed and caches written now are the same thing,
    readable by both.
+3. target format ``grid-i8`` (the grids as int8 + a float16 scale per patch cell, new array
+   ``grid_scale``): version-2 code knows no such format, so its caches carry version 3 and
+   version-2 code refuses them ("update this code"). The other formats keep their versions.
 """
-READABLE_VERSIONS: tuple[int, ...] = (1, 2)
+READABLE_VERSIONS: tuple[int, ...] = (1, 2, 3)
 """Versions this code reads (a cache records the version its target format needs)."""
 
 # ---------------------------------------------------------------- file names ----
@@ -58,9 +61,9 @@ POINT_ARRAYS: dict[str, tuple[np.dtype, tuple[int | str, ...]]] = {
 }
 OFFSETS = "offsets"  # (S + 1,) int64 per unit: offsets[0] == 0, offsets[-1] == rows
 TARGET_OFFSETS = "target_offsets"  # (S + 1,) int64 per unit: target_offsets[-1] == paired rows
-VIEW_OFFSETS = "view_offsets"  # (S + 1,) int64 (grid-f16): scan j owns views [v[j], v[j + 1])
-GRID_OFFSETS = "grid_offsets"  # (S + 1,) int64 (grid-f16): scan j owns grid rows [g[j], g[j + 1])
-VIEW_SIZES = "view_sizes"  # (V, 4) int32 (grid-f16): h, w, H0, W0 of each camera image (view)
+VIEW_OFFSETS = "view_offsets"  # (S + 1,) int64 (grid formats): scan j owns views [v[j], v[j + 1])
+GRID_OFFSETS = "grid_offsets"  # (S + 1,) int64 (grids): scan j owns grid rows [g[j], g[j + 1])
+VIEW_SIZES = "view_sizes"  # (V, 4) int32 (grid formats): h, w, H0, W0 of each camera image (view)
 OFFSETS_DTYPE = np.dtype(np.int64)
 VIEW_SIZES_DTYPE = np.dtype(np.int32)
 UNPAIRED = -1  # camera value of a point seen by no camera
@@ -101,7 +104,16 @@ TARGET_FORMATS: dict[str, TargetFormat] = {
         "grid-f16", 2, {"grid": (np.dtype(np.float16), ("D",))},
         (OFFSETS, VIEW_OFFSETS, GRID_OFFSETS, VIEW_SIZES), paired_rows=False,
     ),
+    # the same grids as int8 with one float16 scale per cell: grid ~ grid * grid_scale
+    "grid-i8": TargetFormat(
+        "grid-i8", 3,
+        {"grid": (np.dtype(np.int8), ("D",)), "grid_scale": (np.dtype(np.float16), ())},
+        (OFFSETS, VIEW_OFFSETS, GRID_OFFSETS, VIEW_SIZES), paired_rows=False,
+    ),
 }  # fmt: skip
+QUANTIZED_FORMATS: dict[str, str] = {"point-i8": "target", "grid-i8": "grid"}
+"""Formats stored as int8 rows with one float16 scale per row (`quantize_rows`): the int8
+array's name; its scales are ``<name>_scale``."""
 """The target formats (`extract-teacher --target-format`); the reader returns the same
 `ScanTargets` for each."""
 
@@ -307,10 +319,11 @@ class UnitData:
     uv: list[np.ndarray]  # each (N_i, 2) float32 pixel coords in the original image
     label: list[np.ndarray]  # each (N_i,) uint8, 255 = ignore/unlabelled
     grids: list[np.ndarray] | None = None
-    """grid-f16 only: each (C_i, h, w, D) float16, the teacher's patch grid of each camera of
-    scan i, camera c = the value of `camera` (index into the scan's cameras)."""
+    """Grid formats only: each (C_i, h, w, D) float16, the teacher's patch grid of each camera
+    of scan i, camera c = the value of `camera` (index into the scan's cameras). For grid-i8
+    they may come quantized already: int8, with ``grid_scales``."""
     image_sizes: list[np.ndarray] | None = None
-    """grid-f16 only: each (C_i, 2) int (H0, W0), the original size of each camera image."""
+    """Grid formats only: each (C_i, 2) int (H0, W0), the original size of each camera image."""
     paired_target: list[np.ndarray] | None = None
     """Point formats, instead of ``target``: each (P_i, D) float16, the targets of scan i's
     paired points (camera != -1) only, in point order: the rows the cache stores (extraction
@@ -319,6 +332,9 @@ class UnitData:
     paired_target_scale: list[np.ndarray] | None = None
     """point-i8 with int8 ``paired_target``: each (P_i,) float16, the rows' scales, both as
     `quantize_rows` makes them (extraction quantizes on the teacher's device)."""
+    grid_scales: list[np.ndarray] | None = None
+    """grid-i8 with int8 ``grids``: each (C_i, h, w) float16, the cells' scales, both as
+    `quantize_rows` makes them from the (C_i * h * w, D) cells."""
 
     def validate(self, feature_dim: int, fmt: str = DEFAULT_TARGET_FORMAT) -> None:
         """Raise ValueError naming the scan and array whose length, shape or dtype is wrong
@@ -353,7 +369,7 @@ class UnitData:
                         f"UnitData scan {token}: {name!r} has shape {a.shape}, expected {want}"
                     )
             if grid:
-                self._validate_grid(j, token, feature_dim)
+                self._validate_grid(j, token, feature_dim, fmt)
             if paired_only:
                 self._validate_paired(j, token, feature_dim, fmt)
 
@@ -381,10 +397,14 @@ class UnitData:
                     f"UnitData scan {token}: 'paired_target_scale' must be float16 ({paired},)"
                 )
 
-    def _validate_grid(self, j: int, token: str, feature_dim: int) -> None:
+    def _validate_grid(self, j: int, token: str, feature_dim: int, fmt: str) -> None:
         g, sizes = self.grids[j], np.asarray(self.image_sizes[j])
-        if not isinstance(g, np.ndarray) or g.dtype != np.float16 or g.ndim != 4:
-            raise ValueError(f"UnitData scan {token}: 'grids' must be (C, h, w, D) float16")
+        quantized = self.grid_scales is not None
+        if quantized and fmt != "grid-i8":
+            raise ValueError(f"UnitData: 'grid_scales' is for grid-i8, not {fmt!r}")
+        dtype = np.dtype(np.int8 if quantized else np.float16)
+        if not isinstance(g, np.ndarray) or g.dtype != dtype or g.ndim != 4:
+            raise ValueError(f"UnitData scan {token}: 'grids' must be (C, h, w, D) {dtype}")
         if g.shape[3] != feature_dim or min(g.shape[1:3], default=1) < 1:
             raise ValueError(
                 f"UnitData scan {token}: 'grids' has shape {g.shape}, expected (C, h, w, "
@@ -395,6 +415,16 @@ class UnitData:
                 f"UnitData scan {token}: 'image_sizes' must be ({len(g)}, 2) positive (H0, W0), "
                 f"got {sizes.tolist()}"
             )
+        if quantized:
+            scale = self.grid_scales[j] if len(self.grid_scales) > j else None
+            if (
+                not isinstance(scale, np.ndarray)
+                or scale.dtype != np.float16
+                or scale.shape != g.shape[:3]
+            ):
+                raise ValueError(
+                    f"UnitData scan {token}: 'grid_scales' must be float16 {g.shape[:3]}"
+                )
         if np.any(self.camera[j] >= len(g)):
             raise ValueError(
                 f"UnitData scan {token}: camera index {int(self.camera[j].max())} has no grid "

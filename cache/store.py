@@ -48,6 +48,7 @@ from cache.schema import (
     OFFSETS,
     OFFSETS_DTYPE,
     POINT_ARRAYS,
+    QUANTIZED_FORMATS,
     READABLE_VERSIONS,
     SCHEMA_VERSION,
     TARGET_OFFSETS,
@@ -141,11 +142,23 @@ def target_arrays(
             return {"target": [q], "target_scale": [scale]}, index
         return {"target": parts}, index
     grids = [g.reshape(-1, feature_dim) for g in data.grids]  # each (C_i * h * w, D)
+    empty = np.zeros((0, feature_dim), np.float16)
+    if fmt == "grid-i8":
+        if data.grid_scales is not None:  # quantized already (on the teacher's device)
+            rows = {
+                "grid": grids or [empty.astype(np.int8)],
+                "grid_scale": [s.reshape(-1) for s in data.grid_scales]
+                or [np.zeros(0, np.float16)],
+            }
+        else:
+            q, scale = quantize_rows(np.concatenate(grids) if grids else empty)
+            rows = {"grid": [q], "grid_scale": [scale]}
+    else:
+        rows = {"grid": grids or [empty]}
     sizes = [
         np.column_stack([np.tile(g.shape[1:3], (len(g), 1)), np.asarray(hw).reshape(-1, 2)])
         for g, hw in zip(data.grids, data.image_sizes, strict=True)
     ]  # each (C_i, 4): h, w, H0, W0
-    rows = {"grid": grids or [np.zeros((0, feature_dim), np.float16)]}
     index = {
         VIEW_OFFSETS: _offsets([len(g) for g in data.grids]),
         GRID_OFFSETS: _offsets([len(g) for g in grids]),
@@ -655,7 +668,8 @@ def _content_problems(
     """Structural checks of a unit's Zarr group against its marker and (when given) the
     manifest: target format, dtype and shape of the row arrays, rows of every array (equal for
     the per-point ones, as in the marker), offsets, and per scan the target rows (point formats:
-    its paired points) or grid rows and views (grid-f16)."""
+    its paired points) or grid rows and views (grid formats); quantized formats' scales finite
+    and >= 0, one per row."""
     problems = []
     try:
         group = zarr.open_group(zarr.storage.LocalStore(unit_dir, read_only=True), mode="r")
@@ -666,7 +680,8 @@ def _content_problems(
         arrays = {n: group[n] for n in unit_arrays(fmt)}
         index = {n: arrays[n][:] for n in (OFFSETS, *spec.index_arrays)}
         camera = arrays["camera"][:]  # (N,)
-        scale = arrays["target_scale"][:] if "target_scale" in arrays else None  # (P,)
+        quantized = QUANTIZED_FORMATS.get(fmt)  # "target" / "grid": its scales, one per row
+        scale = arrays[f"{quantized}_scale"][:] if quantized else None  # (rows,)
     except Exception as e:  # any zarr/codec error means the unit is unreadable
         return [f"unit {name}: unreadable Zarr group: {type(e).__name__}: {e}"]
     feature_dim = None
@@ -700,8 +715,16 @@ def _content_problems(
     if problems:
         return problems
     paired = camera != UNPAIRED  # (N,)
+    if scale is not None and not np.all(np.isfinite(scale) & (scale >= 0)):
+        bad = int((~(np.isfinite(scale) & (scale >= 0))).sum())
+        problems.append(f"unit {name}: {quantized}_scale has {bad} negative or non-finite values")
     if not spec.paired_rows:
-        return _grid_problems(name, index, arrays["grid"].shape[0], camera, paired)
+        grid_rows = arrays["grid"].shape[0]
+        if scale is not None and len(scale) != grid_rows:
+            problems.append(
+                f"unit {name}: grid_scale has {len(scale)} rows for {grid_rows} grid rows"
+            )
+        return problems + _grid_problems(name, index, grid_rows, camera, paired)
     for n in spec.row_arrays:
         if arrays[n].shape[0] != int(paired.sum()):
             problems.append(
@@ -711,9 +734,6 @@ def _content_problems(
     problems += _offsets_problems(
         name, TARGET_OFFSETS, target_offsets, len(tokens), arrays["target"].shape[0], "target"
     )
-    if scale is not None and not np.all(np.isfinite(scale) & (scale >= 0)):
-        bad = int((~(np.isfinite(scale) & (scale >= 0))).sum())
-        problems.append(f"unit {name}: target_scale has {bad} negative or non-finite values")
     if not problems:
         cumulative = np.concatenate([[0], np.cumsum(paired)])  # (N + 1,) paired before row
         per_scan = cumulative[offsets[1:]] - cumulative[offsets[:-1]]  # (S,)
@@ -727,7 +747,7 @@ def _content_problems(
 def _grid_problems(
     name: str, index: dict[str, np.ndarray], grid_rows: int, camera: np.ndarray, paired: np.ndarray
 ) -> list[str]:
-    """grid-f16 structure: view sizes positive, view and grid offsets monotonic and ending at
+    """Grid formats' structure: view sizes positive, view and grid offsets monotonic and ending at
     the views / grid rows, each scan's grid rows = the h x w cells of its views, and every
     paired point's camera one of its scan's views."""
     offsets, sizes = index[OFFSETS], index[VIEW_SIZES]  # (S + 1,), (V, 4)

@@ -9,8 +9,9 @@ What happens (docs/extraction.md has the details and measurements):
    lock only the units without a valid ``.done`` marker are submitted, one Dask task per unit.
 3. A task (`extract_unit`) loads its scans' points, labels and images, pairs the points with the
    cameras, runs the teacher over the unit's images in batches across cameras, samples the patch
-   grid of each point's camera at its pixel (``grid-f16``: keeps the grids instead, the reader
-   samples them), and writes the unit atomically through the writer.
+   grid of each point's camera at its pixel (grid formats: keeps the grids instead, grid-i8
+   quantized on the teacher's device; the reader samples them), and writes the unit atomically
+   through the writer.
    Unpaired points get zero targets and camera -1.
 4. The client shows a progress bar over units, then finalizes the cache and returns a summary.
 
@@ -95,8 +96,9 @@ class ExtractConfig:
     """How points are paired with camera pixels (part of the cache key)."""
     target_format: str = DEFAULT_TARGET_FORMAT
     """How targets are stored (part of the cache key): "point-f16" (float16 per paired point),
-    "point-i8" (int8 + a float16 scale per paired point) or "grid-f16" (the float16 patch grid
-    of every camera image, sampled by the reader); docs/cache-format.md."""
+    "point-i8" (int8 + a float16 scale per paired point), "grid-f16" (the float16 patch grid
+    of every camera image, sampled by the reader) or "grid-i8" (those grids as int8 + a float16
+    scale per cell); docs/cache-format.md."""
     progress: bool = True
     """Show a progress bar over units."""
     skip_bad: bool = False
@@ -260,9 +262,10 @@ def _extract_unit(
     t_paired = time.perf_counter()
 
     # 2. teacher over all (scan, camera) images of the unit, batch_size images per forward;
-    # point formats sample each paired point's feature now, grid-f16 keeps the grids (float16)
-    # and the reader samples them (the same `sample_features`)
-    keep_grids = writer.key.target_format == "grid-f16"
+    # point formats sample each paired point's feature now, grid formats keep the grids
+    # (float16; grid-i8 quantizes them) and the reader samples them (the same `sample_features`)
+    fmt = writer.key.target_format
+    keep_grids = not target_format(fmt).paired_rows
     device = torch.device(teacher_cfg.device)
     # point formats: each scan's paired rows (in point order), filled camera by camera on the
     # teacher's device, copied back once per scan: (P_i, D) float16
@@ -275,7 +278,7 @@ def _extract_unit(
         for p in ([] if keep_grids else pairings)
     ]
     rank = [np.cumsum(p.camera != UNPAIRED) - 1 for p in pairings]  # (N_i,): row in targets[i]
-    grids = [[None] * len(scan.cameras) for scan in scans]  # grid-f16: (h, w, D) per camera
+    grids = [[None] * len(scan.cameras) for scan in scans]  # grid formats: (h, w, D) per camera
     image_sizes = [np.zeros((len(scan.cameras), 2), np.int64) for scan in scans]  # (C_i, 2)
     views = [(j, c) for j, scan in enumerate(scans) for c in range(len(scan.cameras))]
     forwards = 0  # counted here: with thread workers the teacher (and its counter) is shared
@@ -318,11 +321,17 @@ def _extract_unit(
     # back to the CPU once per scan (waits for the unit's last forwards); point-i8 is quantized
     # where the rows are (`quantize_rows`: the same bytes on every device)
     scales = None
-    if writer.key.target_format == "point-i8":
+    if fmt == "point-i8":
         quantized = [quantize_rows(t) for t in targets]  # [(q (P_i, D) int8, scale (P_i,))]
         targets = [q for q, _ in quantized]
         scales = [scale.cpu().numpy() for _, scale in quantized]
     paired_target = [t.cpu().numpy() for t in targets]
+    grid_scales = None
+    if keep_grids:  # (C_i, h, w, D) float16 per scan; grid-i8: int8 + (C_i, h, w) float16 scales
+        stacked = [_stack(g, teacher, quantize=fmt == "grid-i8") for g in grids]
+        grids = [g for g, _ in stacked]
+        if fmt == "grid-i8":
+            grid_scales = [s for _, s in stacked]
     t_teacher = time.perf_counter()
 
     # 3. one atomic unit
@@ -336,7 +345,8 @@ def _extract_unit(
         camera=[p.camera for p in pairings],
         uv=[p.uv for p in pairings],
         label=labels,
-        grids=[_stack(g, teacher) for g in grids] if keep_grids else None,
+        grids=grids if keep_grids else None,
+        grid_scales=grid_scales,
         image_sizes=image_sizes if keep_grids else None,
     )
     written = writer.write_unit(unit_id, data)
@@ -461,13 +471,24 @@ def _load_batch(
     return teacher.resize(images), [tuple(im.shape[:2]) for im in images]
 
 
-def _stack(grids: list[torch.Tensor], teacher: Teacher) -> np.ndarray:
+def _stack(
+    grids: list[torch.Tensor], teacher: Teacher, quantize: bool = False
+) -> tuple[np.ndarray, np.ndarray | None]:
     """The (h, w, D) float16 grids of a scan's cameras (on the teacher's device) → one
-    (C, h, w, D) float16 array on the CPU (C may be 0): one copy back per scan."""
+    (C, h, w, D) float16 array on the CPU (C may be 0): one copy back per scan. ``quantize``
+    (grid-i8): int8 cells and their (C, h, w) float16 scales instead (`quantize_rows`, on the
+    device); else the scales are None."""
     h, w = teacher.grid_size
+    d = teacher.feature_dim
     if not grids:
-        return np.zeros((0, h, w, teacher.feature_dim), np.float16)
-    return torch.stack(grids).cpu().numpy()
+        empty = np.zeros((0, h, w, d), np.int8 if quantize else np.float16)
+        return empty, (np.zeros((0, h, w), np.float16) if quantize else None)
+    stacked = torch.stack(grids)  # (C, h, w, D) float16, on the device
+    if not quantize:
+        return stacked.cpu().numpy(), None
+    q, scale = quantize_rows(stacked.reshape(-1, d))  # (C*h*w, D) int8, (C*h*w,) float16
+    c = len(grids)
+    return q.reshape(c, h, w, d).cpu().numpy(), scale.reshape(c, h, w).cpu().numpy()
 
 
 # ---------------------------------------------------------------- the client ----

@@ -1,5 +1,6 @@
-"""Target formats of the cache (issue 9): point-f16, point-i8, grid-f16 extracted from the same
-split read back as the same `ScanTargets`; keys, old keys, verify, and training from a grid."""
+"""Target formats of the cache (issue 9): point-f16, point-i8, grid-f16, grid-i8 extracted from
+the same split read back as the same `ScanTargets`; keys, old keys, verify, and training from a
+grid."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from pipeline.extract import ExtractConfig, extract_teacher
 
 IMAGE_SIZE = (28, 56)  # 2 x 4 patches: seconds per extraction
 SPLIT = "val"  # 4 scans, 2 units of 2
-FORMATS = ("point-f16", "point-i8", "grid-f16")
+FORMATS = ("point-f16", "point-i8", "grid-f16", "grid-i8")
 
 
 @pytest.fixture(scope="module")
@@ -60,14 +61,14 @@ def _same_points(a, b) -> None:
         assert np.array_equal(getattr(a, name), getattr(b, name)), name
 
 
-def test_three_formats_three_caches_and_old_keys_read_as_point_f16(caches) -> None:
+def test_four_formats_four_caches_and_old_keys_read_as_point_f16(caches) -> None:
     keys = {f: open_cache(p).key for f, p in caches.items()}
-    assert len({p.name for p in caches.values()}) == 3  # three digests, three folders
+    assert len({p.name for p in caches.values()}) == 4  # four digests, four folders
     assert {f: k.target_format for f, k in keys.items()} == {f: f for f in FORMATS}
     assert {f: k.schema_version for f, k in keys.items()} == {
         f: TARGET_FORMATS[f].schema_version for f in FORMATS
     }
-    assert [k.schema_version for k in keys.values()] == [1, 2, 2]
+    assert [k.schema_version for k in keys.values()] == [1, 2, 2, 3]
     f16 = keys["point-f16"]
     manifest = json.loads((caches["point-f16"] / "manifest.json").read_text())
     # point-f16 is the version-1 cache: no target_format in the key, digest unchanged
@@ -80,6 +81,8 @@ def test_three_formats_three_caches_and_old_keys_read_as_point_f16(caches) -> No
     assert i8["target_format"] == "point-i8" and i8["schema_version"] == 2
     with pytest.raises(ValueError, match="cannot hold target format 'grid-f16'"):
         CacheKey.from_dict({**old, "target_format": "grid-f16", "schema_version": 1})
+    with pytest.raises(ValueError, match="cannot hold target format 'grid-i8'"):
+        CacheKey.from_dict({**old, "target_format": "grid-i8", "schema_version": 2})
     with pytest.raises(ValueError, match="unknown target format 'bogus'"):
         replace(f16, target_format="bogus")
     for path in caches.values():
@@ -171,8 +174,31 @@ def test_grid_f16_samples_like_extraction(caches, synthetic_nuscenes) -> None:
     assert "target" not in unit and "target_offsets" not in unit
 
 
+def test_grid_i8_is_grid_f16_quantized_per_cell(caches) -> None:
+    """grid-i8 stores `quantize_rows` of grid-f16's cells (quantized on the teacher's device:
+    the same bytes), and reads back the samples of the dequantized grid: within half a
+    quantisation step of grid-f16's targets (bilinear weights sum to 1)."""
+    for name in ("u00000", "u00001"):
+        f16 = zarr.open_group(zarr.storage.LocalStore(caches["grid-f16"] / "units" / name))
+        i8 = zarr.open_group(zarr.storage.LocalStore(caches["grid-i8"] / "units" / name))
+        q, scale = quantize_rows(f16["grid"][:])
+        assert i8["grid"].dtype == np.int8 and np.array_equal(i8["grid"][:], q)
+        assert i8["grid_scale"].dtype == np.float16 and np.array_equal(i8["grid_scale"][:], scale)
+        for index in ("offsets", "view_offsets", "grid_offsets", "view_sizes"):
+            assert np.array_equal(i8[index][:], f16[index][:]), index
+    for c, g in zip(_scans(caches["grid-f16"]), _scans(caches["grid-i8"]), strict=True):
+        _same_points(c, g)
+        paired = c.camera != -1
+        assert g.target.dtype == np.float16 and not g.target[~paired].any()
+        x, x_hat = c.target[paired].astype(np.float32), g.target[paired].astype(np.float32)
+        # per cell |error| <= scale / 2 <= max|grid| / 254, plus fp16 rounding of each side
+        bound = np.abs(f16["grid"][:]).astype(np.float32).max() / 254 * (1 + 2.0**-9) + 2.0**-9
+        assert np.abs(x - x_hat).max() <= bound * max(1.0, np.abs(x).max())
+        assert _cosine(x, x_hat).min() > 0.999
+
+
 def test_direct_reads_equal_zarr_reads(caches) -> None:
-    for fmt in ("point-i8", "grid-f16"):
+    for fmt in ("point-i8", "grid-f16", "grid-i8"):
         fast, slow = open_cache(caches[fmt]), open_cache(caches[fmt], fast_path=False)
         assert all(type(a).__name__ == "ShardArray" for a in fast._unit(0).arrays.values())
         for i in range(len(fast)):
@@ -204,6 +230,8 @@ def _refresh_marker(unit_dir: Path) -> None:
         ("grid-f16", "view size", "unit u00001: grid_offsets disagree with the h x w"),
         ("grid-f16", "few views", "unit u00001: last of view_offsets is"),
         ("grid-f16", "grid dtype", "unit u00001: grid is float32"),
+        ("grid-i8", "negative grid scale", "unit u00001: grid_scale has 1 negative"),
+        ("grid-i8", "few grid scales", "unit u00001: grid_scale has 95 rows for 96 grid rows"),
     ],
 )
 def test_verify_names_the_unit_of_a_damaged_new_array(
@@ -221,6 +249,11 @@ def test_verify_names_the_unit_of_a_damaged_new_array(
         group = zarr.open_group(zarr.storage.LocalStore(unit_dir), mode="r+")
         if damage == "negative scale":
             group["target_scale"][3] = -1
+        elif damage == "negative grid scale":
+            group["grid_scale"][7] = -1
+        elif damage == "few grid scales":
+            scale = group["grid_scale"][:-1]
+            group.create_array("grid_scale", data=scale, chunks=(64,), overwrite=True)
         elif damage in ("grid rows", "grid dtype"):
             grid = group["grid"][:]
             grid = grid[:-5] if damage == "grid rows" else grid.astype(np.float32)
@@ -230,6 +263,11 @@ def test_verify_names_the_unit_of_a_damaged_new_array(
         else:
             group["view_offsets"][2] -= 1
         _refresh_marker(unit_dir)
+        if damage == "few grid scales":  # the marker agrees: only the structure can tell
+            marker = unit_dir.with_name("u00001.done")
+            m = json.loads(marker.read_text())
+            m["arrays"]["grid_scale"]["rows"] -= 1
+            marker.write_text(json.dumps(m))
     problems = verify_cache(path, progress=False)
     assert any(p.startswith(message) for p in problems), problems
     assert all(p.startswith("unit u00001") for p in problems), problems
