@@ -46,8 +46,7 @@ def read_counters() -> Counters:
     busy = (
         cpu.user + cpu.nice + cpu.system + getattr(cpu, "irq", 0.0) + getattr(cpu, "softirq", 0.0)
     )
-    disks = psutil.disk_io_counters(perdisk=True) or {}
-    whole = [d for name, d in disks.items() if _whole_disk(name)]
+    whole = [d for name, d in _disks().items() if _whole_disk(name)]
     return Counters(
         t=time.time(),
         cpu_busy_s=busy,
@@ -55,6 +54,15 @@ def read_counters() -> Counters:
         disk_write_bytes=sum(d.write_bytes for d in whole),
         disk_busy_ms=sum(getattr(d, "busy_time", 0) for d in whole),
     )
+
+
+def _disks() -> dict:
+    """psutil's per-disk counters; {} where there are none or they cannot be read (some
+    containers): a benchmark never fails for want of them."""
+    try:
+        return psutil.disk_io_counters(perdisk=True) or {}
+    except (OSError, RuntimeError):
+        return {}
 
 
 def _whole_disk(name: str) -> bool:
@@ -91,7 +99,7 @@ class LoadSampler:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._smi: subprocess.Popen | None = None
-        self.disks = sum(_whole_disk(n) for n in (psutil.disk_io_counters(perdisk=True) or {}))
+        self.disks = sum(_whole_disk(n) for n in _disks())
 
     def __enter__(self) -> LoadSampler:
         self.samples.append(read_counters())
@@ -99,13 +107,22 @@ class LoadSampler:
         smi = shutil.which("nvidia-smi")
         if smi:
             ms = max(100, int(self.interval * 1000))
-            self._smi = subprocess.Popen(
-                [smi, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", f"-lms={ms}"],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
-                text=True,
-            )
-            self._threads.append(threading.Thread(target=self._read_gpu, daemon=True))
+            try:
+                self._smi = subprocess.Popen(
+                    [
+                        smi,
+                        "--query-gpu=utilization.gpu",
+                        "--format=csv,noheader,nounits",
+                        f"--loop-ms={ms}",
+                    ],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.DEVNULL,
+                    text=True,
+                )
+            except OSError:
+                self._smi = None  # no GPU row
+            else:
+                self._threads.append(threading.Thread(target=self._read_gpu, daemon=True))
         for t in self._threads:
             t.start()
         return self
