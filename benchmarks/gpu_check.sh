@@ -4,11 +4,11 @@
 # It renders the synthetic set at nuScenes resolution, makes random ViT-S/14- and ViT-B/14-shaped
 # teachers, measures the disk (the cache's fsync'd writes need its bandwidth), and prints
 # `bench extraction` tables (extract-teacher images/s ÷ bare forward images/s, both on the GPU,
-# JPEGs decoded there) on --replicate copies of the set (steady-state runs of ~1,500 images) for
+# JPEGs decoded there) on --replicate copies of the set (runs of ~3,000 images) for
 # the target formats, and runs the CUDA-only tests. Python packages missing on the machine are
 # installed from ./.whl when present (wheels of zarr, dask, ... for its Python;
 # docs/benchmarks.md, "GPU").
-# Environment: DEVICE (cuda), DTYPE (float16), DECODE (device), SIZE (448x896), COPIES (8),
+# Environment: DEVICE (cuda), DTYPE (float16), DECODE (device), SIZE (448x896), COPIES (16),
 # SCENES (4), SAMPLES (8), WIDTH/HEIGHT (1600/900), PY (python3). CPU dry run:
 #   DEVICE=cpu DTYPE=float32 DECODE=cpu SIZE=56x98 COPIES=2 SCENES=2 SAMPLES=2 WIDTH=320 \
 #     HEIGHT=180 PY=.venv/bin/python bash benchmarks/gpu_check.sh
@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 DEVICE=${DEVICE:-cuda}
 DTYPE=${DTYPE:-float16}
 SIZE=${SIZE:-448x896}
-COPIES=${COPIES:-8}
+COPIES=${COPIES:-16}
 SCENES=${SCENES:-4}
 SAMPLES=${SAMPLES:-8}
 WIDTH=${WIDTH:-1600}

@@ -304,6 +304,12 @@ def extraction(cfg: BenchConfig, work: Path) -> list[Row]:
         ),
         ("extract-teacher start-up (not in images/s)", max(summary.startup_s, 1e-3), "s"),
         ("RATIO extract / bare", summary.images_per_s / bare, "ratio"),
+        (
+            "extract-teacher steady state (10-90 % of units)",
+            summary.steady_images_per_s,
+            "images/s",
+        ),
+        ("RATIO steady state / bare", summary.steady_images_per_s / bare, "ratio"),
         *[
             (f"extract-teacher worker time: {name.removesuffix('_s')}", share, "fraction")
             for name, share in _shares(summary.step_s).items()

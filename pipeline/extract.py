@@ -152,6 +152,10 @@ class ExtractSummary:
     teacher_fitted: bool = False  # the teacher is a stand-in fitted to dataset labels (demo/test)
     scans_skipped: int = 0  # scans left out by --skip-bad (listed in the manifest meta)
     startup_s: float = 0.0  # cluster start + every worker loading (and warming up) its teacher
+    steady_images_per_s: float = 0.0
+    """Images/s between the completions of the first and the last 10 % of the units (runs of 10
+    units or more; else images_per_s): the rate of a long run, without the ramp-up (every
+    worker pairs at once) and the tail (the last units finish on idle workers)."""
     compute_window: tuple[float, float] = (0.0, 0.0)
     """Unix times (time.time()) of the start and end of ``compute_s``: workers ready, last unit
     written (the cluster's shutdown comes after)."""
@@ -654,6 +658,7 @@ def extract_teacher(cfg: ExtractConfig) -> ExtractSummary:
     )
     totals = dict.fromkeys(("images", "points", "paired", "bytes", "forwards"), 0)
     step_s = dict.fromkeys(("pair_s", "image_wait_s", "teacher_s", "write_s"), 0.0)
+    progress: list[tuple[float, int]] = []  # (seconds since compute start, images) per unit done
     with writer.lock():
         pending = writer.pending_units()
         t_compute, compute_at = time.perf_counter(), time.time()
@@ -709,6 +714,7 @@ def extract_teacher(cfg: ExtractConfig) -> ExtractSummary:
                         for name in step_s:
                             step_s[name] += stats[name]
                         elapsed = time.perf_counter() - t_compute
+                        progress.append((elapsed, totals["images"]))
                         bar.set_postfix(img_s=f"{totals['images'] / elapsed:.2f}", refresh=False)
                         bar.update(1)
                 except BaseException as e:
@@ -737,6 +743,7 @@ def extract_teacher(cfg: ExtractConfig) -> ExtractSummary:
             wall_s=time.perf_counter() - t_start,
             compute_s=compute_s,
             images_per_s=totals["images"] / compute_s if pending and compute_s > 0 else 0.0,
+            steady_images_per_s=_steady_rate(progress, totals["images"], compute_s),
             teacher_random=teacher.identity.random,
             teacher_fitted=teacher.identity.fitted,
             scans_skipped=len(bad),
@@ -747,6 +754,16 @@ def extract_teacher(cfg: ExtractConfig) -> ExtractSummary:
         if pending or not _is_final(writer):
             writer.finalize(summary.to_dict())
     return summary
+
+
+def _steady_rate(progress: list[tuple[float, int]], images: int, compute_s: float) -> float:
+    """Images/s between the 10 % and 90 % marks of ``progress`` ((seconds, images so far) at
+    each unit's completion, in order); the whole run's rate with fewer than 10 units."""
+    n = len(progress)
+    if n < 10:
+        return images / compute_s if n and compute_s > 0 else 0.0
+    (t0, i0), (t1, i1) = progress[n // 10 - 1], progress[n - 1 - n // 10]
+    return (i1 - i0) / (t1 - t0) if t1 > t0 else images / compute_s
 
 
 def _is_final(writer: CacheWriter) -> bool:

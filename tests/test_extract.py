@@ -90,9 +90,24 @@ def test_summary_counts_what_was_written(serial, synthetic_nuscenes) -> None:
     # start-up (cluster + every worker's teacher) is reported apart from the throughput clock
     assert summary.startup_s > 0 and summary.compute_s > 0
     assert summary.wall_s > summary.startup_s + summary.compute_s
+    start, end = summary.compute_window  # Unix times: the compute clock, shutdown not in it
+    assert end - start == pytest.approx(summary.compute_s, abs=0.05)
+    assert summary.steady_images_per_s == summary.images_per_s  # 2 units: no steady state
     assert cache.key.image_size == IMAGE_SIZE and cache.key.feature_layer == "last"
     assert cache.feature_dim == 64
     assert cache.verify(progress=False) == []
+
+
+def test_steady_rate_leaves_out_ramp_and_tail() -> None:
+    """20 units of 12 images: one every 0.1 s from t = 1.0 s (a slow start), the last two 2 s
+    late (a tail): the steady rate is 120 images/s, the whole run's is lower."""
+    from pipeline.extract import _steady_rate
+
+    times = [1.0 + 0.1 * k for k in range(18)] + [4.0, 6.0]
+    progress = [(t, 12 * (k + 1)) for k, t in enumerate(times)]
+    assert _steady_rate(progress, 240, 6.0) == pytest.approx(120.0)
+    assert _steady_rate(progress[:5], 60, 2.0) == 30.0  # < 10 units: the whole run's rate
+    assert _steady_rate([], 0, 0.0) == 0.0
 
 
 def _devkit_uv(nusc, sample_token: str, channel: str) -> np.ndarray:
