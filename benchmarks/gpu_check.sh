@@ -44,6 +44,9 @@ if [ -n "$(missing)" ]; then
     [ -z "$(missing)" ] || { echo "still missing: $(missing) (put their wheels in ./.whl)"; exit 1; }
 fi
 nproc
+grep -m1 "model name" /proc/cpuinfo || true
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total \
+    --format=csv,noheader || true
 "$PY" -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no cuda')"
 cores=$(nproc)
 
