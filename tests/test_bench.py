@@ -74,13 +74,15 @@ def test_benchmark_prints_its_table(what, synthetic_nuscenes, tiny_teacher, caps
         assert re.fullmatch(r".* \| +[-+0-9.e]+ \| \S+", line), line
 
 
-def test_feed_with_worker_processes(synthetic_nuscenes, tiny_teacher) -> None:
+@pytest.mark.parametrize("image_decode", ["cpu", "device"])
+def test_feed_with_worker_processes(synthetic_nuscenes, tiny_teacher, image_decode: str) -> None:
     """The stand-in GPU reaches spawned worker processes (Dask preload): their forwards are
     the stand-in's: 24 images through one stand-in GPU at 10 images/s take >= 2.4 s, whereas
-    the real tiny teacher at 28x56 runs the split several times faster."""
+    the real tiny teacher at 28x56 runs the split several times faster. With image_decode
+    "device" the stand-in decodes too: without it the workers would need torchvision and a GPU."""
     cfg = BenchConfig(
         data=synthetic_nuscenes.root, teacher=str(tiny_teacher), split="val", image_size=(28, 56),
-        scans=1, threads=1, workers=2, processes=True, gpu_rate=10.0,
+        scans=1, threads=1, workers=2, processes=True, gpu_rate=10.0, image_decode=image_decode,
     )  # fmt: skip
     rows = {name: value for name, value, _ in run_benchmark("feed", cfg)}
     assert 0 < rows["RATIO extract / stand-in GPU rate"] <= 1.0
