@@ -387,15 +387,14 @@ class UnitData:
                 f"{(paired, feature_dim)} (paired points x D), got {got}"
             )
         if quantized:
-            scale = self.paired_target_scale[j] if len(self.paired_target_scale) > j else None
-            if (
-                not isinstance(scale, np.ndarray)
-                or scale.dtype != np.float16
-                or scale.shape != (paired,)
-            ):
-                raise ValueError(
-                    f"UnitData scan {token}: 'paired_target_scale' must be float16 ({paired},)"
-                )
+            self._validate_scales("paired_target_scale", j, token, (paired,))
+
+    def _validate_scales(self, name: str, j: int, token: str, shape: tuple[int, ...]) -> None:
+        """Scan ``j``'s entry of ``name`` (a list of quantization scales) is float16 ``shape``."""
+        scales = getattr(self, name)
+        scale = scales[j] if len(scales) > j else None
+        if not isinstance(scale, np.ndarray) or scale.dtype != np.float16 or scale.shape != shape:
+            raise ValueError(f"UnitData scan {token}: {name!r} must be float16 {shape}")
 
     def _validate_grid(self, j: int, token: str, feature_dim: int, fmt: str) -> None:
         g, sizes = self.grids[j], np.asarray(self.image_sizes[j])
@@ -416,15 +415,7 @@ class UnitData:
                 f"got {sizes.tolist()}"
             )
         if quantized:
-            scale = self.grid_scales[j] if len(self.grid_scales) > j else None
-            if (
-                not isinstance(scale, np.ndarray)
-                or scale.dtype != np.float16
-                or scale.shape != g.shape[:3]
-            ):
-                raise ValueError(
-                    f"UnitData scan {token}: 'grid_scales' must be float16 {g.shape[:3]}"
-                )
+            self._validate_scales("grid_scales", j, token, g.shape[:3])
         if np.any(self.camera[j] >= len(g)):
             raise ValueError(
                 f"UnitData scan {token}: camera index {int(self.camera[j].max())} has no grid "
