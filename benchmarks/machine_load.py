@@ -148,14 +148,24 @@ class LoadSampler:
             except ValueError:
                 continue
 
-    def rows(self, t0: float, t1: float) -> list[Row]:
-        """Averages over [t0, t1] (time.time()), from the last sample at or before ``t0`` and
-        the first at or after ``t1`` (the window grows by up to one interval at each end)."""
+    def _bracket(self, t0: float, t1: float) -> tuple[Counters, Counters] | None:
+        """The last sample at or before ``t0`` and the first at or after ``t1`` (the window
+        grows by up to one interval at each end); None when they do not span time."""
         a = max((s for s in self.samples if s.t <= t0), key=lambda s: s.t, default=self.samples[0])
         b = min((s for s in self.samples if s.t >= t1), key=lambda s: s.t, default=self.samples[-1])
-        if b.t <= a.t:
+        return (a, b) if b.t > a.t else None
+
+    def busy_cores(self, t0: float, t1: float) -> float:
+        """Mean busy CPU cores over [t0, t1] (time.time()); 0 without samples spanning it."""
+        ab = self._bracket(t0, t1)
+        return (ab[1].cpu_busy_s - ab[0].cpu_busy_s) / (ab[1].t - ab[0].t) if ab else 0.0
+
+    def rows(self, t0: float, t1: float) -> list[Row]:
+        """Averages over [t0, t1] (time.time()), from the samples bracketing it."""
+        ab = self._bracket(t0, t1)
+        if ab is None:
             return []
-        rows = window_rows(a, b, self.disks)
+        rows = window_rows(*ab, self.disks)
         rows.insert(0, ("logical CPU cores of the machine", float(os.cpu_count() or 0), "cores"))
         gpu = [u for t, u in self.gpu if t0 <= t <= t1]
         if gpu:

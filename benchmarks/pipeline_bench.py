@@ -128,7 +128,7 @@ def _extract(
     from pipeline.extract import ExtractConfig, extract_teacher
 
     root, split = data or (cfg.data, cfg.split)
-    summary = extract_teacher(
+    return extract_teacher(
         ExtractConfig(
             data=root,
             cache_root=cache_root,
@@ -147,7 +147,6 @@ def _extract(
             progress=False,
         )
     )
-    return summary
 
 
 def _run_data(cfg: BenchConfig, work: Path) -> tuple[Path, str]:
@@ -163,11 +162,6 @@ def _run_data(cfg: BenchConfig, work: Path) -> tuple[Path, str]:
     out = work / f"replicated-x{cfg.replicate}"
     replicate(cfg.data, out, cfg.replicate, scenes=scenes)
     return out, "all"
-
-
-def _busy_cores(rows: list[Row]) -> float:
-    """The busy-cores value of `LoadSampler.rows` (0 when the window had no samples)."""
-    return next((v for n, v, _ in rows if n.startswith("busy CPU cores")), 0.0)
 
 
 def _workers_label(workers: int, processes: bool, threads_per_worker: int) -> str:
@@ -624,8 +618,8 @@ def feed(cfg: BenchConfig, work: Path) -> list[Row]:
     data = _run_data(cfg, work)
     label = _workers_label(cfg.workers, cfg.processes, cfg.threads_per_worker)
     runs, loads = {}, {}
+    decode = cfg.image_decode == "device"  # the stand-in decodes too (no torchvision here)
     for name, rate in (("stand-in GPU", cfg.gpu_rate), ("free stand-in", None)):
-        decode = cfg.image_decode == "device"  # the stand-in decodes too (no torchvision)
         with (
             standin_gpu(rate, work / "gpu.lock", cfg.processes, decode),
             LoadSampler() as loads[name],
@@ -641,7 +635,7 @@ def feed(cfg: BenchConfig, work: Path) -> list[Row]:
             )
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     gpu, free = runs["stand-in GPU"], runs["free stand-in"]
-    busy = _busy_cores(loads["free stand-in"].rows(*free.compute_window))
+    busy = loads["free stand-in"].busy_cores(*free.compute_window)
     return [
         ("stand-in GPU teacher rate", cfg.gpu_rate, "images/s"),
         (f"extract-teacher, stand-in GPU ({label})", gpu.images_per_s, "images/s"),

@@ -118,4 +118,5 @@ def test_machine_load_sees_a_busy_core() -> None:
     rows = {name: value for name, value, _ in load.rows(t0, t1)}
     assert len(load.samples) >= 5
     assert rows["busy CPU cores (user + system)"] >= 0.5
+    assert load.busy_cores(t0, t1) == rows["busy CPU cores (user + system)"]
     assert rows["logical CPU cores of the machine"] >= 1
