@@ -111,11 +111,11 @@ TARGET_FORMATS: dict[str, TargetFormat] = {
         (OFFSETS, VIEW_OFFSETS, GRID_OFFSETS, VIEW_SIZES), paired_rows=False,
     ),
 }  # fmt: skip
+"""The target formats (`extract-teacher --target-format`); the reader returns the same
+`ScanTargets` for each."""
 QUANTIZED_FORMATS: dict[str, str] = {"point-i8": "target", "grid-i8": "grid"}
 """Formats stored as int8 rows with one float16 scale per row (`quantize_rows`): the int8
 array's name; its scales are ``<name>_scale``."""
-"""The target formats (`extract-teacher --target-format`); the reader returns the same
-`ScanTargets` for each."""
 
 
 def target_format(name: str) -> TargetFormat:
