@@ -181,10 +181,10 @@ def extract_teacher_command(
     split: str = typer.Option("train", "--split", help="Split to extract (train, val, mini_train, all, ...)."),
     image_size: str = typer.Option("448x896", "--image-size", help="HEIGHTxWIDTH fed to the teacher; multiples of 14."),
     scheduler: str = typer.Option(None, "--scheduler", help="Address of a running Dask scheduler; default: a LocalCluster."),
-    workers: int = typer.Option(2, "--workers", help="LocalCluster workers (each runs one unit at a time)."),
+    workers: int = typer.Option(None, "--workers", min=1, help="LocalCluster workers (each runs --threads-per-worker units at once). Default: 2 on the CPU, cores / 2 on a GPU."),
     threads: int = typer.Option(0, "--torch-threads", help="torch threads per worker; 0: cores / workers."),
-    processes: bool = typer.Option(False, "--processes/--threads", help="LocalCluster workers as processes or threads of this process (default: threads, measured faster on CPU)."),
-    threads_per_worker: int = typer.Option(1, "--threads-per-worker", help="Units each LocalCluster worker runs at once (on a GPU node: --processes --workers 8 --threads-per-worker 2 on 16 cores, docs/scaling.md)."),
+    processes: bool = typer.Option(None, "--processes/--threads", help="LocalCluster workers as processes or threads of this process. Default: threads on the CPU (measured faster), processes on a GPU."),
+    threads_per_worker: int = typer.Option(None, "--threads-per-worker", min=1, help="Units each LocalCluster worker runs at once. Default: 1 on the CPU, 2 on a GPU (16 cores: 8 processes x 2, docs/extraction.md)."),
     batch_size: int = typer.Option(6, "--batch-size", help="Images per teacher forward."),
     device: str = typer.Option("cpu", "--device", help="Teacher device on the workers (cpu, cuda)."),
     dtype: str = typer.Option("float32", "--dtype", help="Teacher autocast dtype: float32, float16 (CUDA), bfloat16."),
@@ -201,7 +201,7 @@ def extract_teacher_command(
     Resumable and idempotent: finished units are kept, a re-run with the same arguments does no
     teacher work. Prints the cache path and a summary line.
     """
-    from pipeline.extract import ExtractConfig, extract_teacher
+    from pipeline.extract import ExtractConfig, available_cores, default_layout, extract_teacher
     from pipeline.pairing import PairingConfig
     from pipeline.teacher import parse_image_size
 
@@ -215,31 +215,39 @@ def extract_teacher_command(
         check_format(target_format)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--target-format") from None
-    cfg = ExtractConfig(
-        data=data,
-        cache_root=cache,
-        teacher=teacher,
-        version=version,
-        split=split,
-        image_size=size,
-        scheduler=scheduler,
-        n_workers=workers,
-        torch_threads=threads,
-        processes=processes,
-        threads_per_worker=threads_per_worker,
-        batch_size=batch_size,
-        device=device,
-        dtype=dtype,
-        image_decode=image_decode,
-        scans_per_unit=scans_per_unit,
-        pairing=PairingConfig(min_depth=min_depth, occlusion=occlusion),
-        progress=progress,
-        skip_bad=skip_bad,
-        target_format=target_format,
-    )
+    layout = default_layout(device, available_cores())  # what the options left unset get
+    try:
+        cfg = ExtractConfig(
+            data=data,
+            cache_root=cache,
+            teacher=teacher,
+            version=version,
+            split=split,
+            image_size=size,
+            scheduler=scheduler,
+            n_workers=layout.workers if workers is None else workers,
+            torch_threads=threads,
+            processes=layout.processes if processes is None else processes,
+            threads_per_worker=layout.threads_per_worker if threads_per_worker is None else threads_per_worker,
+            batch_size=batch_size,
+            device=device,
+            dtype=dtype,
+            image_decode=image_decode,
+            scans_per_unit=scans_per_unit,
+            pairing=PairingConfig(min_depth=min_depth, occlusion=occlusion),
+            progress=progress,
+            skip_bad=skip_bad,
+            target_format=target_format,
+        )
+    except ValueError as e:  # a bad combination of options, named
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
     from cache import CacheError
     from pipeline.datasets import DataError
 
+    if scheduler is None:
+        kind = "process" if cfg.processes else "thread"
+        typer.echo(f"LocalCluster: {cfg.n_workers} {kind} workers x {cfg.threads_per_worker} unit(s) at once", err=True)
     try:
         summary = extract_teacher(cfg)
     except (CacheError, DataError) as e:
@@ -586,7 +594,7 @@ def bench_command(
     processes: bool = typer.Option(False, "--processes/--threads", help="extract-teacher workers as processes (extraction, feed)."),
     threads_per_worker: int = typer.Option(1, "--threads-per-worker", help="Units each extract-teacher worker runs at once (extraction, feed)."),
     replicate: int = typer.Option(1, "--replicate", help="Run extraction/feed on K copies of the set's scenes (long runs for GPU rates)."),
-    gpu_rate: float = typer.Option(200.0, "--gpu-rate", help="feed: images/s of the stand-in GPU teacher."),
+    gpu_rate: float = typer.Option(200.0, "--gpu-rate", min=0.001, help="feed: images/s of the stand-in GPU teacher."),
     image_decode: str = typer.Option("auto", "--image-decode", help="extract-teacher image decoding (extraction, feed): auto, cpu, device."),
     target_format: str = typer.Option("point-f16", "--target-format", help="extract-teacher target format (extraction, feed): point-f16, point-i8, grid-f16, grid-i8."),
 ) -> None:

@@ -18,7 +18,7 @@ import torch
 
 from cache import IncompleteCacheError, open_cache
 from pipeline.datasets import NuScenesReader
-from pipeline.extract import ExtractConfig, extract_teacher
+from pipeline.extract import ClusterLayout, ExtractConfig, default_layout, extract_teacher
 from pipeline.teacher import Teacher, TeacherConfig, sample_features
 
 REPO = Path(__file__).resolve().parents[1]
@@ -345,3 +345,29 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(serial, tmp_path: Path) -
             for name in a:
                 assert np.array_equal(a[name], b[name]), name
     assert interrupted >= 2  # the kills landed inside the runs, not after them
+
+
+def test_default_layout_threads_on_cpu_processes_on_a_gpu():
+    """What `extract-teacher` runs when no layout option is given (measured: docs/extraction.md)."""
+    assert default_layout("cpu", 2) == ClusterLayout(
+        workers=2, processes=False, threads_per_worker=1
+    )
+    assert default_layout("cpu", 64) == ClusterLayout(2, False, 1)
+    assert default_layout("cuda", 16) == ClusterLayout(8, True, 2)  # the H200's best (8 x 2)
+    assert default_layout("cuda:1", 32) == ClusterLayout(16, True, 2)
+    assert default_layout("cuda", 1) == ClusterLayout(1, True, 2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_is_refused_before_any_work(serial, tmp_path: Path) -> None:
+    cfg, _ = serial
+    with pytest.raises(ValueError, match="device 'cuda': torch .* has no CUDA"):
+        replace(cfg, device="cuda", cache_root=tmp_path)
+    replace(cfg, device="cuda", scheduler="tcp://gpu-node:8786")  # its workers may have GPUs
+    with pytest.raises(ValueError, match="float16 needs a CUDA device"):
+        replace(cfg, dtype="float16", cache_root=tmp_path)
+    cmd = _cli(replace(cfg, cache_root=tmp_path))
+    out = subprocess.run([*cmd, "--device", "cuda"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert "error: device 'cuda'" in out.stderr and "Traceback" not in out.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing written
