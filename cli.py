@@ -244,13 +244,14 @@ def extract_teacher_command(
         raise typer.Exit(2) from None
     from cache import CacheError
     from pipeline.datasets import DataError
+    from pipeline.teacher import TeacherError
 
     if scheduler is None:
         kind = "process" if cfg.processes else "thread"
-        typer.echo(f"LocalCluster: {cfg.n_workers} {kind} workers x {cfg.threads_per_worker} unit(s) at once", err=True)
+        typer.echo(f"LocalCluster: {cfg.n_workers} {kind} workers x {cfg.threads_per_worker} unit(s) at once")
     try:
         summary = extract_teacher(cfg)
-    except (CacheError, DataError) as e:
+    except (CacheError, DataError, TeacherError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
     if summary.teacher_random:

@@ -50,6 +50,11 @@ FITTED_MARKER = "fitted_on_dataset_labels"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+class TeacherError(ValueError):
+    """The teacher cannot be found, loaded or used as asked; the message names the model (or
+    its folder) and the problem."""
+
+
 @dataclass(frozen=True)
 class TeacherConfig:
     """Which teacher to run and how."""
@@ -104,11 +109,11 @@ def parse_image_size(text: str) -> tuple[int, int]:
 
 
 def check_image_size(image_size: tuple[int, int], patch_size: int) -> None:
-    """Raise ValueError unless both sides are positive multiples of ``patch_size``."""
+    """Raise TeacherError unless both sides are positive multiples of ``patch_size``."""
     h, w = image_size
     if h <= 0 or w <= 0 or h % patch_size or w % patch_size:
         near = tuple(max(patch_size, round(s / patch_size) * patch_size) for s in (h, w))
-        raise ValueError(
+        raise TeacherError(
             f"image size {h}x{w} is not a multiple of the teacher's patch size {patch_size} on both "
             f"sides; the nearest valid size is {near[0]}x{near[1]}"
         )
@@ -120,12 +125,12 @@ def resolve_model_dir(model: str) -> Path:
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(
+            raise TeacherError(
                 f"teacher folder {path} has no config.json (not a save_pretrained folder)"
             )
         return path.resolve()
     if path.exists() or model.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"teacher {model!r}: no such folder")
+        raise TeacherError(f"teacher {model!r}: no such folder")
     from huggingface_hub import snapshot_download
 
     try:
@@ -133,7 +138,7 @@ def resolve_model_dir(model: str) -> Path:
             snapshot_download(repo_id=model, allow_patterns=["*.json", "*.safetensors", "*.bin"])
         )
     except Exception as e:  # offline, unknown id, ...: name what we tried
-        raise FileNotFoundError(
+        raise TeacherError(
             f"teacher {model!r} is neither a local folder nor a reachable Hugging Face model "
             f"({type(e).__name__}: {e})"
         ) from e
@@ -145,7 +150,7 @@ def weights_sha256(folder: str | Path) -> str:
     folder = Path(folder)
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
     if not files:
-        raise FileNotFoundError(
+        raise TeacherError(
             f"teacher folder {folder} holds no weight file ({', '.join(WEIGHT_SUFFIXES)})"
         )
     h = hashlib.sha256()
@@ -212,9 +217,9 @@ class Teacher(nn.Module):
         try:
             model = AutoModel.from_pretrained(folder)
         except (OSError, ValueError, KeyError) as e:
-            raise ValueError(f"cannot load teacher {cfg.model!r} from {folder}: {e}") from e
+            raise TeacherError(f"cannot load teacher {cfg.model!r} from {folder}: {e}") from e
         if not isinstance(model, Dinov2Model | Dinov2WithRegistersModel):
-            raise ValueError(
+            raise TeacherError(
                 f"teacher {cfg.model!r} is a {type(model).__name__}; expected Dinov2Model or "
                 "Dinov2WithRegistersModel"
             )

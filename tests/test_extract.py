@@ -371,3 +371,12 @@ def test_cuda_without_cuda_is_refused_before_any_work(serial, tmp_path: Path) ->
     assert out.returncode == 2, out.stderr
     assert "error: device 'cuda'" in out.stderr and "Traceback" not in out.stderr
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_a_missing_teacher_is_named_not_a_traceback(serial, tmp_path: Path) -> None:
+    cfg, _ = serial
+    cmd = _cli(replace(cfg, cache_root=tmp_path, teacher=str(tmp_path / "no-teacher")))
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out.stderr
+    assert f"error: teacher '{tmp_path / 'no-teacher'}': no such folder" in out.stderr
+    assert "Traceback" not in out.stderr

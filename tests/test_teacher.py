@@ -13,6 +13,7 @@ from pipeline.teacher import (
     IMAGENET_STD,
     Teacher,
     TeacherConfig,
+    TeacherError,
     parse_image_size,
     sample_features,
     save_random_teacher,
@@ -95,8 +96,11 @@ def test_image_size_must_be_a_multiple_of_the_patch(tiny_teacher: Path) -> None:
 
 
 def test_missing_or_wrong_model_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="no such folder"):
+    with pytest.raises(TeacherError, match="no such folder"):
         Teacher(TeacherConfig(str(tmp_path / "nope")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TeacherError, match="has no config.json"):
+        Teacher(TeacherConfig(str(tmp_path / "empty")))
     from transformers import ViTConfig, ViTModel
 
     vit = tmp_path / "vit"
@@ -110,7 +114,7 @@ def test_missing_or_wrong_model_is_a_clear_error(tmp_path: Path) -> None:
             patch_size=14,
         )
     ).save_pretrained(vit)
-    with pytest.raises(ValueError, match="ViTModel; expected Dinov2Model"):
+    with pytest.raises(TeacherError, match="ViTModel; expected Dinov2Model"):
         Teacher(TeacherConfig(str(vit)))
 
 
