@@ -30,7 +30,6 @@ between machines (the absolute rates depend on the load of a shared machine).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -615,6 +614,8 @@ def feed(cfg: BenchConfig, work: Path) -> list[Row]:
     from machine_load import LoadSampler
     from standin_gpu import standin_gpu
 
+    from pipeline.extract import available_cores
+
     data = _run_data(cfg, work)
     label = _workers_label(cfg.workers, cfg.processes, cfg.threads_per_worker)
     runs, loads = {}, {}
@@ -633,7 +634,7 @@ def feed(cfg: BenchConfig, work: Path) -> list[Row]:
                 processes=cfg.processes,
                 threads_per_worker=cfg.threads_per_worker,
             )
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = available_cores()
     gpu, free = runs["stand-in GPU"], runs["free stand-in"]
     busy = loads["free stand-in"].busy_cores(*free.compute_window)
     return [
