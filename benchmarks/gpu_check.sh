@@ -78,17 +78,20 @@ W="--processes --workers 8 --threads-per-worker 2"
 # 1. ViT-S/14, grid-i8 (the grids quantized per cell on the GPU: the fewest bytes per image,
 #    ~0.9 MB, and no per-point sampling)
 bench extraction --teacher "$WORK/teacher" $W --image-decode "$DECODE" --target-format grid-i8
-# 2. ViT-S/14, point-i8 (about half the bytes of point-f16, quantized on the GPU)
-bench extraction --teacher "$WORK/teacher" $W --image-decode "$DECODE" --target-format point-i8
+# 2. ViT-B/14, grid-i8: the same bytes per image for ~2x the teacher's work per image, so the
+#    likeliest to keep the GPU >= 90 % busy on the teacher
+bench extraction --teacher "$WORK/teacher-b" $W --image-decode "$DECODE" --target-format grid-i8
 # 3. the CUDA-only tests: nvJPEG decode gives the CPU's targets; a broken JPEG is named;
 #    quantize_rows gives numpy's bytes on the GPU
 stamp "pytest (CUDA)"
 timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_images.py \
     tests/test_teacher.py tests/test_target_formats.py -k "device or cuda" 2>&1 | tail -25 || true
-# 4. ViT-S/14, grid-i8, JPEGs decoded by the CPU: nvJPEG's GPU time is not in the bare forward
-#    (the denominator); with little else for the CPU to do, which is better?
+# 4. ViT-S/14 and ViT-B/14, grid-i8, JPEGs decoded by the CPU: nvJPEG's GPU time is not in the
+#    bare forward (the denominator); with little else for the CPU to do, which is better?
 bench extraction --teacher "$WORK/teacher" $W --image-decode cpu --target-format grid-i8
-# 5. ViT-B/14, point-i8
+bench extraction --teacher "$WORK/teacher-b" $W --image-decode cpu --target-format grid-i8
+# 5. ViT-S/14 and ViT-B/14, point-i8 (about half the bytes of point-f16, quantized on the GPU)
+bench extraction --teacher "$WORK/teacher" $W --image-decode "$DECODE" --target-format point-i8
 bench extraction --teacher "$WORK/teacher-b" $W --image-decode "$DECODE" --target-format point-i8
 # 6. ViT-S/14, grid-f16 (the patch grids, sampled by the reader)
 bench extraction --teacher "$WORK/teacher" $W --image-decode "$DECODE" --target-format grid-f16
