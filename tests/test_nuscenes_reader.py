@@ -148,6 +148,20 @@ def test_images_and_pickling(reader: NuScenesReader) -> None:
     assert reader.metadata_files() and all(p.suffix == ".json" for p in reader.metadata_files())
 
 
+def test_a_worker_reads_points_labels_and_images_without_the_tables(
+    reader: NuScenesReader,
+) -> None:
+    """What an extraction worker does with its unpickled reader loads no JSON table but
+    category.json (v1.0-trainval's tables are gigabytes of dicts per worker process)."""
+    scan = reader.scans("train")[0]
+    worker = pickle.loads(pickle.dumps(reader))
+    labels = worker.load_labels(scan)
+    np.testing.assert_array_equal(labels, reader.load_labels(scan))
+    assert worker.load_points(scan).shape[0] == labels.shape[0]
+    worker.load_image(scan.cameras[0])
+    assert "_tables" not in worker.__dict__ and "_keyframes_by_sample" not in worker.__dict__
+
+
 def test_clean_set_has_no_problems(dataroot: Path, reader: NuScenesReader) -> None:
     assert check_data(reader, "all") == []
     from cli import app

@@ -167,10 +167,17 @@ class NuScenesReader:
 
     @cached_property
     def _label_lut(self) -> np.ndarray:
-        """(256,) uint8: general index → challenge class (255 ignore, 254 undefined index)."""
+        """(256,) uint8: general index → challenge class (255 ignore, 254 undefined index).
+
+        Built from ``category.json`` alone, not from ``_tables``: extraction workers call
+        ``load_labels`` on an unpickled reader, and loading every table there would cost each
+        worker process gigabytes on v1.0-trainval (``sample_data.json`` alone is ~1.3 GB)."""
         lut = np.full(256, _UNKNOWN_INDEX, dtype=np.uint8)
-        categories = self._tables.get("category", {})
-        for category in categories.values():
+        has_categories = (self.version_dir / "category.json").is_file()
+        categories = self._load_table("category") if has_categories else []
+        for category in categories:
+            if not isinstance(category, dict):
+                raise DataError(f"{self.version_dir / 'category.json'}: record is not an object")
             if "index" not in category:
                 raise DataError(
                     f"{self.version_dir / 'category.json'}: category {category.get('name')!r} has "
