@@ -120,3 +120,25 @@ def test_make_synthetic_cli_semantickitti_format(tmp_path):
     assert (labels != IGNORE_LABEL).all()  # every synthetic return is labelled
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 1 and "not empty" in again.output
+
+
+def test_pre_flight_check_reads_uint32_labels_and_names_missing_files(kitti_root, tmp_path):
+    import shutil
+    from pathlib import Path
+
+    from pipeline.datasets import check_data, check_scan
+
+    root = tmp_path / "copy"
+    shutil.copytree(kitti_root, root)
+    reader = SemanticKITTIReader(root)
+    assert check_data(reader, "val") == []  # 4 bytes a point is the right label size
+    first, second = reader.scans("val")
+    with open(second.label_path, "r+b") as f:
+        f.truncate(f.seek(0, 2) - 4)
+    problems = check_data(reader, "val")
+    assert len(problems) == 1 and second.label_path in problems[0]
+    assert "bytes of labels for" in problems[0] and "expected" in problems[0]
+    Path(first.lidar_path).unlink()  # gone after the listing: named, not raised
+    (problem,) = check_scan(reader, first)
+    assert first.lidar_path in problem and "missing" in problem
+    assert "test" in check_data(reader, "test")[0]  # no test sequence here: one line, no raise

@@ -1,8 +1,9 @@
 """Pre-flight checks of a dataset: find broken files before a long extraction starts.
 
 ``check_scan`` works on any reader's ``Scan`` records: it reads the points (size and NaN/Inf), the
-label file size, the calibration matrices, and each image's header (format and size; the pixels
-are decoded only at extraction time).
+label file size (``reader.label_bytes_per_point`` bytes a point: 1 for nuScenes' uint8 lidarseg,
+4 for SemanticKITTI's uint32), the calibration matrices, and each image's header (format and
+size; the pixels are decoded only at extraction time).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ _ROTATION_TOLERANCE = 1e-6
 
 
 class Reader(Protocol):
+    label_bytes_per_point: int
+
     def scans(self, split: str) -> list[Scan]: ...
     def load_points(self, scan: Scan) -> np.ndarray: ...
 
@@ -42,18 +45,20 @@ def check_scan(reader: Reader, scan: Scan) -> list[str]:
     problems: list[str] = []
     try:
         n_points = len(reader.load_points(scan))
-    except DataError as e:
+    except (DataError, OSError) as e:  # a reader may raise FileNotFoundError for a missing file
         problems.append(str(e))
         n_points = None
     if scan.label_path is not None:
         label_path = Path(scan.label_path)
         if not label_path.is_file():
             problems.append(f"{label_path}: label file missing (scan {scan.token})")
-        elif n_points is not None and label_path.stat().st_size != n_points:
+        elif n_points is not None:
             size = label_path.stat().st_size
-            problems.append(
-                f"{label_path}: {size} labels for {n_points} points (scan {scan.token})"
-            )
+            if size != n_points * reader.label_bytes_per_point:
+                problems.append(
+                    f"{label_path}: {size} bytes of labels for {n_points} points, expected "
+                    f"{n_points * reader.label_bytes_per_point} (scan {scan.token})"
+                )
     for name, transform in (
         ("lidar sensor_to_ego", scan.sensor_to_ego),
         ("lidar ego_to_global", scan.ego_to_global),
@@ -94,7 +99,7 @@ def check_data(reader: Reader, split: str) -> list[str]:
     as the single problem). Shows a progress bar over scans."""
     try:
         scans = reader.scans(split)
-    except DataError as e:
+    except (ValueError, OSError) as e:  # DataError, or a reader's unknown split / missing folder
         return [str(e)]
     problems: list[str] = []
     for scan in tqdm(scans, desc=f"check {split}", unit="scan"):

@@ -99,6 +99,7 @@ class NuScenesReader:
     tables are (re)loaded lazily and are not part of the pickled state."""
 
     class_names: tuple[str, ...] = CLASS_NAMES
+    label_bytes_per_point: int = 1  # uint8 lidarseg .bin
 
     def __init__(self, root: str | Path, version: str | None = None) -> None:
         self.root = Path(root).resolve()

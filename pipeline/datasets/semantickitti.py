@@ -117,6 +117,7 @@ class SemanticKITTIReader:
     """Plain reader of a SemanticKITTI root (the folder that holds ``sequences/``)."""
 
     class_names: tuple[str, ...] = CLASS_NAMES
+    label_bytes_per_point: int = 4  # uint32 .label
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).resolve()
