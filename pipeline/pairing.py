@@ -1,8 +1,9 @@
 """LiDAR point → (camera, pixel, depth) pairing, occlusion-aware. See docs/pairing.md.
 
 Per camera the chain is lidar → ego(t_lidar) → global → ego(t_camera) → camera → pixels, with
-the devkit's conventions: a point is a candidate when its depth (camera z) exceeds ``min_depth``
-and ``1 < u < W - 1`` and ``1 < v < H - 1`` (pixel (0, 0)'s centre is at (0.5, 0.5)).
+the devkit's candidate rule: depth (camera z) above ``min_depth`` and ``1 < u < W - 1`` and
+``1 < v < H - 1``. Ours, not the devkit's (it defines none): pixel (0, 0) covers [0, 1)², centre
+(0.5, 0.5).
 Occlusion: a coarse z-buffer of the candidates' depths (min per square cell, with
 ``zbuffer_cells_across`` cells across the image width, then min over the ``(2k+1)²`` neighbouring
 cells) rejects a point lying more than
@@ -33,8 +34,9 @@ class PairingConfig:
     occlusion: bool = True
     """Reject points hidden behind a nearer surface in that camera (z-buffer test)."""
     zbuffer_cells_across: int = 160
-    """Z-buffer resolution: square cells, this many across the image width (the same angle at any
-    image size: 10 px cells on a 1600-px nuScenes image, 4 px on the 640-px synthetic one)."""
+    """Z-buffer resolution: square cells, this many across the image width (the same share of the
+    image at any size: 10 px cells on a 1600-px nuScenes image, 4 px on the 640-px synthetic one;
+    the angle a cell spans follows the focal length)."""
     zbuffer_neighbourhood: int = 1
     """Cells on each side of a point's cell that count as its neighbourhood (1 → 3x3)."""
     occlusion_tolerance: float = 0.15
