@@ -1,9 +1,13 @@
-"""One extraction run per cache: an O_EXCL lock file holding pid, host and start time.
+"""One extraction run per cache: a lock file holding pid, host, boot and pid namespace, start time.
 
 Parallel Dask tasks of one run do not take the lock (they write disjoint units); the driver of
-the run holds it for the whole run. A lock whose process is gone (same host, pid not alive or
-reused by a younger process) is stale and taken over with a warning; a live one, or one held on
-another host (whose processes we cannot see), is a clear error.
+the run holds it for the whole run. The file is written under a temporary name and hard-linked
+into place, so it never exists empty or half-written (``os.link`` fails when the name exists, as
+``O_EXCL`` does, also on NFS). A lock whose process is gone (same host, boot and pid namespace;
+pid not alive or reused by a younger process) is stale and taken over with a warning; a live
+one, or one whose process we cannot see (another host, another container's pid namespace), is a
+clear error. An unreadable lock file (damaged: this code never writes one) counts as held until
+it is ``UNREADABLE_STALE_S`` old.
 """
 
 from __future__ import annotations
@@ -20,9 +24,26 @@ from pathlib import Path
 
 from cache.schema import LOCK_FILE, CacheError
 
+UNREADABLE_STALE_S = 60.0
+"""An unreadable lock file younger than this (by mtime) is taken as held."""
+
 
 class LockHeldError(CacheError):
     """Another live process holds the lock."""
+
+
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def _pid_namespace() -> str | None:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
 
 
 def _process_start_time(pid: int) -> float | None:
@@ -41,9 +62,14 @@ def _process_start_time(pid: int) -> float | None:
 
 
 def _is_stale(holder: dict) -> bool:
-    """True when the holder ran on this host and its process is gone (or the pid was reused)."""
+    """True when the holder ran here (same host, boot and pid namespace) and its process is gone
+    (or the pid was reused). A lock written by older code lacks boot and namespace: the host
+    decides then."""
     if holder.get("host") != socket.gethostname():
         return False
+    for field, here in (("boot_id", _boot_id()), ("pid_ns", _pid_namespace())):
+        if field in holder and holder[field] != here:
+            return False  # another container or boot: its pids are not ours to test
     pid = int(holder.get("pid", -1))
     if pid <= 0:
         return True
@@ -59,7 +85,7 @@ def _is_stale(holder: dict) -> bool:
 
 
 def _read_holder(path: Path) -> dict | None:
-    """Lock file contents; None when it vanished; {} when unreadable (being written)."""
+    """Lock file contents; None when it vanished; {} when unreadable (damaged)."""
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -73,6 +99,23 @@ def _describe(holder: dict) -> str:
     return f"pid {holder.get('pid')} on host {holder.get('host')} since {started}"
 
 
+def _unreadable_age(path: Path) -> float | None:
+    """Seconds since an unreadable lock file was last modified; None when it vanished."""
+    try:
+        return time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return None
+
+
+def _link_into_place(source: Path, path: Path) -> bool:
+    """Hard-link ``source`` to ``path``; False when ``path`` exists (someone holds the lock)."""
+    try:
+        os.link(source, path)
+    except FileExistsError:
+        return False
+    return True
+
+
 def acquire_lock(directory: Path) -> dict:
     """Create ``directory/writer.lock`` exclusively and return what was written into it.
 
@@ -83,26 +126,38 @@ def acquire_lock(directory: Path) -> dict:
     mine = {
         "pid": os.getpid(),
         "host": socket.gethostname(),
+        "boot_id": _boot_id(),
+        "pid_ns": _pid_namespace(),
         "started": time.time(),
         "id": uuid.uuid4().hex,
     }
-    for _ in range(50):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
+    # The complete file under a name of our own, then linked into place: never seen empty.
+    draft = path.with_name(f"{LOCK_FILE}.new-{mine['id']}")
+    with open(draft, "w") as fh:
+        json.dump(mine, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    try:
+        for _ in range(50):
+            if _link_into_place(draft, path):
+                return mine
             holder = _read_holder(path)
             if holder is None:
                 continue  # released between our attempts: try again
             if not holder:
-                time.sleep(0.05)  # being written right now
-                holder = _read_holder(path)
-                if holder is None:
+                age = _unreadable_age(path)
+                if age is None:
                     continue
-            if holder and not _is_stale(holder):
+                if age < UNREADABLE_STALE_S:
+                    raise LockHeldError(
+                        f"cache {directory}: the lock file {path} is unreadable and "
+                        f"{age:.0f} s old; if no run is writing this cache, delete it"
+                    )
+            elif not _is_stale(holder):
                 raise LockHeldError(
                     f"cache {directory} is being written by another run ({_describe(holder)}); "
                     f"wait for it to finish. If that run is dead, delete {path}."
-                ) from None
+                )
             # Stale: move it aside under a unique name, and make sure what we moved is the
             # stale lock we judged (not a fresh one another process created meanwhile).
             aside = path.with_name(f"{LOCK_FILE}.stale-{uuid.uuid4().hex}")
@@ -111,8 +166,12 @@ def acquire_lock(directory: Path) -> dict:
             except FileNotFoundError:
                 continue
             moved = _read_holder(aside)
-            if holder and moved != holder:
-                os.rename(aside, path)  # not the one we judged stale: put it back, re-check
+            if moved is None:
+                continue
+            if moved != holder:
+                # Not the one we judged: put it back without replacing a newer one, re-check.
+                _link_into_place(aside, path)
+                aside.unlink(missing_ok=True)
                 continue
             aside.unlink(missing_ok=True)
             warnings.warn(
@@ -120,13 +179,9 @@ def acquire_lock(directory: Path) -> dict:
                 f"({_describe(holder) if holder else 'unreadable lock file'}: process is gone)",
                 stacklevel=2,
             )
-            continue
-        with os.fdopen(fd, "w") as fh:
-            json.dump(mine, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        return mine
-    raise LockHeldError(f"could not take the lock {path}: it keeps changing hands")
+        raise LockHeldError(f"could not take the lock {path}: it keeps changing hands")
+    finally:
+        draft.unlink(missing_ok=True)
 
 
 def release_lock(directory: Path, mine: dict) -> None:
