@@ -240,3 +240,41 @@ def test_lr_schedule_warms_up_then_decays() -> None:
     lr = lr_schedule(100, cfg)
     assert lr[0] == pytest.approx(0.1) and lr[9] == pytest.approx(1.0)
     assert np.all(np.diff(lr[10:]) <= 0) and lr[-1] == pytest.approx(0.01, abs=1e-3)
+
+
+def test_forward_backward_under_bfloat16_autocast_keeps_the_sparse_parts_float32() -> None:
+    """amp (bfloat16 autocast, on CUDA in the loop; CPU autocast here): ME needs features and
+    kernels of one dtype, so the backbone and the occupancy decoder's sparse convolutions run in
+    float32 (a 1x1 conv is an F.mm that autocast would make bfloat16) and the head in bfloat16."""
+    from trainer.loop import DistillModel
+    from trainer.loss import distill_loss
+    from trainer.minkowski import ME
+    from trainer.model import StudentConfig, input_features, voxel_coordinates
+    from trainer.occupancy import occupancy_loss
+
+    cfg = load_config(cache="c", data="d", out="o", backbone="tiny", occupancy_weight=0.5)
+    rng = np.random.default_rng(0)
+    pts = np.concatenate([rng.uniform(-6, 6, (3000, 3)), rng.uniform(0, 255, (3000, 1))], 1)
+    pts = pts.astype(np.float32)
+    vox = voxel_coordinates(pts[:, :3], cfg.voxel_size)  # (N, 3)
+    coords = ME.utils.batched_coordinates([vox], dtype=torch.float32)
+    feats = input_features(torch.from_numpy(pts), StudentConfig("tiny"))
+    cells = np.unique(np.floor_divide(vox.numpy(), cfg.occupancy_stride), axis=0)[:200]
+    queries = ME.utils.batched_coordinates(
+        [torch.from_numpy((cells * cfg.occupancy_stride).astype(np.int32))], dtype=torch.int32
+    )
+    labels = torch.from_numpy((rng.uniform(size=len(queries)) > 0.5).astype(np.float32))
+    paired = torch.from_numpy(pts[:, 0] > 0)
+    torch.manual_seed(0)
+    model = DistillModel(cfg, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pred, logits = model(coords, feats, queries, paired)
+    assert pred.dtype == torch.bfloat16  # the head did run under autocast
+    target = torch.randn(int(paired.sum()), 16)
+    loss = distill_loss(pred, target, torch.ones(len(target), dtype=torch.bool))
+    loss = loss + 0.5 * occupancy_loss(logits, labels)
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert all(g is not None and g.dtype == torch.float32 for g in grads.values())
+    assert all(bool(torch.isfinite(g).all()) for g in grads.values())

@@ -10,6 +10,12 @@ share a voxel share a feature. Public API (also used by ``trainer/evaluate``):
 - ``make_field(points_list, voxel_size, device)`` → ``ME.TensorField`` of a batch of scans.
 - ``point_features(model, points_list, device)`` → list of (N_i, C) per-scan features.
 - ``load_backbone(run_dir)`` → (model in eval mode, StudentConfig) from a training run folder.
+
+Mixed precision: MinkowskiEngine's convolutions need features and kernels of the same dtype, and
+autocast would turn some of them (the 1x1 convolutions are ``F.mm(kernel)``, the voxel averaging
+a sparse matmul) into bfloat16. Every ME part therefore runs with autocast off on float32 features
+(``float32_sparse``, ``no_autocast``); only what the caller does with the point features (the
+projection head) runs in the caller's autocast.
 """
 
 from __future__ import annotations
@@ -48,6 +54,22 @@ class StudentConfig:
             raise ValueError(f"unknown backbone {self.backbone!r}; known: {list(ARCHITECTURES)}")
         if self.voxel_size <= 0:
             raise ValueError(f"voxel_size must be > 0, got {self.voxel_size}")
+
+
+def no_autocast(device: torch.device | str):
+    """Context with autocast off for ``device``'s type (the sparse convolutions run in float32)."""
+    return torch.autocast(device_type=torch.device(device).type, enabled=False)
+
+
+def float32_sparse(x: ME.SparseTensor) -> ME.SparseTensor:
+    """``x`` itself if its features are float32, else the same coordinates with float32 features."""
+    if x.F.dtype == torch.float32:
+        return x
+    return ME.SparseTensor(
+        x.F.float(),
+        coordinate_map_key=x.coordinate_map_key,
+        coordinate_manager=x.coordinate_manager,
+    )
 
 
 def _conv(c_in: int, c_out: int, k: int, stride: int = 1) -> ME.MinkowskiConvolution:
@@ -133,9 +155,10 @@ class MinkUNet(nn.Module):
     def forward_with_strides(
         self, field: ME.TensorField
     ) -> tuple[torch.Tensor, dict[int, ME.SparseTensor]]:
-        """((N, C) per-point features, decoder outputs by stride)."""
-        by_stride = self.forward_sparse(field.sparse())
-        return by_stride[1].slice(field).F, by_stride
+        """((N, C) per-point features, decoder outputs by stride); float32 under any autocast."""
+        with no_autocast(field.F.device):
+            by_stride = self.forward_sparse(float32_sparse(field.sparse()))
+            return by_stride[1].slice(field).F, by_stride
 
     def forward(self, field: ME.TensorField) -> torch.Tensor:
         """(N, C) features of every point of ``field``."""

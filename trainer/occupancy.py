@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.minkowski import ME
+from trainer.model import float32_sparse, no_autocast
 
 _OFFSET = 1 << 20  # cell indices are shifted by this into [0, 2^21) before packing into int64
 
@@ -128,11 +129,16 @@ class OccupancyDecoder(nn.Module):
 
     def forward(self, features: ME.SparseTensor, queries: torch.Tensor) -> torch.Tensor:
         """features: stride-s SparseTensor; queries (M, 4) int32 batch, x, y, z in voxel units
-        (multiples of s). Returns (M,) logits in the order of ``queries``."""
+        (multiples of s). Returns (M,) logits in the order of ``queries``.
+
+        The two sparse convolutions run with autocast off on float32 features (under autocast
+        the 1x1 one, an ``F.mm``, would hand bfloat16 features to the 5^3 one, which ME refuses);
+        the final Linear follows the caller's autocast."""
         if len(queries) == 0:  # keep every parameter in the graph (DDP expects their gradients)
             return features.F.new_zeros(0) + 0.0 * sum(p.sum() for p in self.parameters())
-        x = self.reduce(features)
-        q = self.query(x, coordinates=queries.to(device=x.F.device, dtype=torch.int32))
+        with no_autocast(features.F.device):
+            x = self.reduce(float32_sparse(features))
+            q = self.query(x, coordinates=queries.to(device=x.F.device, dtype=torch.int32))
         return self.out(q.F).squeeze(1)  # (M,)
 
 
