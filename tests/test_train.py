@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -278,3 +279,42 @@ def test_forward_backward_under_bfloat16_autocast_keeps_the_sparse_parts_float32
     grads = {n: p.grad for n, p in model.named_parameters()}
     assert all(g is not None and g.dtype == torch.float32 for g in grads.values())
     assert all(bool(torch.isfinite(g).all()) for g in grads.values())
+
+
+def test_resuming_a_finished_run_rewrites_nothing(train_cache, tmp_path) -> None:
+    """A finished run resumed trains nothing and leaves its files (summary: final loss, rates)
+    as they were."""
+    cfg = _cfg(train_cache, tmp_path / "run", epochs=1)
+    first = train(cfg)
+    names = ("summary.json", "config.yaml", "metrics.jsonl", "checkpoint.pt")
+    files = {n: (cfg.out / n).read_bytes() for n in names}
+    again = train(dataclasses.replace(cfg, resume=True))
+    assert {n: (cfg.out / n).read_bytes() for n in names} == files
+    assert again.steps == first.steps == 4 and again.final_loss == first.final_loss > 0
+    # killed between its last checkpoint and its summary: the summary comes from the checkpoint
+    (cfg.out / "summary.json").unlink()
+    train(dataclasses.replace(cfg, resume=True))
+    summary = json.loads((cfg.out / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["final_loss"] == pytest.approx(first.final_loss)
+
+
+def test_resume_with_other_usable_scans_or_process_count_is_refused(train_cache, tmp_path) -> None:
+    """The checkpoint's step means an epoch, a batch and a learning rate only for the usable
+    scans and the process count it was written with: another of either is refused, naming both."""
+    import shutil
+
+    cache = shutil.copytree(train_cache.cache, tmp_path / "cache" / train_cache.cache.name)
+    cfg = _cfg(train_cache._replace(cache=cache), tmp_path / "run", epochs=1, skip_bad_scans=True)
+    train(cfg)
+    ckpt = torch.load(cfg.out / "checkpoint.pt", weights_only=False)
+    shutil.rmtree(cache / "units" / "u00001")  # its 4 scans are now skipped
+    with pytest.raises(ValueError, match="trained on 8 usable scans, this one finds 4"):
+        train(dataclasses.replace(cfg, resume=True))
+    shutil.rmtree(cache)
+    shutil.copytree(train_cache.cache, cache)
+    other = dict(ckpt, schedule=dict(ckpt["schedule"], world_size=2, steps_per_epoch=2))
+    save_checkpoint(cfg.out / "checkpoint.pt", other)  # as if written by a 2-process run
+    with pytest.raises(ValueError, match=r"run of 2 process\(es\), this one has 1"):
+        train(dataclasses.replace(cfg, resume=True))
+    save_checkpoint(cfg.out / "checkpoint.pt", ckpt)
+    train(dataclasses.replace(cfg, resume=True))  # the same schedule resumes

@@ -8,6 +8,7 @@ checkpoint.pt (written atomically: temp file + os.replace).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -46,6 +47,7 @@ from trainer.occupancy import OccupancyDecoder, occupancy_loss
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 CONFIG = "config.yaml"
+SUMMARY = "summary.json"
 
 
 class DistillModel(nn.Module):
@@ -165,10 +167,59 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
 
 
+def _scans_digest(scans: list[int]) -> str:
+    """sha256 of the indices of the scans a run trains on (the samples are indexed into them)."""
+    return hashlib.sha256(np.asarray(scans, np.int64).tobytes()).hexdigest()
+
+
+def _schedule_record(sampler: RunBatchSampler, scans: list[int], world: int) -> dict[str, Any]:
+    """What the global step means: the checkpoint's step indexes the learning-rate table and the
+    sampler's batches, both functions of these (with the config's batch size and epochs)."""
+    return {
+        "world_size": world,
+        "scans": len(scans),
+        "scans_digest": _scans_digest(scans),
+        "steps_per_epoch": sampler.steps_per_epoch,
+        "total_steps": sampler.total_steps,
+    }
+
+
+def _check_schedule(path: Path, saved: dict[str, Any] | None, now: dict[str, Any]) -> None:
+    """Refuse a resume whose step would mean another epoch, batch and learning rate."""
+    if saved is None:  # a checkpoint from before these were recorded: nothing to compare
+        return
+    if saved["world_size"] != now["world_size"]:
+        raise ValueError(
+            f"{path}: was written by a run of {saved['world_size']} process(es), this one has "
+            f"{now['world_size']}; steps per epoch ({saved['steps_per_epoch']} vs "
+            f"{now['steps_per_epoch']}), the total steps and the learning-rate schedule depend "
+            f"on it. Resume with {saved['world_size']} process(es), or start a new run (--out)"
+        )
+    if saved["scans"] != now["scans"] or saved["scans_digest"] != now["scans_digest"]:
+        what = (
+            f"{saved['scans']} usable scans, this one finds {now['scans']}"
+            if saved["scans"] != now["scans"]
+            else f"{saved['scans']} usable scans, this one finds as many but not the same ones"
+        )
+        raise ValueError(
+            f"{path}: was trained on {what} (a unit of the cache became unreadable, or "
+            "--verify-cache / a repaired cache changed what --skip-bad-scans leaves out); steps "
+            f"per epoch ({saved['steps_per_epoch']} vs {now['steps_per_epoch']}), the total "
+            "steps and the learning-rate schedule depend on them. Restore the cache, or start "
+            "a new run (--out)"
+        )
+
+
 def _restore(
-    path: Path, model: DistillModel, optimizer: torch.optim.Optimizer, cfg: TrainConfig, digest: str
-) -> int:
-    """Load a checkpoint written by this config and cache; returns its step."""
+    path: Path,
+    model: DistillModel,
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    digest: str,
+    schedule: dict[str, Any],
+) -> tuple[int, float | None]:
+    """Load a checkpoint written by this config, cache, process count and scan set; returns
+    (its step, the loss of that step, None if the checkpoint predates recording it)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: --resume given but there is no checkpoint")
     state = torch.load(path, map_location="cpu", weights_only=False)
@@ -183,13 +234,14 @@ def _restore(
         )
     if state["cache_digest"] != digest:
         raise ValueError(f"{path}: was trained on cache {state['cache_digest']}, not {digest}")
+    _check_schedule(path, state.get("schedule"), schedule)
     model.backbone.load_state_dict(state["model"]["backbone"])
     model.head.load_state_dict(state["model"]["head"])
     if model.occupancy is not None:
         model.occupancy.load_state_dict(state["model"]["occupancy"])
     optimizer.load_state_dict(state["optimizer"])
     _set_rng_state(state["rng"])
-    return int(state["step"])
+    return int(state["step"]), state.get("loss")
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -230,11 +282,15 @@ def _train(cfg: TrainConfig, rt: distributed.Runtime) -> TrainResult:
     total = sampler.total_steps
     schedule = lr_schedule(total, cfg)  # (total,)
     run_dir, ckpt_path, metrics_path = cfg.out, cfg.out / CHECKPOINT, cfg.out / METRICS
-    step = 0
+    summary_path = run_dir / SUMMARY
+    schedule_record = _schedule_record(sampler, scans, rt.world)
+    step, last_loss = 0, None
     if cfg.resume:
-        step = _restore(ckpt_path, model, optimizer, cfg, digest)
+        step, last_loss = _restore(ckpt_path, model, optimizer, cfg, digest, schedule_record)
     elif ckpt_path.exists():
         raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue, or another --out")
+    if step >= total:  # resuming a finished run: nothing to train, nothing to rewrite
+        return _finished(run_dir, summary_path, step, last_loss, model, rt)
     sampler.start_step = step
     if rt.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -341,6 +397,8 @@ def _train(cfg: TrainConfig, rt: distributed.Runtime) -> TrainResult:
                 "config": cfg.to_dict(),
                 "cache_digest": digest,
                 "feature_dim": reader.feature_dim,
+                "schedule": schedule_record,
+                "loss": loss_value,
             }
             save_checkpoint(ckpt_path, state)
     bar.close()
@@ -359,6 +417,42 @@ def _train(cfg: TrainConfig, rt: distributed.Runtime) -> TrainResult:
         rank=rt.rank,
     )
     if rt.is_main:
-        summary = {k: v for k, v in vars(result).items() if k not in ("model", "run_dir", "rank")}
-        _write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
+        _write_summary(summary_path, result)
+    return result
+
+
+def _write_summary(path: Path, result: TrainResult) -> None:
+    summary = {k: v for k, v in vars(result).items() if k not in ("model", "run_dir", "rank")}
+    _write_text_atomic(path, json.dumps(summary, indent=1))
+
+
+def _finished(
+    run_dir: Path,
+    summary_path: Path,
+    step: int,
+    last_loss: float | None,
+    model: DistillModel,
+    rt: distributed.Runtime,
+) -> TrainResult:
+    """The result of resuming a run whose checkpoint is at its last step. Its files are left as
+    they are; only a missing summary.json (the run was killed between its last checkpoint and
+    its summary) is written, with the checkpoint's loss and no throughput figures."""
+    nan = float("nan")
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+        result = TrainResult(
+            run_dir, summary["steps"], summary["final_loss"], summary["scans_per_s"],
+            summary["data_wait_share"], model, rt.rank,
+        )  # fmt: skip
+        note = f"{summary_path} left as it is"
+    else:
+        loss = nan if last_loss is None else float(last_loss)
+        result = TrainResult(run_dir, step, loss, nan, nan, model, rt.rank)
+        note = f"wrote the missing {summary_path} from the checkpoint"
+        if rt.is_main:
+            _write_summary(summary_path, result)
+    if rt.is_main:
+        print(
+            f"{run_dir}: already finished (step {step}), nothing to train; {note}", file=sys.stderr
+        )
     return result
