@@ -402,7 +402,7 @@ def _train(cfg: TrainConfig, rt: distributed.Runtime) -> TrainResult:
             }
             save_checkpoint(ckpt_path, state)
     bar.close()
-    if rt.distributed:  # BN running stats follow each rank's own batches: take rank 0's (saved)
+    if rt.distributed:  # DDP copies rank 0's buffers before each forward; the last step's too
         for buffer in model.buffers():
             torch.distributed.broadcast(buffer, src=0)
     if metrics is not None:
