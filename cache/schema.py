@@ -203,7 +203,8 @@ class CacheKey:
     split: str
     """Dataset split extracted ("train", "val", "mini_train", ...)."""
     teacher: str
-    """Teacher model as given by the user: a Hugging Face id or a local path."""
+    """Teacher model: a Hugging Face id as given, or a local folder's own name (its path does not
+    matter: the hashes identify it)."""
     teacher_weights_sha256: str
     """sha256 of the teacher weights file(s): the same name with other weights is another key."""
     image_size: tuple[int, int]
@@ -214,13 +215,22 @@ class CacheKey:
     """Canonical JSON of the PairingConfig fields (min depth, occlusion settings, ...)."""
     teacher_dtype: str = "float32"
     """Dtype the teacher ran in (float32, or float16/bfloat16 autocast): it changes the targets."""
+    teacher_config_sha256: str = ""
+    """sha256 of the teacher's config.json (canonical JSON, less our demo markers): the same
+    weights with another activation, layer-norm eps, ... give other targets. Empty in keys made
+    before it existed (left out of `to_dict` then, so their digests hold; a new extraction never
+    matches them)."""
+    image_decode: str = "cpu"
+    """Where the JPEGs were decoded and resized: "cpu" (PIL) or "device" (nvJPEG and a float
+    resize: within one grey level, so other targets). Left out of `to_dict` when "cpu"."""
     target_format: str = DEFAULT_TARGET_FORMAT
     """How the targets are stored (`TARGET_FORMATS`); each format is its own cache. Left out of
     `to_dict` (so of the digest) when it is point-f16: version-1 keys, which lack the field, keep
     their digest and read as point-f16."""
     schema_version: int | None = None
     """On-disk format version; part of the key so a new format never reuses an old cache.
-    None: the version ``target_format`` is written with (1 for point-f16, else 2); a version
+    None: the version ``target_format`` is written with (`TargetFormat.schema_version`: 1 for
+    point-f16, 2 for point-i8 and grid-f16, 3 for grid-i8); a version
     older than the format needs is refused."""
 
     def __post_init__(self) -> None:
@@ -236,8 +246,13 @@ class CacheKey:
                 raise ValueError(
                     f"CacheKey.{f} must be a non-empty string, got {getattr(self, f)!r}"
                 )
-        if not isinstance(self.teacher_weights_sha256, str):
-            raise ValueError("CacheKey.teacher_weights_sha256 must be a string")
+        for f in ("teacher_weights_sha256", "teacher_config_sha256"):
+            if not isinstance(getattr(self, f), str):
+                raise ValueError(f"CacheKey.{f} must be a string")
+        if self.image_decode not in ("cpu", "device"):
+            raise ValueError(
+                f"CacheKey.image_decode must be 'cpu' or 'device', got {self.image_decode!r}"
+            )
         size = tuple(self.image_size)
         if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
             raise ValueError(f"CacheKey.image_size must be two positive ints (H, W), got {size!r}")
@@ -252,11 +267,16 @@ class CacheKey:
         object.__setattr__(self, "schema_version", version)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict (image_size as a list; no target_format when it is point-f16)."""
+        """Plain JSON-able dict (image_size as a list; the fields added later left out at their
+        old meaning: target_format point-f16, no teacher_config_sha256, image_decode cpu)."""
         d = dataclasses.asdict(self)
         d["image_size"] = list(self.image_size)
         if d["target_format"] == DEFAULT_TARGET_FORMAT:
             del d["target_format"]  # the version-1 key, digest unchanged
+        if not d["teacher_config_sha256"]:
+            del d["teacher_config_sha256"]  # keys made before the field: digest unchanged
+        if d["image_decode"] == "cpu":
+            del d["image_decode"]
         return d
 
     @classmethod

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cache import CacheKey, CacheWriter, UnitData, dataset_fingerprint
+from cache import CacheError, CacheKey, CacheWriter, UnitData, dataset_fingerprint
 from cache.schema import DEFAULT_TARGET_FORMAT, quantize_rows, target_format
 from pipeline.datasets import DataError, NuScenesReader, Scan
 from pipeline.datasets.check import check_scan
@@ -106,8 +106,14 @@ class ExtractConfig:
     its manifest meta (``skipped_scans``); False: the run fails listing them, before any work."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "data", Path(self.data))
-        object.__setattr__(self, "cache_root", Path(self.cache_root))
+        if "://" in str(self.cache_root):
+            raise ValueError(
+                f"cache root {self.cache_root}: URLs are not supported; the cache needs a POSIX "
+                "file system shared by every worker (rename, fsync: docs/scaling.md)"
+            )
+        # Absolute: workers of a running cluster (--scheduler) have other working directories.
+        object.__setattr__(self, "data", Path(self.data).expanduser().absolute())
+        object.__setattr__(self, "cache_root", Path(self.cache_root).expanduser().absolute())
         object.__setattr__(self, "image_size", tuple(int(s) for s in self.image_size))
         if self.n_workers < 1:
             raise ValueError(f"n_workers must be >= 1, got {self.n_workers}")
@@ -508,15 +514,24 @@ def split_units(scans: list[Scan], scans_per_unit: int) -> list[list[Scan]]:
     return [scans[i : i + scans_per_unit] for i in range(0, len(scans), scans_per_unit)]
 
 
+def teacher_key_name(model: str) -> str:
+    """The teacher's name in the cache key: a local folder's own name (however it was reached),
+    else the hub id as given."""
+    path = Path(model).expanduser()
+    return path.resolve().name if path.is_dir() else model
+
+
 def cache_key(cfg: ExtractConfig, reader: NuScenesReader, teacher: Teacher) -> CacheKey:
-    """Everything that determines the targets of this run."""
+    """Everything that determines the targets of this run (``cfg.image_decode`` resolved)."""
     return CacheKey(
         dataset_fingerprint=dataset_fingerprint(reader.metadata_files()),
         split=cfg.split,
-        # A local folder is named by its folder name only: the weights hash identifies it, so the
-        # same teacher reached by another path (./t, /abs/t, a copied folder) keeps its cache.
-        teacher=Path(cfg.teacher).name if Path(cfg.teacher).is_dir() else cfg.teacher,
+        # A local folder is named by its folder name only: the weights and config hashes identify
+        # it, so the same teacher reached by another path (., ~/t, /abs/t, a copy) keeps its cache.
+        teacher=teacher_key_name(cfg.teacher),
         teacher_weights_sha256=teacher.identity.weights_sha256,
+        teacher_config_sha256=teacher.identity.config_sha256,
+        image_decode=cfg.image_decode,
         image_size=cfg.image_size,
         feature_layer=FEATURE_LAYER,
         pairing=json.dumps(cfg.pairing.to_dict(), sort_keys=True, separators=(",", ":")),
@@ -709,7 +724,7 @@ def extract_teacher(cfg: ExtractConfig) -> ExtractSummary:
                 startup_s = t_compute - t_startup
                 # shared arguments travel to each worker once, not once per task
                 writer_f, reader_f = client.scatter([writer, reader], broadcast=True)
-                futures = [
+                futures = {
                     client.submit(
                         extract_unit,
                         writer_f,
@@ -723,9 +738,9 @@ def extract_teacher(cfg: ExtractConfig) -> ExtractSummary:
                         cfg.image_decode,
                         key=f"extract-unit-{key.digest()}-{u}",
                         pure=False,
-                    )
+                    ): u
                     for u in pending
-                ]
+                }
                 bar = tqdm(
                     total=len(units),
                     initial=len(units) - len(pending),
@@ -735,7 +750,7 @@ def extract_teacher(cfg: ExtractConfig) -> ExtractSummary:
                     dynamic_ncols=True,
                 )
                 try:
-                    for future in as_completed(futures):
+                    for future in as_completed(list(futures)):
                         try:
                             stats = future.result()
                         except Exception as e:
@@ -743,6 +758,12 @@ def extract_teacher(cfg: ExtractConfig) -> ExtractSummary:
                                 f"extraction of a unit of cache {writer.path} failed: {e} "
                                 "(finished units are kept; re-run to resume)"
                             ) from e
+                        if not writer.is_complete(futures[future]):
+                            raise CacheError(
+                                f"unit {futures[future]} of cache {writer.path} was written by "
+                                "a worker but is not complete as seen from here: do the "
+                                "workers see this path, on the same file system?"
+                            )
                         for name in totals:
                             totals[name] += stats[name]
                         for name in step_s:
@@ -752,7 +773,7 @@ def extract_teacher(cfg: ExtractConfig) -> ExtractSummary:
                         bar.set_postfix(img_s=f"{totals['images'] / elapsed:.2f}", refresh=False)
                         bar.update(1)
                 except BaseException as e:
-                    client.cancel(futures)  # stop what has not started; done units stay done
+                    client.cancel(list(futures))  # stop what has not started; done units stay done
                     if not isinstance(e, KeyboardInterrupt):
                         _wait_for_running_units()  # what has started finishes under our lock
                     raise

@@ -22,6 +22,7 @@ Conventions (docs/extraction.md explains them with a picture in words):
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -89,6 +90,7 @@ class TeacherIdentity:
 
     name: str  # hub id or local path, as given by the user
     weights_sha256: str  # `weights_sha256(folder)`
+    config_sha256: str  # `config_sha256(folder)`
     architecture: str  # "Dinov2Model" or "Dinov2WithRegistersModel"
     feature_dim: int  # D, hidden size
     patch_size: int  # 14 for every released DINOv2
@@ -158,6 +160,28 @@ def weights_sha256(folder: str | Path) -> str:
         with open(p, "rb") as fh:
             h.update(f"{p.name}\0{hashlib.file_digest(fh, 'sha256').hexdigest()}\n".encode())
     return h.hexdigest()
+
+
+CONFIG_FIELDS_IGNORED = (RANDOM_MARKER, FITTED_MARKER, "_name_or_path", "transformers_version")
+"""config.json entries that do not change the model's outputs: our demo markers and what
+save_pretrained stamps on a copy."""
+
+
+def config_sha256(folder: str | Path) -> str:
+    """sha256 of a model folder's config.json as canonical JSON (sorted keys), less
+    `CONFIG_FIELDS_IGNORED`: an edited architecture setting (activation, layer-norm eps, ...)
+    changes it; re-saving the same model does not."""
+    path = Path(folder) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise TeacherError(f"{path}: cannot read the teacher's config ({e})") from e
+    if not isinstance(config, dict):
+        raise TeacherError(f"{path}: not a JSON object")
+    kept = {k: v for k, v in config.items() if k not in CONFIG_FIELDS_IGNORED}
+    return hashlib.sha256(
+        json.dumps(kept, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
 
 
 def resize_uint8(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -234,6 +258,7 @@ class Teacher(nn.Module):
         self.identity = TeacherIdentity(
             name=cfg.model,
             weights_sha256=weights_sha256(folder),
+            config_sha256=config_sha256(folder),
             architecture=type(model).__name__,
             feature_dim=int(config.hidden_size),
             patch_size=self.patch_size,

@@ -221,11 +221,13 @@ def test_paired_target_rows_write_the_same_unit_as_full_target(tmp_path: Path) -
 def test_create_is_idempotent_and_checks_the_manifest(tmp_path: Path) -> None:
     a = CacheWriter.create(tmp_path, make_key(), UNITS, D, {"run": 1})
     manifest = (a.path / "manifest.json").read_bytes()
-    b = CacheWriter.create(
-        tmp_path, make_key(), UNITS, D, {"run": 2}, layout=StorageLayout(target_codec="zstd")
-    )
+    b = CacheWriter.create(tmp_path, make_key(), UNITS, D, {"run": 2})
     assert b.path == a.path and (a.path / "manifest.json").read_bytes() == manifest
     assert b.layout == DEFAULT_LAYOUT  # a resumed cache keeps the layout it was started with
+    with pytest.raises(CacheError, match="different 'layout'.*zstd"):
+        CacheWriter.create(
+            tmp_path, make_key(), UNITS, D, {}, layout=StorageLayout(target_codec="zstd")
+        )
     with pytest.raises(CacheError, match="different 'units'"):
         CacheWriter.create(tmp_path, make_key(), [["s0"], ["s1"]], D, {})
     with pytest.raises(CacheError, match="different 'feature_dim'"):
@@ -244,6 +246,8 @@ KEY_CHANGES = {
     "feature_layer": "penultimate",
     "pairing": '{"min_depth":2.0}',
     "teacher_dtype": "bfloat16",
+    "teacher_config_sha256": "c" * 64,
+    "image_decode": "device",
     "target_format": "point-i8",
     "schema_version": SCHEMA_VERSION + 1,
 }
@@ -269,6 +273,9 @@ def test_key_digest_changes_with_every_field_and_old_cache_stays(tmp_path: Path)
     new = write_cache(tmp_path, dataclasses.replace(base, teacher="facebook/dinov2-base"))
     assert new.path != old.path and tree_digest(old.path) == before  # old cache untouched
     assert open_cache(old.path).key == base
+    # Fields added later are left out of the digest at their old meaning: keys written before
+    # them (no such entry in the manifest) keep their digest and their cache.
+    assert not {"teacher_config_sha256", "image_decode", "target_format"} & set(base.to_dict())
 
 
 def test_dataset_fingerprint_follows_content_not_location(tmp_path: Path) -> None:
@@ -417,6 +424,7 @@ def test_flipped_byte_is_detected_and_unit_rewritten(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="u00001.*checksum"):
         assert writer.pending_units(verify_checksums=True) == [1]
     assert writer.write_unit(1, unit_data()[1]) > 0
+    writer.finalize({})  # the rewrite removed COMPLETE: the re-run finalizes again
     assert verify_cache(writer.path, progress=False) == []
 
 

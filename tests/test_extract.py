@@ -18,7 +18,13 @@ import torch
 
 from cache import IncompleteCacheError, open_cache
 from pipeline.datasets import NuScenesReader
-from pipeline.extract import ClusterLayout, ExtractConfig, default_layout, extract_teacher
+from pipeline.extract import (
+    ClusterLayout,
+    ExtractConfig,
+    default_layout,
+    extract_teacher,
+    teacher_key_name,
+)
 from pipeline.teacher import Teacher, TeacherConfig, sample_features
 
 REPO = Path(__file__).resolve().parents[1]
@@ -239,6 +245,30 @@ def test_same_teacher_in_another_folder_reuses_the_cache(serial, tmp_path: Path)
     again = extract_teacher(replace(cfg, teacher=str(copy)))
     assert again.cache_path == first.cache_path  # weights hash + folder name, not the full path
     assert again.teacher_forwards == 0
+
+
+def test_key_names_a_local_teacher_by_its_folder_however_it_is_reached(
+    serial, tmp_path: Path, monkeypatch
+) -> None:
+    cfg, first = serial
+    teacher = Path(cfg.teacher)
+    monkeypatch.chdir(teacher)
+    assert teacher_key_name(".") == teacher_key_name(str(teacher)) == teacher.name
+    monkeypatch.setenv("HOME", str(teacher.parent))
+    assert teacher_key_name(f"~/{teacher.name}") == teacher.name
+    assert teacher_key_name("facebook/dinov2-small") == "facebook/dinov2-small"
+    key = open_cache(first.cache_path).key
+    assert key.teacher == teacher.name and key.image_decode == "cpu"
+    assert key.teacher_config_sha256 == Teacher(cfg.teacher_config()).identity.config_sha256
+
+
+def test_cache_root_is_made_absolute_and_urls_are_refused(serial, monkeypatch) -> None:
+    cfg, _ = serial
+    monkeypatch.chdir(Path(cfg.cache_root).parent)
+    relative = replace(cfg, cache_root=Path(cfg.cache_root).name)
+    assert relative.cache_root == Path(cfg.cache_root)  # workers elsewhere see the same path
+    with pytest.raises(ValueError, match="s3://bucket/c: URLs are not supported"):
+        replace(cfg, cache_root="s3://bucket/c")
 
 
 def test_other_image_size_makes_a_new_cache_and_leaves_the_old_one(serial) -> None:

@@ -14,6 +14,7 @@ from pipeline.teacher import (
     Teacher,
     TeacherConfig,
     TeacherError,
+    config_sha256,
     parse_image_size,
     sample_features,
     save_random_teacher,
@@ -136,6 +137,36 @@ def test_weights_hash_identifies_the_weights_not_the_folder(tmp_path: Path) -> N
     assert Teacher(TeacherConfig(str(a))).identity.random is True
     with pytest.raises(FileExistsError, match="not empty"):
         save_random_teacher(a)
+
+
+def test_config_hash_follows_the_architecture_not_our_markers(tmp_path: Path) -> None:
+    """The same weights under another activation are another teacher (other targets); our demo
+    markers and what save_pretrained stamps are not part of it."""
+    import json
+    import shutil
+
+    a = save_random_teacher(tmp_path / "a", seed=0)
+    config = json.loads((a / "config.json").read_text())
+    edited = {}
+    for name, change in (
+        ("act", {"hidden_act": "relu"}),
+        ("eps", {"layer_norm_eps": 1e-5}),
+        ("stamps", {"transformers_version": "0.0.1", "random_init_for_tests": False}),
+    ):
+        folder = tmp_path / name
+        shutil.copytree(a, folder)
+        (folder / "config.json").write_text(json.dumps({**config, **change}, indent=4))
+        edited[name] = config_sha256(folder)
+    assert weights_sha256(tmp_path / "act") == weights_sha256(a)
+    assert len({config_sha256(a), edited["act"], edited["eps"]}) == 3
+    assert edited["stamps"] == config_sha256(a)
+    grids = [
+        Teacher(TeacherConfig(str(f), image_size=(28, 28))).patch_grid(
+            np.random.default_rng(0).integers(0, 256, (1, 28, 28, 3), dtype=np.uint8)
+        )
+        for f in (a, tmp_path / "act")
+    ]
+    assert not torch.allclose(grids[0], grids[1])  # why the key must tell them apart
 
 
 # ---------------------------------------------------------------- sample_features ----
