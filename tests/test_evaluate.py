@@ -491,3 +491,35 @@ def test_cli_bad_input_is_one_clear_line(tmp_path):
          "semantickitti", "--out", str(tmp_path / "o")],
     )  # fmt: skip
     assert missing.exit_code == 1 and "not a SemanticKITTI root" in missing.output
+
+
+def test_robustness_records_where_the_beams_came_from(synthetic_nuscenes, tmp_path, monkeypatch):
+    """nuScenes scans whose ring ids are unusable fall back to elevation bins, and the result
+    says so (it used to say "ring channel" for any nuScenes run)."""
+    from trainer.evaluate import robustness
+    from trainer.evaluate.backbone import EvalData
+
+    root, version = synthetic_nuscenes
+    data = EvalData(root=root, version=version, max_train_scans=1, max_val_scans=2)
+
+    def run(out):
+        cfg = robustness.RobustnessConfig(
+            checkpoint="none", like="tiny", data=data, out=out, corruptions=("fewer_beams",),
+            severities=(1,), probe=ProbeConfig(steps=5), points_per_scan=200,
+        )  # fmt: skip
+        return robustness.run_robustness(cfg)["ring_source"]
+
+    assert run(tmp_path / "rings") == "ring channel"
+    real = robustness.ring_ids
+    monkeypatch.setattr(robustness, "ring_ids", lambda *a: None)
+    assert run(tmp_path / "bins") == "elevation bins (32)"
+    first = []  # the first val scan's file has rings, the second's not
+
+    def some(*a):
+        first.append(len(first) == 0)
+        return real(*a) if first[-1] else None
+
+    monkeypatch.setattr(robustness, "ring_ids", some)
+    assert run(tmp_path / "mixed") == (
+        "ring channel (1 of 2 scans), elevation bins (32) (1 of 2 scans)"
+    )

@@ -9,6 +9,12 @@ backbone and classified; labels follow the surviving points. Summary per corrupt
 - ``ce`` (corruption error, nuScenes-C / Robo3D): ``(1 - miou) / (1 - miou_baseline)`` for the same
   corruption of a *baseline* model's result file (``--baseline``, e.g. the random-init probe's
   robustness.json); ``mCE`` = mean. Without a baseline, ``ce`` is ``1 - miou`` (the error itself).
+
+Beams: the ring ids of a scan's file when it carries valid ones (nuScenes), otherwise elevation
+bins; ``ring_source`` records which was used, with the number of val scans of each. A corruption
+that removes every point of a scan (possible for ``beam_missing`` / ``fog`` on a tiny scan) leaves
+that scan out of its confusion matrix: its points are not counted as missed (``points_kept``
+still counts them as lost).
 """
 
 from __future__ import annotations
@@ -91,6 +97,17 @@ def ring_ids(dataset: str, scan, points: np.ndarray, beams: int) -> np.ndarray |
     return ring if valid else None
 
 
+def describe_ring_sources(per_scan: list[bool], beams: int) -> str:
+    """What gave the beam ids: ``per_scan`` is True where a scan's own ring ids were used."""
+    n, rings = len(per_scan), sum(per_scan)
+    bins = f"elevation bins ({beams})"
+    if rings == n:
+        return "ring channel"
+    if rings == 0:
+        return bins
+    return f"ring channel ({rings} of {n} scans), {bins} ({n - rings} of {n} scans)"
+
+
 def summarise(results: dict[str, dict], clean: float, baseline: dict | None) -> dict:
     """mRR and mCE over the corruption entries ``{"fog@2": {"miou": ...}, ...}``."""
     base = (baseline or {}).get("corruptions", {})
@@ -130,17 +147,19 @@ def run_robustness(cfg: RobustnessConfig) -> dict:
     confs = {k: np.zeros((c, c), dtype=np.int64) for k in keys}
     kept = dict.fromkeys(keys, 0)
     total = 0
+    from_rings: list[bool] = []  # per val scan: its own ring ids (else elevation bins)
     for i, scan in enumerate(tqdm(val_scans, desc="corrupted val", unit="scan")):
         points, y = reader.load_points(scan), reader.load_labels(scan)
         ring = ring_ids(cfg.data.dataset, scan, points, beams)
+        from_rings.append(ring is not None)
         total += len(points)
         for name in cfg.corruptions:
             for s in cfg.severities:
                 out = corrupt(name, points, s, seed=cfg.seed + i, beam=ring, n_beams=beams)
                 key = f"{name}@{s}"
                 kept[key] += len(out.index)
-                if len(out.index) == 0:  # everything lost: every labelled point is missed
-                    continue
+                if len(out.index) == 0:  # nothing left to classify: the scan adds nothing to the
+                    continue  # confusion matrix (its points are not counted as missed)
                 f = point_features(model, model_cfg, out.points, cfg.device)
                 confs[key] += probe_confusion(head, f, y[out.index], c)
     clean = mean_iou(clean_conf)
@@ -156,9 +175,7 @@ def run_robustness(cfg: RobustnessConfig) -> dict:
         "clean_miou": clean,
         "corruptions": results,
         **summary,
-        "ring_source": "ring channel"
-        if cfg.data.dataset == "nuscenes"
-        else f"elevation bins ({beams})",
+        "ring_source": describe_ring_sources(from_rings, beams),
         "config": asdict(cfg),
     }
     write_json_atomic(cfg.out_dir() / "robustness.json", record)
