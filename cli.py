@@ -146,7 +146,11 @@ def make_teacher_command(
     from pipeline.teacher import parse_image_size, save_random_teacher
 
     if fit_on is None:
-        path = save_random_teacher(out, size=size, registers=registers, seed=seed)
+        try:
+            path = save_random_teacher(out, size=size, registers=registers, seed=seed)
+        except (ValueError, OSError) as e:  # unknown size, an existing or non-folder --out
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(1) from None
         typer.echo(f"saved a RANDOM {size} DINOv2 ({registers} registers) to {path} (demo/test only)")
         return
     from pipeline.datasets import DataError
@@ -160,7 +164,7 @@ def make_teacher_command(
             epochs=fit_epochs, seed=seed, progress=progress,
         )  # fmt: skip
         stats = fit_teacher(cfg)
-    except (DataError, ValueError, FileExistsError) as e:
+    except (DataError, ValueError, OSError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
     val = stats["val_accuracy"]
@@ -182,7 +186,7 @@ def extract_teacher_command(
     image_size: str = typer.Option("448x896", "--image-size", help="HEIGHTxWIDTH fed to the teacher; multiples of 14."),
     scheduler: str = typer.Option(None, "--scheduler", help="Address of a running Dask scheduler; default: a LocalCluster."),
     workers: int = typer.Option(None, "--workers", min=1, help="LocalCluster workers (each runs --threads-per-worker units at once). Default: 2 on the CPU, cores / 2 on a GPU."),
-    threads: int = typer.Option(0, "--torch-threads", help="torch threads per worker; 0: cores / workers."),
+    threads: int = typer.Option(0, "--torch-threads", help="torch threads per worker; 0: cores / (workers x threads-per-worker), at least 1."),
     processes: bool = typer.Option(None, "--processes/--threads", help="LocalCluster workers as processes or threads of this process. Default: threads on the CPU (measured faster), processes on a GPU."),
     threads_per_worker: int = typer.Option(None, "--threads-per-worker", min=1, help="Units each LocalCluster worker runs at once. Default: 1 on the CPU, 2 on a GPU (16 cores: 8 processes x 2, docs/extraction.md)."),
     batch_size: int = typer.Option(6, "--batch-size", help="Images per teacher forward."),
@@ -201,7 +205,13 @@ def extract_teacher_command(
     Resumable and idempotent: finished units are kept, a re-run with the same arguments does no
     teacher work. Prints the cache path and a summary line.
     """
-    from pipeline.extract import ExtractConfig, available_cores, default_layout, extract_teacher
+    from pipeline.extract import (
+        ExtractConfig,
+        UnitFailedError,
+        available_cores,
+        default_layout,
+        extract_teacher,
+    )
     from pipeline.pairing import PairingConfig
     from pipeline.teacher import parse_image_size
 
@@ -243,15 +253,14 @@ def extract_teacher_command(
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     from cache import CacheError
-    from pipeline.datasets import DataError
-    from pipeline.teacher import TeacherError
 
     if scheduler is None:
         kind = "process" if cfg.processes else "thread"
         typer.echo(f"LocalCluster: {cfg.n_workers} {kind} workers x {cfg.threads_per_worker} unit(s) at once")
     try:
         summary = extract_teacher(cfg)
-    except (CacheError, DataError, TeacherError) as e:
+    except (CacheError, ValueError, OSError, UnitFailedError) as e:  # Data/TeacherError: ValueErrors
+        # OSError: a --cache that is a file, an unreachable --scheduler, an unreadable file
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
     if summary.teacher_random:
@@ -389,10 +398,13 @@ _SEED = typer.Option(0, "--seed", help="Seed.")
 
 @contextlib.contextmanager
 def _eval_errors():
-    """Bad input (missing files, bad data, bad options) → one clear line and exit status 1."""
+    """Bad input (missing files, bad data, bad caches, bad options) → one clear line and exit
+    status 1."""
+    from cache import CacheError
+
     try:
         yield
-    except (ValueError, FileNotFoundError, FileExistsError) as e:  # DataError is a ValueError
+    except (ValueError, OSError, CacheError) as e:  # DataError is a ValueError
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
 
@@ -466,7 +478,7 @@ def evaluate_finetune_command(
 def evaluate_rankme_command(
     checkpoint: str = _CKPT,
     data: Path = typer.Option(None, "--data", help="Dataset root (its val split is used when no --cache)."),
-    cache: Path = typer.Option(None, "--cache", help="Cache directory: its scans, plus the teacher targets' RankMe."),
+    cache: Path = typer.Option(None, "--cache", help="Cache folder (or a root holding one cache): its scans, plus the teacher targets' RankMe."),
     dataset: str = _DATASET, version: str = _VERSION, val_split: str = _VAL_SPLIT,
     max_scans: int = typer.Option(50, "--max-scans", help="Scans used (evenly spaced)."),
     max_points: int = typer.Option(20_000, "--max-points", help="Feature rows given to the SVD."),
@@ -474,8 +486,10 @@ def evaluate_rankme_command(
 ) -> None:  # fmt: skip
     """RankMe (effective rank) of the backbone point features; with --cache also of the teacher."""
     with _eval_errors():
+        from cache import resolve_cache
         from trainer.evaluate.rankme import RankMeConfig, run_rankme
 
+        cache = None if cache is None else resolve_cache(cache)  # a root holding one cache, too
         eval_data = None
         if data is not None:
             eval_data = _eval_data(data, dataset, version, "train", val_split, None, None)
@@ -524,7 +538,7 @@ def evaluate_robustness_command(
 @app.command("visualize")
 def visualize_command(
     checkpoint: str = _CKPT,
-    cache: Path = typer.Option(..., "--cache", help="Cache directory holding the scan's teacher targets."),
+    cache: Path = typer.Option(..., "--cache", help="Cache folder (or a root holding one cache) with the scan's teacher targets."),
     data: Path = typer.Option(None, "--data", help="Dataset root, for the camera images (nuScenes)."),
     dataset: str = _DATASET, version: str = _VERSION,
     scan: str = typer.Option(None, "--scan", help="Scan token; default: the cache's first scan."),
@@ -535,8 +549,10 @@ def visualize_command(
     """PCA pictures: teacher targets vs student features (bird's-eye view) and the teacher's
     features drawn on the camera images."""
     with _eval_errors():
+        from cache import resolve_cache
         from trainer.evaluate.visualize import VisualizeConfig, run_visualize
 
+        cache = resolve_cache(cache)  # a root holding one cache, too
         run_visualize(
             VisualizeConfig(
                 checkpoint=checkpoint, cache=cache, data=data, dataset=dataset, version=version,
@@ -588,7 +604,7 @@ def bench_command(
     dim: int = typer.Option(384, "--dim", help="Feature dim of size / read benchmarks."),
     points: int = typer.Option(34_700, "--points", help="Points per synthetic scan (size, loader)."),
     reads: int = typer.Option(40, "--reads", help="Random scan reads (loader)."),
-    threads: int = typer.Option(2, "--threads", help="torch threads of single-process parts."),
+    threads: int = typer.Option(2, "--torch-threads", help="torch threads of single-process parts."),
     device: str = typer.Option("cpu", "--device", help="Teacher device (extraction): cpu, cuda."),
     dtype: str = typer.Option("float32", "--dtype", help="Teacher autocast dtype (extraction): float32, float16 (CUDA), bfloat16."),
     workers: int = typer.Option(2, "--workers", help="extract-teacher workers (extraction, feed)."),
@@ -607,8 +623,12 @@ def bench_command(
 
     from pipeline.teacher import parse_image_size
 
+    try:
+        size = parse_image_size(image_size)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--image-size") from None
     cfg = BenchConfig(
-        data=data, teacher=teacher, split=split, image_size=parse_image_size(image_size),
+        data=data, teacher=teacher, split=split, image_size=size,
         batch_size=batch_size, scans=scans, steps=steps, backbone=backbone, dim=dim,
         points_per_scan=points, reads=reads, threads=threads, device=device, dtype=dtype,
         workers=workers, processes=processes, threads_per_worker=threads_per_worker,

@@ -687,5 +687,5 @@ def run_benchmark(what: str, cfg: BenchConfig) -> list[Row]:
         else:
             decode = resolve_image_decode(cfg.image_decode, cfg.device)
         extra += f", {cfg.device} {cfg.dtype}, decode {decode}, {cfg.target_format}"
-    print_table(f"{what} (torch {torch.__version__}, --threads {cfg.threads}{extra})", rows)
+    print_table(f"{what} (torch {torch.__version__}, --torch-threads {cfg.threads}{extra})", rows)
     return rows

@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import subprocess
 import threading
 import time
@@ -46,6 +47,11 @@ from pipeline.datasets.check import check_scan
 from pipeline.images import IMAGE_DECODES, decode_on_device, read_encoded, resolve_image_decode
 from pipeline.pairing import UNPAIRED, PairingConfig, pair_points
 from pipeline.teacher import FEATURE_LAYER, Teacher, TeacherConfig, cached_teacher, sample_features
+
+
+class UnitFailedError(RuntimeError):
+    """Work on a Dask worker failed (a unit's extraction, or a worker's start-up); its message
+    names the cause. Units finished before stay done: a re-run resumes."""
 
 
 @dataclass(frozen=True)
@@ -106,7 +112,8 @@ class ExtractConfig:
     its manifest meta (``skipped_scans``); False: the run fails listing them, before any work."""
 
     def __post_init__(self) -> None:
-        if "://" in str(self.cache_root):
+        if re.match(r"[A-Za-z][A-Za-z0-9+.\-]*:/", str(self.cache_root)):  # s3://, gs://, ...
+            # (a pathlib.Path, e.g. from the CLI, has already folded "s3://b" into "s3:/b")
             raise ValueError(
                 f"cache root {self.cache_root}: URLs are not supported; the cache needs a POSIX "
                 "file system shared by every worker (rename, fsync: docs/scaling.md)"
@@ -440,7 +447,7 @@ def _prepare_workers(
     try:
         client.gather(futures)
     except Exception as e:
-        raise RuntimeError(
+        raise UnitFailedError(
             f"a worker could not load teacher {teacher_cfg.model!r} (or start its image decoder, "
             f"image_decode {image_decode!r}): {e}"
         ) from e
@@ -754,7 +761,7 @@ def extract_teacher(cfg: ExtractConfig) -> ExtractSummary:
                         try:
                             stats = future.result()
                         except Exception as e:
-                            raise RuntimeError(
+                            raise UnitFailedError(
                                 f"extraction of a unit of cache {writer.path} failed: {e} "
                                 "(finished units are kept; re-run to resume)"
                             ) from e

@@ -101,6 +101,8 @@ def check_data(reader: Reader, split: str) -> list[str]:
         scans = reader.scans(split)
     except (ValueError, OSError) as e:  # DataError, or a reader's unknown split / missing folder
         return [str(e)]
+    if not scans:
+        return [f"split {split!r} has no scans (does it belong to another version?)"]
     problems: list[str] = []
     for scan in tqdm(scans, desc=f"check {split}", unit="scan"):
         problems.extend(check_scan(reader, scan))

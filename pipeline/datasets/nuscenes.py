@@ -103,6 +103,8 @@ class NuScenesReader:
 
     def __init__(self, root: str | Path, version: str | None = None) -> None:
         self.root = Path(root).resolve()
+        if not self.root.is_dir():
+            raise DataError(f"{self.root}: no such folder (the nuScenes root holds v1.0-*/)")
         if version is None:
             versions = find_versions(self.root)
             if len(versions) != 1:
