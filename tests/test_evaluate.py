@@ -523,3 +523,103 @@ def test_robustness_records_where_the_beams_came_from(synthetic_nuscenes, tmp_pa
     assert run(tmp_path / "mixed") == (
         "ring channel (1 of 2 scans), elevation bins (32) (1 of 2 scans)"
     )
+
+
+GRID = ("head=linear,mlp", "epochs=1")  # run folders head=linear, head=mlp
+
+
+def _ablate_cfg(synthetic_nuscenes, cache, out, *grid, **kw):
+    from trainer.evaluate.ablate import AblateConfig
+
+    root, version = synthetic_nuscenes
+    fixed = ("batch_size=2", "backbone=tiny", "occupancy_weight=0", "workers=0", "progress=false")
+    settings = dict(probe_steps=5, max_train_scans=1, max_val_scans=1) | kw
+    return AblateConfig(
+        cache=cache, data=root, out=out, version=version, grid=(*grid, *fixed), **settings
+    )
+
+
+@pytest.fixture(scope="module")
+def finished_ablation(synthetic_nuscenes, synthetic_cache, tmp_path_factory):
+    """An ablation folder of two finished runs (head=linear,mlp, epochs=1), its table rows."""
+    from trainer.evaluate.ablate import run_ablation
+
+    out = tmp_path_factory.mktemp("ablation") / "abl"
+    rows = run_ablation(_ablate_cfg(synthetic_nuscenes, synthetic_cache, out, *GRID))
+    return out, rows
+
+
+def _no_runs(monkeypatch, *which):
+    """Make the named steps ("train", "probe", "rankme") fail if the ablation calls them."""
+    import trainer.evaluate.linear_probe
+    import trainer.evaluate.rankme
+    import trainer.loop
+
+    def refuse(*a, **k):
+        raise AssertionError("the ablation should have reused this result")
+
+    targets = {
+        "train": (trainer.loop, "train"),
+        "probe": (trainer.evaluate.linear_probe, "run_linear_probe"),
+        "rankme": (trainer.evaluate.rankme, "run_rankme"),
+    }
+    for w in which:
+        monkeypatch.setattr(*targets[w], refuse)
+
+
+def test_ablate_reuses_only_results_made_with_the_same_settings(
+    synthetic_nuscenes, synthetic_cache, finished_ablation, tmp_path, monkeypatch
+):
+    """One-valued axes are not in the run names: a rerun with epochs=2 (or other probe settings)
+    finds the folders of epochs=1 and is refused, naming them and the keys, before running
+    anything. The same command reuses everything (in a moved folder too)."""
+    import shutil
+
+    from trainer.evaluate.ablate import run_ablation
+
+    out = shutil.copytree(finished_ablation[0], tmp_path / "abl")
+    _no_runs(monkeypatch, "train", "probe", "rankme")
+    rows = run_ablation(_ablate_cfg(synthetic_nuscenes, synthetic_cache, out, *GRID))
+    assert [(r["run"], r["miou"]) for r in rows] == [
+        (r["run"], r["miou"]) for r in finished_ablation[1]
+    ]
+    run = out / rows[0]["run"]
+    with pytest.raises(ValueError, match="other settings") as e:
+        run_ablation(_ablate_cfg(synthetic_nuscenes, synthetic_cache, out, GRID[0], "epochs=2"))
+    assert f"{run / 'config.yaml'} (training): epochs (1 -> 2)" in str(e.value)
+    with pytest.raises(ValueError, match="other settings") as e:
+        cfg = _ablate_cfg(synthetic_nuscenes, synthetic_cache, out, *GRID, probe_steps=6)
+        run_ablation(cfg)
+    assert f"{run / 'eval' / 'linear_probe.json'}: probe.steps (5 -> 6)" in str(e.value)
+    assert "config.yaml" not in str(e.value)
+    with pytest.raises(ValueError, match=r"data.max_val_scans \(1 -> 2\)"):
+        cfg = _ablate_cfg(synthetic_nuscenes, synthetic_cache, out, *GRID, max_val_scans=2)
+        run_ablation(cfg)
+
+
+def test_ablate_rerun_after_a_kill_finishes_without_retraining(
+    synthetic_nuscenes, synthetic_cache, finished_ablation, tmp_path, monkeypatch
+):
+    """Killed during the probe (summary, no probe result): the rerun probes, it does not train
+    again (it used to call train without resume and fail on the existing checkpoint). Killed
+    between the last checkpoint and the summary: the rerun resumes, which trains nothing."""
+    import shutil
+
+    from trainer.evaluate.ablate import run_ablation
+
+    out = shutil.copytree(finished_ablation[0], tmp_path / "abl")
+    run = out / finished_ablation[1][0]["run"]
+    (run / "eval" / "linear_probe.json").unlink()
+    (run / "eval" / "rankme.json").unlink()
+    with monkeypatch.context() as m:
+        _no_runs(m, "train")
+        rows = run_ablation(_ablate_cfg(synthetic_nuscenes, synthetic_cache, out, *GRID))
+    assert rows[0]["miou"] == pytest.approx(finished_ablation[1][0]["miou"])
+    assert rows[0]["rankme"] == finished_ablation[1][0]["rankme"]
+
+    (run / "summary.json").unlink()
+    checkpoint = (run / "checkpoint.pt").read_bytes()
+    _no_runs(monkeypatch, "probe", "rankme")
+    rows = run_ablation(_ablate_cfg(synthetic_nuscenes, synthetic_cache, out, *GRID))
+    assert (run / "checkpoint.pt").read_bytes() == checkpoint
+    assert rows[0]["final_loss"] == finished_ablation[1][0]["final_loss"]

@@ -5,6 +5,12 @@ The cache is extracted once and only read: before and after every run the cache 
 fingerprinted (path, size, mtime, and the sha256 of the manifest and unit markers, which hold the
 checksums of the arrays) and compared; the teacher module must never have been imported. Either
 check failing stops the ablation with an error.
+
+Re-running reuses what a run folder holds only when it was made with the same settings: the
+training config recorded in ``config.yaml`` (every field that changes the trajectory, and the
+cache digest), the probe's and RankMe's recorded configs. A folder made with other settings is
+refused before anything runs, naming the folder and the differing keys (one-valued axes are not
+in the run names, so ``epochs=2`` then ``epochs=12`` name the same folders).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import csv
 import dataclasses
 import hashlib
 import itertools
+import json
 import os
 import sys
 import types
@@ -164,6 +171,67 @@ def write_tables(
     return md_path, csv_path
 
 
+_ABSENT = "<absent>"
+PROBE_FREE_KEYS = ("checkpoint", "device", "out")  # where and on what it ran, not what it did
+
+
+def _plain(obj: Any) -> Any:
+    """JSON-able form (paths as strings, tuples as lists), as the result files hold it."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def differing_keys(saved: dict[str, Any], wanted: dict[str, Any], ignore: tuple = ()) -> list[str]:
+    """``"key (saved -> wanted)"`` for every (dotted) key whose values differ, ``ignore`` left out
+    (a top-level key ignores its nested keys too)."""
+    saved, wanted = _flat(_plain(saved)), _flat(_plain(wanted))
+    keys = [k for k in dict.fromkeys([*wanted, *saved]) if k.split(".")[0] not in ignore]
+    return [
+        f"{k} ({saved.get(k, _ABSENT)!r} -> {wanted.get(k, _ABSENT)!r})"
+        for k in keys
+        if saved.get(k, _ABSENT) != wanted.get(k, _ABSENT)
+    ]
+
+
+def stale_results(
+    run_dir: Path, train_cfg: Any, digest: str, probe_cfg: Any, rankme_cfg: Any
+) -> list[str]:
+    """What in ``run_dir`` was made with other settings than asked now, one line per file:
+    ``config.yaml`` (training config fields other than ``RESUMABLE_CHANGES``, cache digest),
+    ``eval/linear_probe.json`` and ``eval/rankme.json`` (their recorded configs). [] when the
+    folder is new or everything in it matches."""
+    import yaml
+
+    from trainer.config import RESUMABLE_CHANGES
+
+    found = []
+    config_path = run_dir / "config.yaml"
+    if config_path.is_file():
+        record = yaml.safe_load(config_path.read_text())
+        diff = differing_keys(record.get("config", {}), train_cfg.to_dict(), RESUMABLE_CHANGES)
+        if record.get("cache", {}).get("digest") != digest:
+            diff.append(f"cache digest ({record.get('cache', {}).get('digest')!r} -> {digest!r})")
+        if diff:
+            found.append(f"{config_path} (training): " + ", ".join(diff))
+    for name, cfg in (("linear_probe.json", probe_cfg), ("rankme.json", rankme_cfg)):
+        path = run_dir / "eval" / name
+        if path.is_file():
+            saved = json.loads(path.read_text()).get("config", {})
+            diff = differing_keys(saved, dataclasses.asdict(cfg), PROBE_FREE_KEYS)
+            if diff:
+                found.append(f"{path}: " + ", ".join(diff))
+    return found
+
+
 @dataclass(frozen=True)
 class AblateConfig:
     """An ablation grid over one cache."""
@@ -196,11 +264,12 @@ class AblateConfig:
 def run_ablation(cfg: AblateConfig) -> list[dict[str, Any]]:
     """Train + linear-probe every grid point; writes results.md / results.csv, returns the rows.
 
-    Re-running the same command skips the runs whose probe result exists and resumes a run whose
-    checkpoint exists without a summary (an interrupted training).
+    Re-running the same command reuses what each run folder holds: a finished training
+    (``summary.json``) is not redone, an interrupted one (checkpoint, no summary) is resumed, and
+    the probe and RankMe run where their results are missing. Folders made with other settings
+    are refused first (``stale_results``): nothing is overwritten or mixed into the table.
     """
-    import json
-
+    from cache.reader import open_cache
     from cache.store import resolve_cache
     from trainer.config import load_config
     from trainer.evaluate.backbone import EvalData
@@ -220,6 +289,34 @@ def run_ablation(cfg: AblateConfig) -> list[dict[str, Any]]:
     base = load_config(None, cache=cache_path, data=cfg.data, out=cfg.out, version=cfg.version)
     base = dataclasses.replace(base, device=cfg.device)
     configs = [apply_overrides(dataclasses.replace(base, out=cfg.out / n), r) for n, r in zip(names, runs, strict=True)]  # fmt: skip
+    probe_data = EvalData(
+        root=cfg.data, version=cfg.version, max_train_scans=cfg.max_train_scans,
+        max_val_scans=cfg.max_val_scans,
+    )  # fmt: skip
+
+    def probe_config(run_dir: Path) -> LinearProbeConfig:
+        return LinearProbeConfig(
+            checkpoint=str(run_dir), data=probe_data, probe=ProbeConfig(steps=cfg.probe_steps),
+            device=cfg.device,
+        )  # fmt: skip
+
+    def rankme_config(run_dir: Path) -> RankMeConfig:
+        data = EvalData(root=cfg.data, version=cfg.version)
+        return RankMeConfig(checkpoint=str(run_dir), data=data, device=cfg.device)
+
+    digest = open_cache(cache_path).key.digest()
+    stale = [
+        line
+        for c in configs
+        for line in stale_results(c.out, c, digest, probe_config(c.out), rankme_config(c.out))
+    ]
+    if stale:
+        raise ValueError(
+            f"{cfg.out} holds results made with other settings than asked now (saved -> asked):\n  "
+            + "\n  ".join(stale)
+            + "\nNothing was run. Use another --out, or delete those run folders (only the named"
+            " eval/*.json file when only the probe or RankMe settings changed) to redo them."
+        )
     rows: list[dict[str, Any]] = []
     class_names: list[str] = []
     for i, (name, overrides, train_cfg) in enumerate(zip(names, runs, configs, strict=True)):
@@ -227,24 +324,17 @@ def run_ablation(cfg: AblateConfig) -> list[dict[str, Any]]:
         run_dir = train_cfg.out
         probe_path = run_dir / "eval" / "linear_probe.json"
         summary_path = run_dir / "summary.json"
-        if not (summary_path.is_file() and probe_path.is_file()):
-            resume = (run_dir / "checkpoint.pt").is_file() and not summary_path.is_file()
+        if not summary_path.is_file():  # new, or interrupted during training: resume it
+            resume = (run_dir / "checkpoint.pt").is_file()
             train(dataclasses.replace(train_cfg, resume=resume))
             check_cache_untouched(before, cache_path, name, preloaded)
-            probe_cfg = LinearProbeConfig(
-                checkpoint=str(run_dir),
-                data=EvalData(
-                    root=cfg.data, version=cfg.version, max_train_scans=cfg.max_train_scans,
-                    max_val_scans=cfg.max_val_scans,
-                ),
-                probe=ProbeConfig(steps=cfg.probe_steps), device=cfg.device,
-            )  # fmt: skip
-            run_linear_probe(probe_cfg)
+        if not probe_path.is_file():  # new, or interrupted during the probe
+            run_linear_probe(probe_config(run_dir))
             check_cache_untouched(before, cache_path, name, preloaded)
         rankme_path = run_dir / "eval" / "rankme.json"
         if not rankme_path.is_file():
-            data = EvalData(root=cfg.data, version=cfg.version)
-            run_rankme(RankMeConfig(checkpoint=str(run_dir), data=data, device=cfg.device))
+            run_rankme(rankme_config(run_dir))
+            check_cache_untouched(before, cache_path, name, preloaded)
         probe = json.loads(probe_path.read_text())
         summary = json.loads(summary_path.read_text())
         class_names = list(probe["iou"])
