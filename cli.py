@@ -330,9 +330,9 @@ def train_command(
     threads: int = typer.Option(None, "--threads", help="torch CPU threads; 0 = torch's default (default 0)."),
     backbone: str = typer.Option(None, "--backbone", help="minkunet34 or tiny (default minkunet34)."),
     checkpoint_every: int = typer.Option(None, "--checkpoint-every", help="Steps between checkpoints (default 500)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from RUN_DIR/checkpoint.pt."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from RUN_DIR/checkpoint.pt, with RUN_DIR/config.yaml's settings (train --out RUN_DIR --resume)."),
     progress: bool = typer.Option(None, "--progress/--no-progress", help="Show the progress bar."),
-    config: Path = typer.Option(None, "--config", help="YAML with TrainConfig fields (options given here win)."),
+    config: Path = typer.Option(None, "--config", help="YAML with TrainConfig fields, or a run's config.yaml (options given here win)."),
     verify_cache: bool = typer.Option(None, "--verify-cache/--no-verify-cache", help="Recompute every cache checksum before training (default: structural check only)."),
     skip_bad_scans: bool = typer.Option(None, "--skip-bad-scans/--no-skip-bad-scans", help="Train without the scans of units that fail the check (default: refuse the cache)."),
 ) -> None:  # fmt: skip
@@ -345,6 +345,8 @@ def train_command(
     from trainer.config import load_config
     from trainer.loop import train
 
+    if resume and config is None and out is not None and (out / "config.yaml").is_file():
+        config = out / "config.yaml"  # resume as the run was configured; options given here win
     try:
         cfg = load_config(
             config, cache=cache, data=data, out=out, version=version, split=split, head=head,

@@ -14,6 +14,7 @@ from cache.schema import (
     ScanTargets,
     SchemaVersionError,
     UnitData,
+    dataset_files,
     dataset_fingerprint,
 )
 from cache.store import (
@@ -42,6 +43,7 @@ __all__ = [
     "UnitData",
     "cache_info",
     "cache_lock",
+    "dataset_files",
     "dataset_fingerprint",
     "list_caches",
     "open_cache",

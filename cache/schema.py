@@ -308,9 +308,7 @@ class CacheKey:
         ]
 
 
-def dataset_fingerprint(files: list[Path]) -> str:
-    """sha256 (hex) over the metadata files: their paths relative to their common folder, sizes
-    and contents. Moving the dataset keeps the fingerprint; editing any file changes it."""
+def _metadata_paths(files: list[Path]) -> tuple[list[Path], Path]:
     paths = sorted(Path(f).resolve() for f in files)
     if not paths:
         raise ValueError("dataset_fingerprint: no metadata files given")
@@ -318,6 +316,26 @@ def dataset_fingerprint(files: list[Path]) -> str:
         if not p.is_file():
             raise FileNotFoundError(f"dataset metadata file not found: {p}")
     common = paths[0].parent if len(paths) == 1 else Path(os.path.commonpath(paths))
+    return paths, common
+
+
+def dataset_files(files: list[Path]) -> dict[str, str]:
+    """Each metadata file's path relative to their common folder → sha256 (hex) of its bytes;
+    recorded in the manifest so a mismatch can name the files that changed."""
+    paths, common = _metadata_paths(files)
+    digests = {}
+    for p in paths:
+        with open(p, "rb") as fh:
+            digests[p.relative_to(common).as_posix()] = hashlib.file_digest(
+                fh, "sha256"
+            ).hexdigest()
+    return digests
+
+
+def dataset_fingerprint(files: list[Path]) -> str:
+    """sha256 (hex) over the metadata files: their paths relative to their common folder, sizes
+    and contents. Moving the dataset keeps the fingerprint; editing any file changes it."""
+    paths, common = _metadata_paths(files)
     h = hashlib.sha256()
     for p in paths:
         h.update(f"{p.relative_to(common).as_posix()}\0{p.stat().st_size}\0".encode())

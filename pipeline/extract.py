@@ -40,7 +40,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from cache import CacheError, CacheKey, CacheWriter, UnitData, dataset_fingerprint
+from cache import (
+    CacheError,
+    CacheKey,
+    CacheWriter,
+    UnitData,
+    dataset_files,
+    dataset_fingerprint,
+)
 from cache.schema import DEFAULT_TARGET_FORMAT, quantize_rows, target_format
 from pipeline.datasets import DataError, NuScenesReader, Scan
 from pipeline.datasets.check import check_scan
@@ -574,7 +581,7 @@ def preflight(reader: NuScenesReader, scans: list[Scan], progress: bool) -> dict
 
 
 def _run_meta(
-    cfg: ExtractConfig, teacher: Teacher, skipped: dict[str, list[str]]
+    cfg: ExtractConfig, reader: NuScenesReader, teacher: Teacher, skipped: dict[str, list[str]]
 ) -> dict[str, Any]:
     import dask
     import transformers
@@ -585,6 +592,7 @@ def _run_meta(
         "extract_config": json.loads(json.dumps(config, default=str)),
         "teacher": dataclasses.asdict(teacher.identity),
         "skipped_scans": [{"token": t, "problems": p} for t, p in skipped.items()],
+        "dataset_files": dataset_files(reader.metadata_files()),
         "git_sha": _git_sha(),
         "versions": {
             "torch": torch.__version__,
@@ -710,7 +718,7 @@ def extract_teacher(cfg: ExtractConfig) -> ExtractSummary:
         key,
         [[s.token for s in unit] for unit in units],
         feature_dim=teacher.feature_dim,
-        meta=_run_meta(cfg, teacher, bad),
+        meta=_run_meta(cfg, reader, teacher, bad),
     )
     totals = dict.fromkeys(("images", "points", "paired", "bytes", "forwards"), 0)
     step_s = dict.fromkeys(("pair_s", "image_wait_s", "teacher_s", "write_s"), 0.0)

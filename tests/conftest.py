@@ -85,23 +85,26 @@ def _raycast_scan(rng, beams: int, azimuths: int, max_range: float = 30.0):
 def write_train_cache(
     root: Path, data: Path, *, scans: int = 8, dim: int = 16, split: str = "train",
     beams: int = 16, azimuths: int = 256, seed: int = 0, finalize: bool = True,
+    fingerprint: str | None = None,
 ) -> Path:  # fmt: skip
     """A complete (or, finalize=False, incomplete) cache for the nuScenes metadata under ``data``:
     ray-cast scans, targets = fixed function of class and position (learnable), points with
-    x > 0 paired (camera 0), the others unpaired. Returns the cache folder."""
+    x > 0 paired (camera 0), the others unpaired. ``fingerprint`` replaces the dataset's.
+    Returns the cache folder."""
     import numpy as np
 
-    from cache import CacheKey, CacheWriter, UnitData, dataset_fingerprint
+    from cache import CacheKey, CacheWriter, UnitData, dataset_files, dataset_fingerprint
     from pipeline.datasets.nuscenes import NuScenesReader
 
     key = CacheKey(
-        dataset_fingerprint=dataset_fingerprint(NuScenesReader(data).metadata_files()),
+        dataset_fingerprint=fingerprint or dataset_fingerprint(NuScenesReader(data).metadata_files()),
         split=split, teacher="test-targets", teacher_weights_sha256="0" * 64,
         image_size=(28, 56), feature_layer="last", pairing='{"test": true}',
     )  # fmt: skip
     tokens = [f"scan{i:03d}" for i in range(scans)]
     units = [tokens[i : i + 4] for i in range(0, scans, 4)]
-    writer = CacheWriter.create(root, key, units, dim, meta={"test": True})
+    meta = {"test": True, "dataset_files": dataset_files(NuScenesReader(data).metadata_files())}
+    writer = CacheWriter.create(root, key, units, dim, meta=meta)
     basis = np.random.default_rng(123)
     class_vec = basis.normal(size=(4, dim))
     mix = basis.normal(size=(3, dim))

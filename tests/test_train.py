@@ -191,7 +191,7 @@ def test_cache_for_another_split_or_dataset_or_incomplete_is_refused(train_cache
     with pytest.raises(CacheKeyMismatch, match="'split' is 'train' in the cache but 'val'"):
         train(_cfg(train_cache, tmp_path / "a", split="val"))
     other = write_nuscenes_tables(tmp_path / "other", tag="another dataset")
-    with pytest.raises(CacheKeyMismatch, match="'dataset_fingerprint'"):
+    with pytest.raises(CacheKeyMismatch, match="not extracted from the dataset.*changed: scene"):
         train(load_config(cache=train_cache.cache, data=other, out=tmp_path / "b", **SMALL))
     incomplete = write_train_cache(tmp_path / "partial", train_cache.data, scans=8, finalize=False)
     with pytest.raises(IncompleteCacheError, match="incomplete: 1 of 2 units missing"):
@@ -207,6 +207,55 @@ def test_cache_for_another_split_or_dataset_or_incomplete_is_refused(train_cache
         and "incomplete" in done.stderr
     )
     assert not (tmp_path / "a").exists() and not (tmp_path / "d").exists()
+
+
+def test_other_tables_keep_the_cache_a_changed_table_is_named(train_cache, tmp_path) -> None:
+    """The fingerprint covers the tables the reader reads: adding nuScenes-panoptic's table
+    keeps the cache; an edited table is named; a cache fingerprinted over every table (made
+    before 2026-11-26) is still accepted."""
+    import shutil
+
+    from conftest import write_train_cache
+
+    from cache import dataset_fingerprint
+    from pipeline.datasets.nuscenes import NuScenesReader
+    from trainer.data import open_training_cache
+
+    data = tmp_path / "data"
+    shutil.copytree(train_cache.data, data)
+    cache = write_train_cache(tmp_path / "cache", data, scans=4)
+    version_dir = data / "v1.0-test"
+    (version_dir / "panoptic.json").write_text("[]")
+    (version_dir / "map.json").write_text("[]")
+    cfg = load_config(cache=cache, data=data, out=tmp_path / "run", **SMALL)
+    assert open_training_cache(cfg).path == cache
+    (version_dir / "sample_data.json").write_text('[{"token": "edited"}]')
+    with pytest.raises(CacheKeyMismatch, match=r"\(v1.0-test\): changed: sample_data.json;"):
+        open_training_cache(cfg)
+    legacy = NuScenesReader(data).legacy_metadata_files()
+    assert {p.name for p in legacy} >= {"panoptic.json", "map.json"}
+    old = write_train_cache(
+        tmp_path / "old", data, scans=4, fingerprint=dataset_fingerprint(legacy)
+    )
+    assert open_training_cache(dataclasses.replace(cfg, cache=old)).path == old
+
+
+def test_resume_takes_the_run_folders_own_config(train_cache, tmp_path) -> None:
+    """`train --out RUN --resume` continues with RUN/config.yaml's settings; options given win
+    (and a changed setting is refused by the resume check)."""
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    run = tmp_path / "run"
+    train(_cfg(train_cache, run, epochs=1, head="linear"))
+    assert load_config(run / "config.yaml") == _cfg(train_cache, run, epochs=1, head="linear")
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    result = CliRunner().invoke(app, ["train", "--out", str(run), "--resume"])
+    assert result.exit_code == 0, result.output  # before: "config needs ['cache', 'data']"
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    result = CliRunner().invoke(app, ["train", "--out", str(run), "--resume", "--head", "mlp"])
+    assert result.exit_code == 1 and "head ('linear' -> 'mlp')" in result.output
 
 
 def test_config_yaml_keys_are_the_fields(tmp_path) -> None:

@@ -174,7 +174,9 @@ RESUMABLE_CHANGES = (
 
 
 def load_config(yaml_path: Path | None = None, **overrides: Any) -> TrainConfig:
-    """Defaults < YAML file (keys exactly the field names) < ``overrides`` (None = not given)."""
+    """Defaults < YAML file < ``overrides`` (None = not given). The YAML holds the field names, or
+    is a run's own ``config.yaml`` (its ``config:`` block is used: rerun or resume a run as it
+    was)."""
     values: dict[str, Any] = {}
     if yaml_path is not None:
         yaml_path = Path(yaml_path)
@@ -184,6 +186,8 @@ def load_config(yaml_path: Path | None = None, **overrides: Any) -> TrainConfig:
             raise ValueError(f"{yaml_path}: cannot read the config ({e})") from e
         if not isinstance(loaded, dict):
             raise ValueError(f"{yaml_path}: expected a mapping of config fields")
+        if isinstance(loaded.get("config"), dict) and "config" not in FIELDS:
+            loaded = loaded["config"]  # a run folder's config.yaml: the config it ran with
         unknown = sorted(set(loaded) - set(FIELDS))
         if unknown:
             raise ValueError(

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ from cache import (
     CacheError,
     CacheKeyMismatch,
     CacheReader,
+    dataset_files,
     dataset_fingerprint,
     open_cache,
     resolve_cache,
@@ -39,18 +41,47 @@ def open_training_cache(cfg: TrainConfig) -> CacheReader:
 
     path = resolve_cache(cfg.cache)
     reader = open_cache(path)
-    fingerprint = dataset_fingerprint(NuScenesReader(cfg.data, cfg.version).metadata_files())
-    asked = {"dataset_fingerprint": fingerprint, "split": cfg.split}
-    for field, want in asked.items():
-        have = getattr(reader.key, field)
-        if have != want:
-            what = f"dataset {cfg.data}" if field == "dataset_fingerprint" else f"split {want!r}"
-            raise CacheKeyMismatch(
-                f"cache {path} does not match the training data: key field {field!r} is "
-                f"{have!r} in the cache but {want!r} for {what}; extract a cache for it "
-                "(python cli.py extract-teacher) or pass the matching --data/--version/--split"
-            )
+    dataset = NuScenesReader(cfg.data, cfg.version)
+    fingerprint = dataset_fingerprint(dataset.metadata_files())
+    if reader.key.dataset_fingerprint not in (fingerprint, _legacy_fingerprint(dataset)):
+        raise CacheKeyMismatch(
+            f"cache {path} was not extracted from the dataset at {cfg.data} "
+            f"({dataset.version}): {_changed_files(path, dataset)}; extract a cache for it "
+            "(python cli.py extract-teacher) or pass the matching --data/--version"
+        )
+    if reader.key.split != cfg.split:
+        raise CacheKeyMismatch(
+            f"cache {path} does not match the training data: key field 'split' is "
+            f"{reader.key.split!r} in the cache but {cfg.split!r} for split {cfg.split!r}; "
+            "extract a cache for it (python cli.py extract-teacher) or pass the matching --split"
+        )
     return reader
+
+
+def _legacy_fingerprint(dataset: Any) -> str:
+    """The fingerprint caches made before 2026-11-26 carry (over every JSON table)."""
+    return dataset_fingerprint(dataset.legacy_metadata_files())
+
+
+def _changed_files(path: Path, dataset: Any) -> str:
+    """Which metadata tables differ between the cache's manifest and the dataset, in words."""
+    from cache.store import load_manifest
+
+    recorded = load_manifest(path).get("meta", {}).get("dataset_files")
+    if not isinstance(recorded, dict):  # caches made before the manifest listed them
+        return "its metadata tables differ (this cache does not list them)"
+    present = dataset_files(dataset.metadata_files())
+    changed = sorted(n for n in recorded.keys() & present.keys() if recorded[n] != present[n])
+    parts = [
+        f"{what}: {', '.join(names)}"
+        for what, names in (
+            ("changed", changed),
+            ("only in the cache's dataset", sorted(recorded.keys() - present.keys())),
+            ("only in this dataset", sorted(present.keys() - recorded.keys())),
+        )
+        if names
+    ]
+    return "; ".join(parts) or "its metadata tables differ"
 
 
 def usable_scans(reader: CacheReader, cfg: TrainConfig) -> tuple[list[int], list[str]]:

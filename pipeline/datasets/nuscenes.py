@@ -346,7 +346,20 @@ class NuScenesReader:
         return read_image(camera)
 
     def metadata_files(self) -> list[Path]:
-        """The version's JSON tables (they determine every record; data files are named by them)."""
+        """The JSON tables this reader reads (they determine every record; data files are named
+        by them): the required ones, plus lidarseg and category where present. Other tables
+        (annotations, maps, nuScenes-panoptic's panoptic.json, ...) do not change the targets,
+        so adding them keeps the dataset's fingerprint and its caches."""
+        names = (*_REQUIRED_TABLES, "lidarseg", "category")
+        return sorted(
+            self.version_dir / f"{n}.json"
+            for n in names
+            if (self.version_dir / f"{n}.json").is_file()
+        )
+
+    def legacy_metadata_files(self) -> list[Path]:
+        """Every JSON table of the version: what the fingerprint covered before 2026-11-26
+        (training still accepts caches fingerprinted that way)."""
         return sorted(self.version_dir.glob("*.json"))
 
 
