@@ -361,9 +361,15 @@ def train_command(
         raise typer.Exit(1) from None
     if result.rank != 0:
         return
+    import math
+
+    def measured(value: float, text: str) -> str:  # a run of one step times none
+        return "n/a" if math.isnan(value) else text
+
     typer.echo(
         f"trained {result.steps} steps, final loss {result.final_loss:.4f}, "
-        f"{result.scans_per_s:.2f} scans/s, data wait {100 * result.data_wait_share:.0f}% "
+        f"{measured(result.scans_per_s, f'{result.scans_per_s:.2f}')} scans/s, "
+        f"data wait {measured(result.data_wait_share, f'{100 * result.data_wait_share:.0f}%')} "
         f"-> {result.run_dir}"
     )
 

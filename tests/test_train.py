@@ -343,8 +343,30 @@ def test_resuming_a_finished_run_rewrites_nothing(train_cache, tmp_path) -> None
     # killed between its last checkpoint and its summary: the summary comes from the checkpoint
     (cfg.out / "summary.json").unlink()
     train(dataclasses.replace(cfg, resume=True))
-    summary = json.loads((cfg.out / "summary.json").read_text())
+    summary = json.loads((cfg.out / "summary.json").read_text(), parse_constant=_not_json)
     assert summary["steps"] == 4 and summary["final_loss"] == pytest.approx(first.final_loss)
+    assert summary["scans_per_s"] is None  # not measured: null (strict JSON), not NaN
+
+
+def _not_json(constant: str) -> None:
+    raise ValueError(f"{constant} is not JSON")
+
+
+def test_a_one_step_run_writes_strict_json(train_cache, tmp_path) -> None:
+    """One step has no timed step (the first is warm-up): its rates are null, and the command
+    says n/a."""
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    run = tmp_path / "run"
+    args = ["train", "--cache", str(train_cache.cache), "--data", str(train_cache.data)]
+    args += ["--out", str(run), "--backbone", "tiny", "--batch-size", "8", "--epochs", "1"]
+    result = CliRunner().invoke(app, [*args, "--workers", "0", "--threads", "1", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "trained 1 steps" in result.output and "n/a scans/s, data wait n/a" in result.output
+    summary = json.loads((run / "summary.json").read_text(), parse_constant=_not_json)
+    assert summary["steps"] == 1 and summary["scans_per_s"] is None
 
 
 def test_resume_with_other_usable_scans_or_process_count_is_refused(train_cache, tmp_path) -> None:

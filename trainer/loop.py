@@ -422,8 +422,14 @@ def _train(cfg: TrainConfig, rt: distributed.Runtime) -> TrainResult:
 
 
 def _write_summary(path: Path, result: TrainResult) -> None:
-    summary = {k: v for k, v in vars(result).items() if k not in ("model", "run_dir", "rank")}
-    _write_text_atomic(path, json.dumps(summary, indent=1))
+    """summary.json, strict JSON: a figure that was not measured (NaN: a run of one step has no
+    timed step) is null."""
+    summary = {
+        k: None if isinstance(v, float) and math.isnan(v) else v
+        for k, v in vars(result).items()
+        if k not in ("model", "run_dir", "rank")
+    }
+    _write_text_atomic(path, json.dumps(summary, indent=1, allow_nan=False))
 
 
 def _finished(
@@ -439,7 +445,9 @@ def _finished(
     its summary) is written, with the checkpoint's loss and no throughput figures."""
     nan = float("nan")
     if summary_path.is_file():
-        summary = json.loads(summary_path.read_text())
+        summary = {
+            k: nan if v is None else v for k, v in json.loads(summary_path.read_text()).items()
+        }
         result = TrainResult(
             run_dir, summary["steps"], summary["final_loss"], summary["scans_per_s"],
             summary["data_wait_share"], model, rt.rank,
