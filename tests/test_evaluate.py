@@ -1,5 +1,7 @@
 """Evaluation protocols: corruptions, linear probe, fine-tuning subsets, end-to-end commands."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -306,6 +308,19 @@ def test_robustness_and_rankme_cli(synthetic_semantickitti, tmp_path):
     for r in result["corruptions"].values():
         assert r["rr"] == pytest.approx(r["miou"] / result["clean_miou"])
     assert "mRR" in out
+    # a baseline lacking a corruption asked for is refused before any work (no mixed mCE)
+    from trainer.evaluate.backbone import EvalData
+    from trainer.evaluate.robustness import RobustnessConfig, load_baseline
+
+    asked = RobustnessConfig(
+        checkpoint="none", like="tiny", out=tmp_path / "b", corruptions=("jitter", "fog"),
+        severities=(1, 3), baseline=tmp_path / "robustness.json",
+        data=EvalData(root=synthetic_semantickitti, dataset="semantickitti"),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="robustness.json lacks fog@1, fog@3"):
+        load_baseline(asked)
+    held = load_baseline(dataclasses.replace(asked, corruptions=("jitter",)))
+    assert set(held["corruptions"]) >= {"jitter@1", "jitter@3"}
 
     _cli(
         "evaluate",

@@ -108,12 +108,39 @@ def describe_ring_sources(per_scan: list[bool], beams: int) -> str:
     return f"ring channel ({rings} of {n} scans), {bins} ({n - rings} of {n} scans)"
 
 
+def load_baseline(cfg: RobustnessConfig) -> dict | None:
+    """The baseline's robustness.json, refused (before any work) unless it holds every
+    corruption and severity asked: a CE relative to the baseline and a raw 1 - mIoU are not
+    averaged into one mCE."""
+    if cfg.baseline is None:
+        return None
+    path = Path(cfg.baseline)
+    try:
+        baseline = json.loads(path.read_text())
+        held = baseline["corruptions"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a robustness.json ({type(e).__name__}: {e})") from None
+    missing = [
+        f"{name}@{s}"
+        for name in cfg.corruptions
+        for s in cfg.severities
+        if f"{name}@{s}" not in held
+    ]
+    if missing:
+        raise ValueError(
+            f"baseline {path} lacks {', '.join(missing)}: run the baseline with those corruptions "
+            "and severities too, or leave --baseline out (CE = 1 - mIoU)"
+        )
+    return baseline
+
+
 def summarise(results: dict[str, dict], clean: float, baseline: dict | None) -> dict:
-    """mRR and mCE over the corruption entries ``{"fog@2": {"miou": ...}, ...}``."""
-    base = (baseline or {}).get("corruptions", {})
+    """mRR and mCE over the corruption entries ``{"fog@2": {"miou": ...}, ...}``; with a
+    baseline, every entry must be in it (`load_baseline`)."""
+    base = None if baseline is None else baseline["corruptions"]
     for key, r in results.items():
         r["rr"] = r["miou"] / clean if clean > 0 else float("nan")
-        if key in base:
+        if base is not None:
             r["ce"] = (1 - r["miou"]) / max(1 - base[key]["miou"], 1e-12)
         else:
             r["ce"] = 1 - r["miou"]
@@ -126,7 +153,7 @@ def summarise(results: dict[str, dict], clean: float, baseline: dict | None) -> 
 
 def run_robustness(cfg: RobustnessConfig) -> dict:
     """Run the protocol; writes ``<out>/robustness.json`` and returns its content."""
-    baseline = json.loads(Path(cfg.baseline).read_text()) if cfg.baseline else None
+    baseline = load_baseline(cfg)
     torch.manual_seed(cfg.seed)
     model, model_cfg = load_model(cfg.checkpoint, cfg.like, cfg.device, cfg.seed, cfg.data.dataset)
     reader = open_reader(cfg.data)
