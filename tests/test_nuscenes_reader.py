@@ -347,3 +347,39 @@ def test_sample_pointing_at_a_missing_scene(copy: Path) -> None:
     with pytest.raises(DataError, match="no record with token") as error:
         NuScenesReader(copy, VERSION).scans("all")
     assert "scene.json" in str(error.value) and scan.token in str(error.value)
+
+
+def test_sweeps_between_keyframes_are_not_scans(copy: Path, reader: NuScenesReader) -> None:
+    """Real nuScenes has ~10 non-keyframe sample_data records (sweeps) per keyframe and sensor,
+    pointing at the nearest sample: the synthetic set has none, so add some. The scans (and
+    their camera frames) stay the keyframes', and check-data is clean."""
+
+    def add_sweeps(records: list[dict]) -> None:
+        for sd in [r for r in records if r["is_key_frame"]]:
+            for k in (1, 2):
+                records.append(
+                    {
+                        **sd,
+                        "token": f"{sd['token']}-sweep{k}",
+                        "is_key_frame": False,
+                        "timestamp": sd["timestamp"] + 50_000 * k,
+                        "filename": sd["filename"].replace("samples/", "sweeps/", 1),
+                    }
+                )
+
+    edit_table(copy, "sample_data", add_sweeps)
+    swept = NuScenesReader(copy, VERSION)
+    assert len(json.loads((copy / VERSION / "sample_data.json").read_text())) == 3 * len(
+        reader._tables["sample_data"]
+    )
+    for mine, theirs in zip(swept.scans("all"), reader.scans("all"), strict=True):
+        assert mine.token == theirs.token and mine.timestamp == theirs.timestamp
+        assert Path(mine.lidar_path).relative_to(copy) == Path(theirs.lidar_path).relative_to(
+            reader.root
+        )
+        assert [Path(c.image_path).name for c in mine.cameras] == [
+            Path(c.image_path).name for c in theirs.cameras
+        ]
+        assert all("/samples/" in str(c.image_path) for c in mine.cameras)
+    code, output = cli_output(copy)
+    assert code == 0, output
