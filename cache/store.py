@@ -6,17 +6,20 @@ Layout of one cache, ``ROOT/<key.digest()>/``::
     manifest.json          key, schema version, units (scan tokens), feature dim, layout, meta
     writer.lock            while an extraction run writes (cache/lock.py)
     units/u00000/          one Zarr v3 group per unit, arrays sharded: one shard file per array
-    units/u00000.done      JSON marker: rows, per-file sizes and crc32c; written last
+    units/u00000/done/     the unit's record (sub-group attributes), moved in with the data
+    units/u00000.done      JSON marker: that record (rows, per-file sizes and crc32c), stamped
     units/.u00000.tmp-*    a unit being written (or left by a killed writer: never read)
     COMPLETE               written by finalize() once every unit is done
 
-A unit (block of scans) is written by exactly one task, under a temporary name, renamed into
-place, and only then marked done, so no two processes ever write the same Zarr shard and a
-half-written unit never looks complete.
+A unit (block of scans) is written by one task under a temporary name, with its record, and
+renamed into place in one step, then marked done; no two processes ever write the same Zarr
+shard, a half-written unit never looks complete, and a unit in place that carries a whole record
+is never replaced (a duplicate attempt keeps it and publishes its record).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -289,6 +292,39 @@ def _array_digest(files: dict[str, dict[str, Any]], name: str) -> str:
     return h.hexdigest()
 
 
+UNIT_RECORD = "done"
+"""Sub-group of a unit folder whose attributes are the unit's record: its `.done` marker less the
+stamp (`STAMP`). Written in the temp dir, it moves into place with the data in one rename, so the
+marker published afterwards is a copy of the record of the data in place (docs/cache-format.md)."""
+STAMP = ("written_at", "host", "pid")
+"""Marker fields that are not part of the record (who published it, when)."""
+
+
+def _read_record(unit_dir: Path) -> dict | None:
+    """The record a unit folder carries (`UNIT_RECORD`); None when it has none (units written by
+    earlier code, whose marker alone describes them) or it is unreadable."""
+    try:
+        record = json.loads((unit_dir / UNIT_RECORD / "zarr.json").read_text())["attributes"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("files"), dict) else None
+
+
+def _whole_record(unit_dir: Path) -> dict | None:
+    """The record of the unit folder at ``unit_dir`` when every file it lists is there with its
+    recorded size (a unit some attempt finished and renamed into place); else None."""
+    record = _read_record(unit_dir)
+    if record is None:
+        return None
+    for rel, want in record["files"].items():
+        try:
+            if (unit_dir / rel).stat().st_size != want["size"]:
+                return None
+        except (OSError, KeyError, TypeError):
+            return None
+    return record
+
+
 def _read_json(path: Path, what: str) -> dict:
     try:
         return json.loads(path.read_text())
@@ -327,11 +363,13 @@ class CacheWriter:
         units: list[list[str]],
         feature_dim: int,
         meta: dict,
-        layout: StorageLayout = DEFAULT_LAYOUT,
+        layout: StorageLayout | None = None,
     ) -> CacheWriter:
         """Make ``root/<digest>/`` and its manifest (atomically), or check the existing one
-        describes the same key, units and feature dim. The first run's meta and layout stay
-        (a resumed cache keeps one layout even if the default changed meanwhile)."""
+        describes the same key, units, feature dim and, when ``layout`` is given, layout. The
+        first run's meta stays; without ``layout`` a new cache gets `DEFAULT_LAYOUT` and an
+        existing one keeps its own (a resumed cache keeps one layout even if the default changed
+        meanwhile)."""
         units = [list(u) for u in units]
         if not units or any(not u for u in units):
             raise ValueError(
@@ -355,7 +393,7 @@ class CacheWriter:
             "digest": key.digest(),
             "key": key.to_dict(),
             "feature_dim": feature_dim,
-            "layout": asdict(layout),
+            "layout": asdict(layout or DEFAULT_LAYOUT),
             "units": units,
             "meta": meta,
             "environment": _environment(),
@@ -383,8 +421,14 @@ class CacheWriter:
                     f"({_short(existing.get(name))} vs {_short(manifest[name])}); "
                     "extract with the same settings, or delete that folder to start over"
                 )
-        layout = StorageLayout(**existing["layout"])
-        return cls(path=path, key=key, units=units, feature_dim=feature_dim, layout=layout)
+        kept = StorageLayout(**existing["layout"])
+        if layout is not None and layout != kept:
+            raise CacheError(
+                f"cache {path} already exists with a different 'layout' "
+                f"({_short(asdict(kept))} vs {_short(asdict(layout))}); extract with the same "
+                "layout (or none: the cache keeps its own), or delete that folder to start over"
+            )
+        return cls(path=path, key=key, units=units, feature_dim=feature_dim, layout=kept)
 
     # -- state --------------------------------------------------------------------------------
     def unit_dir(self, unit_id: int) -> Path:
@@ -403,21 +447,55 @@ class CacheWriter:
 
     def pending_units(self, verify_checksums: bool = False) -> list[int]:
         """Units still to write. A unit with a marker whose files fail the check (sizes; also
-        checksums with ``verify_checksums``) loses its marker and is pending again, with a warning
-        naming the problem. Call it from the run's driver, holding `lock()`."""
+        checksums with ``verify_checksums``) is pending again, with a warning naming the problem.
+        A pending unit loses its marker and its folder (left by a killed writer, or damaged):
+        `write_unit` writes it anew. The cache's ``COMPLETE`` goes first. Call it from the run's
+        driver, holding `lock()` (no writer of this cache is running yet)."""
         pending = []
         for u, tokens in enumerate(self.units):
-            if not self.marker_path(u).exists():
-                pending.append(u)
-                continue
-            problems = unit_problems(
-                self.path, u, tokens, checksums=verify_checksums, manifest=self._manifest_fields()
-            )
-            if problems:  # drop the marker: write_unit then rewrites the unit
+            if self.marker_path(u).exists():
+                problems = unit_problems(
+                    self.path,
+                    u,
+                    tokens,
+                    checksums=verify_checksums,
+                    manifest=self._manifest_fields(),
+                )
+                if not problems:
+                    continue
                 warnings.warn(f"rewriting {'; '.join(problems)}", stacklevel=2)
-                self.marker_path(u).unlink(missing_ok=True)
-                pending.append(u)
+            self._drop_complete()  # before any unit loses its marker or its data
+            self.marker_path(u).unlink(missing_ok=True)
+            self._discard(self.unit_dir(u))
+            pending.append(u)
         return pending
+
+    def _drop_complete(self) -> None:
+        """Remove the cache's ``COMPLETE`` (one unlink, made durable) before a unit loses its
+        marker or is replaced: a run that dies afterwards leaves a cache that says it is
+        incomplete, never a complete one with a unit missing."""
+        try:
+            os.unlink(self.path / COMPLETE)
+        except FileNotFoundError:
+            return
+        _fsync_dir(self.path)
+
+    def _discard(self, unit_dir: Path, keep_whole: bool = False) -> None:
+        """Move a unit folder aside (under a temp name, which `remove_stale_temps` finds if we
+        die) and delete it. With ``keep_whole``, a folder that turns out to carry a whole record
+        (another attempt renamed its unit in after the caller looked) is put back instead."""
+        trash = unit_dir.with_name(f".{unit_dir.name}.tmp-{uuid.uuid4().hex}")
+        try:
+            os.rename(unit_dir, trash)
+        except FileNotFoundError:
+            return
+        if keep_whole and _whole_record(trash) is not None:
+            try:
+                os.rename(trash, unit_dir)
+                return
+            except OSError:  # yet another attempt's unit is in place now: keep that one
+                pass
+        shutil.rmtree(trash, ignore_errors=True)
 
     def _manifest_fields(self) -> dict[str, Any]:
         """What `unit_problems` checks units against: the key and the feature dim."""
@@ -443,13 +521,15 @@ class CacheWriter:
     def write_unit(
         self, unit_id: int, data: UnitData, timings: dict[str, float] | None = None
     ) -> int:
-        """Write unit ``unit_id`` atomically; returns bytes written (0 when already complete).
+        """Write unit ``unit_id`` atomically; returns bytes written (0 when already complete, or
+        when a duplicate attempt's unit got into place first: that one is kept).
 
-        Temp dir + fsync + rename + ``.done`` marker (sizes, crc32c checksums and row counts), in
-        that order: a unit without a valid marker is never read, and is rewritten by a re-run.
-        ``timings``, when given, receives the seconds of the steps: ``arrays_s`` (the Zarr
-        group; files written directly are checksummed here, as they are written),
-        ``checksums_s`` (the other files' checksums), ``fsync_s`` (fsync, rename, marker).
+        Temp dir with the data and its record (sizes, crc32c checksums and row counts) + fsync +
+        one rename + ``.done`` marker (the record, stamped), in that order: a unit without a
+        valid marker is never read, and is rewritten by a re-run. ``timings``, when given,
+        receives the seconds of the steps: ``arrays_s`` (the Zarr group; files written directly
+        are checksummed here, as they are written), ``checksums_s`` (the other files'
+        checksums), ``fsync_s`` (record, fsync, rename, marker).
         """
         clock = [time.perf_counter()]
 
@@ -466,9 +546,12 @@ class CacheWriter:
                 f"(got {len(data.tokens)} scans, expected {len(self.units[unit_id])}, "
                 f"first {data.tokens[:1]} vs {self.units[unit_id][:1]})"
             )
-        if self.marker_path(unit_id).exists() and self.is_complete(unit_id):
-            return 0
-        self.marker_path(unit_id).unlink(missing_ok=True)  # an invalid marker goes first
+        marker_path = self.marker_path(unit_id)
+        if marker_path.exists():
+            if self.is_complete(unit_id):
+                return 0
+            self._drop_complete()
+            marker_path.unlink(missing_ok=True)  # an invalid marker goes first
         units_dir = self.path / UNITS_DIR
         tmp = units_dir / f".{unit_name(unit_id)}.tmp-{uuid.uuid4().hex}"
         try:
@@ -489,47 +572,78 @@ class CacheWriter:
                     f"unit {unit_name(unit_id)}: written group {tmp.name} lacks arrays {lost} "
                     "(its temp dir was removed while it was written?); not marked done"
                 )
-            for rel in files:
+            record = {
+                "unit": unit_id,
+                "schema_version": self.key.schema_version,
+                "scans": len(data.tokens),
+                "rows": sum(data.rows()),
+                "paired": sum(int((c != UNPAIRED).sum()) for c in data.camera),
+                "bytes": sum(f["size"] for f in files.values()),
+                "arrays": {
+                    name: {"rows": stored_rows[name], "digest": _array_digest(files, name)}
+                    for name in arrays
+                },
+                "files": files,
+            }
+            # The record travels with the data: one rename puts both in place.
+            write_group(tmp / UNIT_RECORD, record)
+            for rel in [*files, f"{UNIT_RECORD}/zarr.json"]:
                 with open(tmp / rel, "rb") as fh:
                     os.fsync(fh.fileno())
-            final = self.unit_dir(unit_id)
-            if final.exists():  # left by a writer killed before its marker: replace it
-                trash = units_dir / f".{unit_name(unit_id)}.tmp-{uuid.uuid4().hex}"
-                os.rename(final, trash)
-                shutil.rmtree(trash)
-            try:
-                os.rename(tmp, final)
-            except OSError:
-                # A duplicate attempt of this task (Dask retry) renamed its copy first.
-                if self.is_complete(unit_id):
-                    shutil.rmtree(tmp)
-                    return 0
-                raise
+            _fsync_dir(tmp / UNIT_RECORD)
+            _fsync_dir(tmp)
+            if not self._move_into_place(unit_id, tmp):
+                return 0  # a duplicate attempt's unit is in place and marked: ours is gone
             _fsync_dir(units_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        rows = sum(data.rows())
-        paired = sum(int((c != UNPAIRED).sum()) for c in data.camera)
-        marker = {
-            "unit": unit_id,
-            "schema_version": self.key.schema_version,
-            "scans": len(data.tokens),
-            "rows": rows,
-            "paired": paired,
-            "bytes": sum(f["size"] for f in files.values()),
-            "arrays": {
-                name: {"rows": stored_rows[name], "digest": _array_digest(files, name)}
-                for name in arrays
-            },
-            "files": files,
-            "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-        }
-        _write_json_atomic(self.marker_path(unit_id), marker)
+        self._publish(unit_id, record)
         lap("fsync_s")
-        return marker["bytes"]
+        return record["bytes"]
+
+    def _move_into_place(self, unit_id: int, tmp: Path) -> bool:
+        """Rename the finished unit ``tmp`` (data and record) to the unit's folder; True when it
+        got there. A folder already there that carries a whole record is another attempt's unit
+        (a Dask retry while the first attempt still runs): it is never replaced; ``tmp`` is
+        deleted, that unit's record published as its marker, and False returned. Any other
+        folder there (left by a writer killed before its rename under older code, or damaged)
+        is replaced, after ``COMPLETE`` is removed. The check is made again before each rename."""
+        final = self.unit_dir(unit_id)
+        for _ in range(5):
+            # Whether a folder is there, first: one that arrives after this look is never
+            # moved aside by this pass (our rename then fails, and we look again).
+            present = final.exists()
+            record = _whole_record(final) if present else None
+            if record is not None or (present and self.is_complete(unit_id)):
+                shutil.rmtree(tmp)
+                if record is not None and not self.is_complete(unit_id):
+                    self._publish(unit_id, record)
+                return False
+            if present:
+                self._drop_complete()
+                self._discard(final, keep_whole=True)
+            try:
+                os.rename(tmp, final)
+                return True
+            except OSError as e:  # another attempt renamed its unit in meanwhile: check it
+                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+        raise CacheError(
+            f"unit {unit_name(unit_id)}: {final} keeps being replaced by other writers; not written"
+        )
+
+    def _publish(self, unit_id: int, record: dict[str, Any]) -> None:
+        """Write the unit's ``.done`` marker (temp + rename): ``record`` stamped (`STAMP`)."""
+        _write_json_atomic(
+            self.marker_path(unit_id),
+            {
+                **record,
+                "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+            },
+        )
 
     def finalize(self, summary: dict) -> None:
         """All units done → write ``COMPLETE`` (with ``summary``); otherwise raise naming the
@@ -604,10 +718,13 @@ def unit_problems(
 ) -> list[str]:
     """Problems of one unit, each naming it; [] when complete and intact.
 
-    Checks the marker, the files it lists (sizes; with ``checksums`` their crc32c, or sha256 in
-    older markers) and, with ``checksums``, the Zarr contents (`_content_problems`): row counts equal, offsets monotonic,
-    ending at rows, per-scan target rows or grid views; with ``manifest`` also the unit's
-    target format and feature dim against the cache's.
+    Checks the marker, the files it lists (sizes, and that it records a checksum for each; with
+    ``checksums`` their crc32c, or sha256 in older markers) and, with ``checksums``, the Zarr
+    contents (`_content_problems`): row counts equal, offsets monotonic, ending at rows,
+    per-scan target rows or grid views; with ``manifest`` also the unit's target format and
+    feature dim against the cache's. Without ``checksums`` the marker must also be the record
+    the unit folder carries (`UNIT_RECORD`, absent in units of older code): sizes alone cannot
+    tell another attempt's marker from this data's (checksums can).
     """
     name = unit_name(unit_id)
     marker_path = path / UNITS_DIR / f"{name}.done"
@@ -624,29 +741,45 @@ def unit_problems(
     problems = []
     for rel, want in files.items():
         p = unit_dir / rel
-        if not p.is_file():
+        if not isinstance(want, dict) or "size" not in want or _checksum_kind(want) is None:
+            problems.append(
+                f"unit {name}: marker {marker_path.name} records no size and crc32c (or sha256) "
+                f"for file {rel}"
+            )
+        elif not p.is_file():
             problems.append(f"unit {name}: file {rel} missing")
         elif p.stat().st_size != want["size"]:
             problems.append(
                 f"unit {name}: file {rel} has {p.stat().st_size} bytes, marker says {want['size']}"
                 " (truncated or rewritten)"
             )
-        elif checksums and _checksum(p, want) != want.get(CHECKSUM, want.get("sha256")):
+        elif checksums and _checksum(p, want) != want[_checksum_kind(want)]:
             problems.append(f"unit {name}: file {rel} checksum mismatch (corrupted)")
-    if problems or not checksums:
+    if problems:
         return problems
+    if not checksums:
+        record = _read_record(unit_dir)
+        if record is not None and {k: marker.get(k) for k in record} != record:
+            return [
+                f"unit {name}: marker {marker_path.name} is not the record of the data in "
+                f"{unit_dir.name}/ (another attempt's marker?)"
+            ]
+        return []
     return _content_problems(unit_dir, name, marker, tokens, manifest)
 
 
-def _checksum(path: Path, want: dict[str, Any]) -> str | None:
-    """The checksum of ``path`` of the kind its marker entry ``want`` records: crc32c, or sha256
-    (markers written before 2026-11-26); None when it records neither."""
-    if CHECKSUM in want:
+def _checksum_kind(want: dict[str, Any]) -> str | None:
+    """Which checksum a marker entry records: crc32c, or sha256 (markers written before
+    2026-11-26); None when it records neither (a problem)."""
+    return next((k for k in (CHECKSUM, "sha256") if k in want), None)
+
+
+def _checksum(path: Path, want: dict[str, Any]) -> str:
+    """The checksum of ``path`` of the kind its marker entry ``want`` records."""
+    if _checksum_kind(want) == CHECKSUM:
         return file_checksum(path)
-    if "sha256" in want:
-        with open(path, "rb") as fh:
-            return hashlib.file_digest(fh, "sha256").hexdigest()
-    return None
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def _offsets_problems(
@@ -771,15 +904,39 @@ def _grid_problems(
 
 def verify_cache(path: str | Path, progress: bool = True) -> list[str]:
     """Every problem of the cache at ``path`` (complete or not), each naming its unit or file;
-    [] means complete and intact (all checksums recomputed)."""
+    [] means complete and intact (all checksums recomputed; the manifest's key gives its digest,
+    which names the folder)."""
     path = Path(path)
     manifest = load_manifest(path)
-    problems = []
+    problems = _manifest_problems(path, manifest)
     units = manifest["units"]
     for u in tqdm(range(len(units)), desc="verify", unit="unit", disable=not progress):
         problems += unit_problems(path, u, units[u], checksums=True, manifest=manifest)
     if not (path / COMPLETE).exists():
         problems.append(f"cache {path}: no {COMPLETE} marker (extraction not finalized)")
+    return problems
+
+
+def _manifest_problems(path: Path, manifest: dict) -> list[str]:
+    """The manifest's key must give its digest, and the digest name the cache folder: a key
+    edited by hand (split, pairing...) describes other targets than the stored ones."""
+    where = f"cache manifest {path / MANIFEST}"
+    try:
+        digest = CacheKey.from_dict(manifest["key"]).digest()
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        return [f"{where}: unreadable key: {e}"]
+    problems = []
+    if manifest.get("digest") != digest:
+        problems.append(
+            f"{where}: digest {manifest.get('digest')!r}, but its key's digest is {digest!r} "
+            "(edited by hand?)"
+        )
+    folder = path.resolve().name
+    if folder != manifest.get("digest"):
+        problems.append(
+            f"cache {path}: folder {folder!r} is not named after its digest "
+            f"{manifest.get('digest')!r} (renamed, or the manifest edited?)"
+        )
     return problems
 
 
