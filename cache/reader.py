@@ -68,10 +68,19 @@ def _span(offsets: np.ndarray, j: int) -> tuple[int, int]:
 
 
 def _rows(array: ShardArray | zarr.Array, start: int, end: int) -> np.ndarray:
-    """Rows [start, end) of a row array (per-point or target), read directly or through zarr."""
+    """Rows [start, end) of a row array (per-point or target), read directly or through zarr
+    (whose errors, a shard index checksum or a codec's, name no file: CacheError naming it)."""
     if isinstance(array, ShardArray):
         return array.read(start, end)
-    return array[start:end]
+    try:
+        return array[start:end]
+    except (ValueError, OSError) as e:  # a damaged index or chunk, a missing file
+        shard = (start // (array.shards or array.chunks)[0],) + (0,) * (array.ndim - 1)
+        where = Path(str(array.store.root), array.path, array.metadata.encode_chunk_key(shard))
+        raise CacheError(
+            f"{where}: rows [{start}, {end}) unreadable: {type(e).__name__}: {e} "
+            "(corrupted; run `python cli.py cache verify`)"
+        ) from None
 
 
 @dataclass

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -212,3 +213,18 @@ def test_a_rerun_with_another_layout_is_refused_none_keeps_the_caches(tmp_path: 
     assert CacheWriter.create(tmp_path, make_key(), UNITS, D, {}).layout == zstd
     with pytest.raises(CacheError, match=rf"{first.path} already exists with a different 'layout'"):
         CacheWriter.create(tmp_path, make_key(), UNITS, D, {}, layout=StorageLayout())
+
+
+# ---------------------------------------------------------------- the zarr read path ----
+def test_zarr_path_names_the_file_of_a_damaged_shard_index(tmp_path: Path) -> None:
+    """`open_cache(fast_path=False)` reads through zarr, whose error for a damaged shard index
+    ("Stored and computed checksum do not match") names no file: a CacheError names it."""
+    writer = write_cache(tmp_path)
+    shard = writer.unit_dir(0) / "target" / "c" / "0" / "0"
+    raw = bytearray(shard.read_bytes())
+    raw[-1] ^= 0x80  # the index's crc32c
+    shard.write_bytes(bytes(raw))
+    reader = open_cache(writer.path, fast_path=False)
+    with pytest.raises(CacheError, match=re.escape(str(shard)) + ".*checksum"):
+        reader.read_scan(0)
+    assert reader.read_scan(2).token == "b0"  # other units read
