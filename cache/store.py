@@ -414,6 +414,14 @@ class CacheWriter:
             finally:
                 tmp.unlink()
         existing = _read_json(target, "cache manifest")
+        asked_units = json.loads(json.dumps(manifest["units"]))
+        held_units = existing.get("units")
+        if held_units != asked_units and _flat(held_units) == _flat(asked_units):
+            raise CacheError(
+                f"cache {path} holds the same scans in units of {_unit_sizes(held_units)}, "
+                f"this run asks for units of {_unit_sizes(asked_units)}: resume with the "
+                "first run's --scans-per-unit, or delete that folder to start over"
+            )
         for name in ("schema_version", "key", "feature_dim", "units"):
             if existing.get(name) != json.loads(json.dumps(manifest[name])):
                 raise CacheError(
@@ -1016,9 +1024,37 @@ def resolve_cache(root_or_path: str | Path, key: CacheKey | None = None) -> Path
         raise CacheError(f"{p} holds no cache (no {MANIFEST} in it or in its sub-folders)")
     if len(caches) > 1:
         raise CacheError(
-            f"{p} holds {len(caches)} caches; name one: " + ", ".join(str(c) for c in caches)
+            f"{p} holds {len(caches)} caches; name one:\n"
+            + "\n".join(f"  {c}: {_key_line(c)}" for c in caches)
         )
     return caches[0]
+
+
+def _flat(units: Any) -> list | None:
+    """The scan tokens of a manifest's units, in order (None if it is not a list of lists)."""
+    if not isinstance(units, list) or not all(isinstance(u, list) for u in units):
+        return None
+    return [t for u in units for t in u]
+
+
+def _unit_sizes(units: list[list[str]]) -> str:
+    """ "4 scans" (the last unit may be shorter), or the sizes when they vary."""
+    sizes = sorted({len(u) for u in units[:-1]} or {len(units[-1])})
+    return f"{sizes[0]} scans" if len(sizes) == 1 else f"{'/'.join(map(str, sizes))} scans"
+
+
+def _key_line(path: Path) -> str:
+    """What tells one cache from another under a root, in one line."""
+    try:
+        k = CacheKey.from_dict(_read_json(path / MANIFEST, "cache manifest")["key"])
+    except (CacheError, ValueError, KeyError) as e:
+        return f"unreadable ({e})"
+    h, w = k.image_size
+    return (
+        f"split {k.split}, teacher {k.teacher} ({k.teacher_weights_sha256[:8]}), {h}x{w}, "
+        f"{k.target_format}, {k.teacher_dtype}"
+        + (", decoded on the device" if k.image_decode == "device" else "")
+    )
 
 
 # ---------------------------------------------------------------- text for the CLI ----

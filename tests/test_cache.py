@@ -230,6 +230,10 @@ def test_create_is_idempotent_and_checks_the_manifest(tmp_path: Path) -> None:
         )
     with pytest.raises(CacheError, match="different 'units'"):
         CacheWriter.create(tmp_path, make_key(), [["s0"], ["s1"]], D, {})
+    tokens = [t for unit in UNITS for t in unit]
+    with pytest.raises(CacheError, match="units of 1/2/3 scans, this run asks for units of 1 scans.*"
+                       "--scans-per-unit"):  # fmt: skip
+        CacheWriter.create(tmp_path, make_key(), [[t] for t in tokens], D, {})
     with pytest.raises(CacheError, match="different 'feature_dim'"):
         CacheWriter.create(tmp_path, make_key(), UNITS, D + 1, {})
     with pytest.raises(ValueError, match="repeated"):
@@ -299,8 +303,12 @@ def test_resolve_cache_root_or_path(tmp_path: Path) -> None:
     assert resolve_cache(first.path, make_key()) == first.path
     second_key = make_key(image_size=(448, 896))
     write_cache(tmp_path, second_key, finalize=False)
-    with pytest.raises(CacheError, match="holds 2 caches"):
+    with pytest.raises(CacheError, match="holds 2 caches") as error:
         resolve_cache(tmp_path)
+    for digest, size in ((first.path.name, "224x448"), (second_key.digest(), "448x896")):
+        assert f"{digest}: split mini_train, teacher tiny-dinov2 (aaaaaaaa), {size}, point-f16" in (
+            str(error.value)
+        )
     assert resolve_cache(tmp_path, second_key) == tmp_path / second_key.digest()
     with pytest.raises(CacheKeyMismatch, match=r"differs in split, image_size"):
         resolve_cache(tmp_path, make_key(split="mini_val", image_size=(448, 448)))
