@@ -132,11 +132,11 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     out = cfg.out_dir()
     write_subset(out / "subset.txt", [s.token for s in subset])
 
-    # Labels and points of a few-shot subset fit in memory; read them once.
-    data = [(reader.load_points(s), reader.load_labels(s)) for s in subset]
     # Classes absent from the subset's labels cannot be learned: never predict them (as the probe).
+    # Scans are read per batch, not held: 100 % of nuScenes' train split is ~16 GB of points.
     seen = np.zeros(len(names), dtype=bool)
-    for _, y in data:
+    for s in subset:
+        y = reader.load_labels(s)
         seen[np.unique(y[y != IGNORE_INDEX])] = True
     head = torch.nn.Sequential(
         torch.nn.Linear(model.out_channels, len(names)), MaskClasses(torch.from_numpy(seen))
@@ -148,16 +148,17 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         ],
         weight_decay=cfg.weight_decay,
     )
-    steps = cfg.epochs * math.ceil(len(data) / cfg.batch_scans)
+    steps = cfg.epochs * math.ceil(len(subset) / cfg.batch_scans)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     model.train()
     head.train()
     losses = []
     bar = tqdm(total=steps, desc=f"finetune {100 * cfg.fraction:g}%", unit="step")
     for _ in range(cfg.epochs):
-        order = rng.permutation(len(data))
+        order = rng.permutation(len(subset))
         for start in range(0, len(order), cfg.batch_scans):
-            batch = [data[i] for i in order[start : start + cfg.batch_scans]]
+            scans = [subset[i] for i in order[start : start + cfg.batch_scans]]
+            batch = [(reader.load_points(s), reader.load_labels(s)) for s in scans]
             feats = forward_points(
                 model, model_cfg, [augment(p, rng) for p, _ in batch], cfg.device
             )
