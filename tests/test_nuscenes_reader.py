@@ -252,6 +252,18 @@ def test_label_file_of_wrong_length(copy: Path) -> None:
     assert any(str(path) in p for p in check_scan(reader, scan))
 
 
+def test_label_value_without_a_category_is_found_before_extraction(copy: Path) -> None:
+    reader, scan = first_scan(copy)
+    path = Path(scan.label_path)
+    raw = bytearray(path.read_bytes())
+    raw[3] = 200  # no category.index 200 in the synthetic release
+    replace(path, bytes(raw))
+    (problem,) = check_scan(reader, scan)
+    assert str(path) in problem and "[200] are not a category.index" in problem
+    code, output = cli_output(copy)
+    assert code == 1 and str(path) in output
+
+
 @pytest.mark.parametrize("damage", ["missing", "garbage", "truncated"])
 def test_bad_image(copy: Path, damage: str) -> None:
     reader, scan = first_scan(copy)

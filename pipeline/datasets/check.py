@@ -2,8 +2,8 @@
 
 ``check_scan`` works on any reader's ``Scan`` records: it reads the points (size and NaN/Inf), the
 label file size (``reader.label_bytes_per_point`` bytes a point: 1 for nuScenes' uint8 lidarseg,
-4 for SemanticKITTI's uint32), the calibration matrices, and each image's header (format and
-size; the pixels are decoded only at extraction time).
+4 for SemanticKITTI's uint32) and values (``reader.load_labels``), the calibration matrices, and
+each image's header (format and size; the pixels are decoded only at extraction time).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ class Reader(Protocol):
 
     def scans(self, split: str) -> list[Scan]: ...
     def load_points(self, scan: Scan) -> np.ndarray: ...
+    def load_labels(self, scan: Scan) -> np.ndarray: ...
 
 
 def _rigid_problem(transform: np.ndarray) -> str | None:
@@ -59,6 +60,11 @@ def check_scan(reader: Reader, scan: Scan) -> list[str]:
                     f"{label_path}: {size} bytes of labels for {n_points} points, expected "
                     f"{n_points * reader.label_bytes_per_point} (scan {scan.token})"
                 )
+            else:
+                try:  # the values: each must map to a class or ignore
+                    reader.load_labels(scan)
+                except (DataError, OSError) as e:
+                    problems.append(f"{e} (scan {scan.token})")
     for name, transform in (
         ("lidar sensor_to_ego", scan.sensor_to_ego),
         ("lidar ego_to_global", scan.ego_to_global),
