@@ -4,10 +4,11 @@ Parallel Dask tasks of one run do not take the lock (they write disjoint units);
 the run holds it for the whole run. The file is written under a temporary name and hard-linked
 into place, so it never exists empty or half-written (``os.link`` fails when the name exists, as
 ``O_EXCL`` does, also on NFS). A lock whose process is gone (same host, boot and pid namespace;
-pid not alive or reused by a younger process) is stale and taken over with a warning; a live
-one, or one whose process we cannot see (another host, another container's pid namespace), is a
-clear error. An unreadable lock file (damaged: this code never writes one) counts as held until
-it is ``UNREADABLE_STALE_S`` old.
+pid not alive, or now another process: its start ticks differ) or that was written before the
+machine last booted is stale and taken over with a warning; a live one, or one whose process we
+cannot see (another host, another container's pid namespace), is a clear error. An unreadable
+lock file (damaged: this code never writes one) counts as held until it is
+``UNREADABLE_STALE_S`` old.
 """
 
 from __future__ import annotations
@@ -46,30 +47,41 @@ def _pid_namespace() -> str | None:
         return None
 
 
+def _start_ticks(pid: int) -> int | None:
+    """A local process's start, in clock ticks since boot (/proc/PID/stat field 22): with the
+    pid, it names one process of one boot; None where unavailable."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _process_start_time(pid: int) -> float | None:
     """Start time (epoch seconds) of a local process, from /proc; None where unavailable."""
+    ticks = _start_ticks(pid)
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22: starttime in clock ticks
         btime = next(
             int(line.split()[1])
             for line in Path("/proc/stat").read_text().splitlines()
             if line.startswith("btime")
         )
-        return btime + ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, StopIteration):
         return None
+    return None if ticks is None else btime + ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _is_stale(holder: dict) -> bool:
-    """True when the holder ran here (same host, boot and pid namespace) and its process is gone
-    (or the pid was reused). A lock written by older code lacks boot and namespace: the host
-    decides then."""
+    """True when the holder's process is provably gone: it ran on this host before the last
+    boot, or in this boot and pid namespace and its pid is dead or now another process's. A
+    lock of another pid namespace (a container sharing the host name) is never judged by its
+    pid. Locks written by older code lack boot, namespace and start ticks: the host and the
+    wall-clock start time decide then."""
     if holder.get("host") != socket.gethostname():
         return False
-    for field, here in (("boot_id", _boot_id()), ("pid_ns", _pid_namespace())):
-        if field in holder and holder[field] != here:
-            return False  # another container or boot: its pids are not ours to test
+    if "boot_id" in holder and holder["boot_id"] != _boot_id():
+        return True  # written before this machine last booted
+    if "pid_ns" in holder and holder["pid_ns"] != _pid_namespace():
+        return False  # another container's pids are not ours to test
     pid = int(holder.get("pid", -1))
     if pid <= 0:
         return True
@@ -79,6 +91,9 @@ def _is_stale(holder: dict) -> bool:
         return True
     except PermissionError:
         pass  # alive, owned by another user
+    if holder.get("start_ticks") is not None:  # exact, and immune to wall-clock steps
+        ticks = _start_ticks(pid)
+        return ticks is not None and ticks != holder["start_ticks"]
     started = _process_start_time(pid)
     # A process younger than the lock is not the one that wrote it: the pid was reused.
     return started is not None and started > float(holder.get("started", 0)) + 2.0
@@ -128,6 +143,7 @@ def acquire_lock(directory: Path) -> dict:
         "host": socket.gethostname(),
         "boot_id": _boot_id(),
         "pid_ns": _pid_namespace(),
+        "start_ticks": _start_ticks(os.getpid()),
         "started": time.time(),
         "id": uuid.uuid4().hex,
     }

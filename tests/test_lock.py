@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from cache import LockHeldError, cache_lock
-from cache.lock import UNREADABLE_STALE_S, _pid_namespace
+from cache.lock import UNREADABLE_STALE_S, _boot_id, _pid_namespace, _start_ticks
 from cache.schema import LOCK_FILE
 
 
@@ -88,3 +88,25 @@ def test_the_lock_file_appears_complete(tmp_path: Path) -> None:
     assert all(p.wait() == 0 for p in procs)
     assert seen > 0 and bad == 0
     assert not any(tmp_path.iterdir())
+
+
+def test_a_lock_from_before_the_last_boot_or_of_a_reused_pid_is_stale(tmp_path: Path) -> None:
+    """Judged by boot id and the process's start ticks, not the wall clock (which may step)."""
+    assert _boot_id() is not None and _start_ticks(os.getpid()) is not None
+    mine = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "boot_id": _boot_id(),
+        "pid_ns": _pid_namespace(),
+        "start_ticks": _start_ticks(os.getpid()),
+        "started": time.time() + 3600,  # a wall clock an hour off changes nothing
+        "id": "live",
+    }
+    (tmp_path / LOCK_FILE).write_text(json.dumps(mine))
+    with pytest.raises(LockHeldError, match=f"pid {os.getpid()}"):
+        with cache_lock(tmp_path):
+            pass
+    for change in ({"start_ticks": mine["start_ticks"] - 1}, {"boot_id": "an-earlier-boot"}):
+        (tmp_path / LOCK_FILE).write_text(json.dumps({**mine, **change}))
+        with pytest.warns(UserWarning, match="stale lock"), cache_lock(tmp_path):
+            assert json.loads((tmp_path / LOCK_FILE).read_text())["id"] != "live"
