@@ -265,6 +265,8 @@ def extract_teacher_command(
         raise typer.Exit(1) from None
     if summary.teacher_random:
         typer.echo("warning: the teacher is a RANDOM model (make-teacher): demo/test targets only", err=True)
+    if summary.scans_unlabelled:
+        typer.echo(f"warning: {summary.scans_unlabelled} of {summary.scans} scans have no lidarseg labels (label 255 on every point; evaluation leaves them out)", err=True)
     if summary.teacher_fitted:
         typer.echo("warning: the teacher is a stand-in fitted to dataset labels (make-teacher --fit-on): demo/test targets only", err=True)
     typer.echo(f"cache: {summary.cache_path}")

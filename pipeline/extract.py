@@ -178,6 +178,7 @@ class ExtractSummary:
     teacher_random: bool  # the teacher is a RANDOM test/demo model
     teacher_fitted: bool = False  # the teacher is a stand-in fitted to dataset labels (demo/test)
     scans_skipped: int = 0  # scans left out by --skip-bad (listed in the manifest meta)
+    scans_unlabelled: int = 0  # scans without a label file: label 255 (ignore) on every point
     startup_s: float = 0.0  # cluster start + every worker loading (and warming up) its teacher
     steady_images_per_s: float = 0.0
     """Images/s between the completions of the first and the last 10 % of the units (runs of 10
@@ -817,6 +818,7 @@ def extract_teacher(cfg: ExtractConfig) -> ExtractSummary:
             teacher_random=teacher.identity.random,
             teacher_fitted=teacher.identity.fitted,
             scans_skipped=len(bad),
+            scans_unlabelled=sum(s.label_path is None for s in scans),
             step_s={k: round(v, 3) for k, v in step_s.items()},
             startup_s=startup_s,
             compute_window=(compute_at, done_at),

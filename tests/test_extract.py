@@ -90,7 +90,7 @@ def test_summary_counts_what_was_written(serial, synthetic_nuscenes) -> None:
         int((s["camera"] >= 0).sum()) for s in _arrays(summary.cache_path)
     )
     assert 0 < summary.points_paired < summary.points
-    assert summary.teacher_random is True
+    assert summary.teacher_random is True and summary.scans_unlabelled == 0
     assert set(summary.step_s) == {"pair_s", "image_wait_s", "teacher_s", "write_s"}
     assert all(v >= 0 for v in summary.step_s.values()) and summary.step_s["teacher_s"] > 0
     # start-up (cluster + every worker's teacher) is reported apart from the throughput clock
@@ -102,6 +102,25 @@ def test_summary_counts_what_was_written(serial, synthetic_nuscenes) -> None:
     assert cache.key.image_size == IMAGE_SIZE and cache.key.feature_layer == "last"
     assert cache.feature_dim == 64
     assert cache.verify(progress=False) == []
+
+
+def test_scans_without_labels_are_counted_and_carry_ignore(serial, tmp_path: Path) -> None:
+    import shutil
+
+    cfg, _ = serial
+    data = tmp_path / "data"
+    shutil.copytree(cfg.data, data, copy_function=os.symlink)
+    table = data / cfg.version / "lidarseg.json"
+    records = json.loads(table.read_text())
+    scan = NuScenesReader(cfg.data, cfg.version).scans(SPLIT)[1]
+    kept = [r for r in records if r["filename"] != str(Path(scan.label_path).relative_to(cfg.data))]
+    assert len(kept) == len(records) - 1
+    table.unlink()
+    table.write_text(json.dumps(kept))
+    summary = extract_teacher(replace(cfg, data=data, cache_root=tmp_path / "cache"))
+    assert summary.scans_unlabelled == 1 and "scans_unlabelled" in summary.to_dict()
+    labels = _arrays(summary.cache_path)[1]["label"]
+    assert (labels == 255).all() and len(labels) > 0
 
 
 def test_steady_rate_leaves_out_ramp_and_tail() -> None:
