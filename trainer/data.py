@@ -42,8 +42,12 @@ def open_training_cache(cfg: TrainConfig) -> CacheReader:
     path = resolve_cache(cfg.cache)
     reader = open_cache(path)
     dataset = NuScenesReader(cfg.data, cfg.version)
-    fingerprint = dataset_fingerprint(dataset.metadata_files())
-    if reader.key.dataset_fingerprint not in (fingerprint, _legacy_fingerprint(dataset)):
+    held = reader.key.dataset_fingerprint
+    # Caches made before 2026-11-26 were fingerprinted over every JSON table: hashed only when
+    # needed (v1.0-trainval's tables are gigabytes).
+    if held != dataset_fingerprint(dataset.metadata_files()) and held != dataset_fingerprint(
+        dataset.legacy_metadata_files()
+    ):
         raise CacheKeyMismatch(
             f"cache {path} was not extracted from the dataset at {cfg.data} "
             f"({dataset.version}): {_changed_files(path, dataset)}; extract a cache for it "
@@ -56,11 +60,6 @@ def open_training_cache(cfg: TrainConfig) -> CacheReader:
             "extract a cache for it (python cli.py extract-teacher) or pass the matching --split"
         )
     return reader
-
-
-def _legacy_fingerprint(dataset: Any) -> str:
-    """The fingerprint caches made before 2026-11-26 carry (over every JSON table)."""
-    return dataset_fingerprint(dataset.legacy_metadata_files())
 
 
 def _changed_files(path: Path, dataset: Any) -> str:
