@@ -131,14 +131,10 @@ def _link_into_place(source: Path, path: Path) -> bool:
     return True
 
 
-def acquire_lock(directory: Path) -> dict:
-    """Create ``directory/writer.lock`` exclusively and return what was written into it.
-
-    Raises LockHeldError when a live process holds it; takes a stale one over with a warning.
-    """
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / LOCK_FILE
-    mine = {
+def this_process() -> dict:
+    """What a lock taken now by this process records: who holds it (pid, host, boot, pid
+    namespace, start ticks), since when, and a unique id."""
+    return {
         "pid": os.getpid(),
         "host": socket.gethostname(),
         "boot_id": _boot_id(),
@@ -147,6 +143,16 @@ def acquire_lock(directory: Path) -> dict:
         "started": time.time(),
         "id": uuid.uuid4().hex,
     }
+
+
+def acquire_lock(directory: Path) -> dict:
+    """Create ``directory/writer.lock`` exclusively and return what was written into it.
+
+    Raises LockHeldError when a live process holds it; takes a stale one over with a warning.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / LOCK_FILE
+    mine = this_process()
     # The complete file under a name of our own, then linked into place: never seen empty.
     draft = path.with_name(f"{LOCK_FILE}.new-{mine['id']}")
     with open(draft, "w") as fh:

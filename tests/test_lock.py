@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from cache import LockHeldError, cache_lock
-from cache.lock import UNREADABLE_STALE_S, _boot_id, _pid_namespace, _start_ticks
+from cache.lock import UNREADABLE_STALE_S, _boot_id, _pid_namespace, _start_ticks, this_process
 from cache.schema import LOCK_FILE
 
 
@@ -93,15 +93,8 @@ def test_the_lock_file_appears_complete(tmp_path: Path) -> None:
 def test_a_lock_from_before_the_last_boot_or_of_a_reused_pid_is_stale(tmp_path: Path) -> None:
     """Judged by boot id and the process's start ticks, not the wall clock (which may step)."""
     assert _boot_id() is not None and _start_ticks(os.getpid()) is not None
-    mine = {
-        "pid": os.getpid(),
-        "host": socket.gethostname(),
-        "boot_id": _boot_id(),
-        "pid_ns": _pid_namespace(),
-        "start_ticks": _start_ticks(os.getpid()),
-        "started": time.time() + 3600,  # a wall clock an hour off changes nothing
-        "id": "live",
-    }
+    # a wall clock an hour off changes nothing
+    mine = {**this_process(), "started": time.time() + 3600, "id": "live"}
     (tmp_path / LOCK_FILE).write_text(json.dumps(mine))
     with pytest.raises(LockHeldError, match=f"pid {os.getpid()}"):
         with cache_lock(tmp_path):
