@@ -117,6 +117,25 @@ def test_every_corruption_is_deterministic_and_monotone(name):
         corrupt(name, points, 4, seed=0)
 
 
+def test_mce_pools_severities_per_corruption_as_robo3d():
+    from trainer.evaluate.robustness import summarise
+
+    results = {"fog@1": {"miou": 0.5}, "fog@3": {"miou": 0.1},
+               "jitter@1": {"miou": 0.6}, "jitter@3": {"miou": 0.4}}  # fmt: skip
+    base = {"corruptions": {"fog@1": {"miou": 0.6}, "fog@3": {"miou": 0.0},
+                            "jitter@1": {"miou": 0.5}, "jitter@3": {"miou": 0.5}}}  # fmt: skip
+    s = summarise(results, 0.7, base)
+    # CE_fog = (0.5 + 0.9) / (0.4 + 1.0) = 1.0; CE_jitter = (0.4 + 0.6) / (0.5 + 0.5) = 1.0.
+    # The mean of the per-level ratios would be (1.25 + 0.9 + 0.8 + 1.2) / 4 = 1.0375.
+    assert s["ce_per_corruption"] == pytest.approx({"fog": 1.0, "jitter": 1.0})
+    assert s["mCE"] == pytest.approx(1.0)
+    assert results["fog@1"]["ce"] == pytest.approx(1.25)  # one level's own ratio
+    assert s["mRR"] == pytest.approx((0.5 + 0.1 + 0.6 + 0.4) / 4 / 0.7)
+    plain = summarise({k: dict(v) for k, v in results.items()}, 0.7, None)
+    assert plain["mCE"] == pytest.approx((0.5 + 0.9 + 0.4 + 0.6) / 4)
+    assert plain["ce_per_corruption"] == pytest.approx({"fog": 0.7, "jitter": 0.5})
+
+
 # ---------------------------------------------------------------- linear probe
 
 

@@ -8,7 +8,9 @@ backbone and classified; labels follow the surviving points. Summary per corrupt
 - ``rr`` (resilience ratio, Robo3D): ``miou / miou_clean``; ``mRR`` = mean over corruptions;
 - ``ce`` (corruption error, nuScenes-C / Robo3D): ``(1 - miou) / (1 - miou_baseline)`` for the same
   corruption of a *baseline* model's result file (``--baseline``, e.g. the random-init probe's
-  robustness.json); ``mCE`` = mean. Without a baseline, ``ce`` is ``1 - miou`` (the error itself).
+  robustness.json); per corruption, ``CE_i`` pools the severities (Σ errors / Σ baseline errors)
+  and ``mCE`` is the mean of ``CE_i`` over corruptions (Robo3D). Without a baseline, ``ce`` is
+  ``1 - miou`` (the error itself).
 
 Beams: the ring ids of a scan's file when it carries valid ones (nuScenes), otherwise elevation
 bins; ``ring_source`` records which was used, with the number of val scans of each. A corruption
@@ -136,17 +138,32 @@ def load_baseline(cfg: RobustnessConfig) -> dict | None:
 
 def summarise(results: dict[str, dict], clean: float, baseline: dict | None) -> dict:
     """mRR and mCE over the corruption entries ``{"fog@2": {"miou": ...}, ...}``; with a
-    baseline, every entry must be in it (`load_baseline`)."""
+    baseline, every entry must be in it (`load_baseline`).
+
+    As in Robo3D / ImageNet-C, the CE of a corruption pools its severities before dividing:
+    ``CE_i = Σ_l (1 - mIoU_i,l) / Σ_l (1 - mIoU^base_i,l)`` (without a baseline: the mean error
+    over the severities); ``mCE`` is the mean of ``CE_i`` over corruptions, not of the per-level
+    ratios (each entry's ``ce`` is that one level's ratio)."""
     base = None if baseline is None else baseline["corruptions"]
+    errors: dict[str, list[float]] = {}  # corruption -> 1 - mIoU per severity
+    base_errors: dict[str, list[float]] = {}
     for key, r in results.items():
+        name = key.split("@")[0]
         r["rr"] = r["miou"] / clean if clean > 0 else float("nan")
+        errors.setdefault(name, []).append(1 - r["miou"])
         if base is not None:
+            base_errors.setdefault(name, []).append(1 - base[key]["miou"])
             r["ce"] = (1 - r["miou"]) / max(1 - base[key]["miou"], 1e-12)
         else:
             r["ce"] = 1 - r["miou"]
+    if base is not None:
+        ce = {n: sum(e) / max(sum(base_errors[n]), 1e-12) for n, e in errors.items()}
+    else:
+        ce = {n: float(np.mean(e)) for n, e in errors.items()}
     return {
         "mRR": float(np.mean([r["rr"] for r in results.values()])),
-        "mCE": float(np.mean([r["ce"] for r in results.values()])),
+        "mCE": float(np.mean(list(ce.values()))),
+        "ce_per_corruption": ce,
         "ce_relative_to_baseline": baseline is not None,
     }
 
@@ -225,6 +242,8 @@ def robustness_table(record: dict) -> str:
         lines.append(
             f"{key:<18} {100 * r['miou']:6.1f}  {r['rr']:5.2f}  {r['ce']:5.2f}  {r['points_kept']:5.2f}"
         )
+    per = ", ".join(f"{n} {v:.2f}" for n, v in record["ce_per_corruption"].items())
+    lines.append(f"CE per corruption (severities pooled): {per}")
     lines.append(f"mRR {record['mRR']:.3f}   mCE {record['mCE']:.3f}"
                  + ("" if record["ce_relative_to_baseline"] else " (no baseline: CE = 1 - mIoU)"))  # fmt: skip
     return "\n".join(lines)
