@@ -358,7 +358,7 @@ def train_command(
             verify_cache=verify_cache, skip_bad_scans=skip_bad_scans,
         )  # fmt: skip
         result = train(cfg)
-    except (CacheError, DataError, ValueError, FileNotFoundError, FileExistsError) as e:
+    except (CacheError, DataError, ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
     if result.rank != 0:
@@ -414,7 +414,7 @@ def _eval_errors():
 
     try:
         yield
-    except (ValueError, OSError, CacheError) as e:  # DataError is a ValueError
+    except (ValueError, OSError, CacheError, FloatingPointError) as e:  # DataError is a ValueError
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
 

@@ -389,3 +389,27 @@ def test_resume_with_other_usable_scans_or_process_count_is_refused(train_cache,
         train(dataclasses.replace(cfg, resume=True))
     save_checkpoint(cfg.out / "checkpoint.pt", ckpt)
     train(dataclasses.replace(cfg, resume=True))  # the same schedule resumes
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_its_checkpoint(train_cache, tmp_path) -> None:
+    """A diverging run (here lr 1e30) stops at the first non-finite loss with one clear line
+    (exit 1): no NaN in metrics.jsonl, and the checkpoint on disk is the last finite step's."""
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    run = tmp_path / "run"
+    args = ["train", "--cache", str(train_cache.cache), "--data", str(train_cache.data)]
+    args += ["--out", str(run), "--backbone", "tiny", "--batch-size", "2", "--epochs", "1"]
+    args += ["--lr", "1e30", "--checkpoint-every", "1", "--workers", "0", "--threads", "1"]
+    result = CliRunner().invoke(app, [*args, "--no-progress"])
+    assert result.exit_code == 1, result.output
+    assert "error: step " in result.output and "is not finite" in result.output
+    logged = (run / "metrics.jsonl").read_text().splitlines()
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert ckpt["step"] == len(logged) < 4 and f"holds step {ckpt['step']}" in result.output
+    lines = [json.loads(line, parse_constant=_not_json) for line in logged]  # strict JSON
+    assert all(np.isfinite(r["loss"]) for r in lines)
+    weights = [t for sd in ckpt["model"].values() if sd for t in sd.values()]
+    assert all(bool(torch.isfinite(t.float()).all()) for t in weights)
+    assert not (run / "summary.json").exists()

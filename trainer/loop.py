@@ -330,6 +330,7 @@ def _train(cfg: TrainConfig, rt: distributed.Runtime) -> TrainResult:
     metrics = open(metrics_path, "a") if rt.is_main else None
     timed_scans, timed_seconds, waited = 0, 0.0, 0.0
     loss = torch.zeros(())
+    saved_step = step if cfg.resume else None  # the step RUN_DIR/checkpoint.pt holds
     model.train()
     batches = iter(loader)
     while step < total:
@@ -368,6 +369,24 @@ def _train(cfg: TrainConfig, rt: distributed.Runtime) -> TrainResult:
             timed_scans += batch["scans"]
             timed_seconds += dt
             waited += t_data
+        # a non-finite loss (or gradient) stops the run before it is logged or checkpointed
+        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+            bar.close()
+            if metrics is not None:
+                metrics.close()
+            raise FloatingPointError(
+                f"step {step} (epoch {step / sampler.steps_per_epoch:.2f}): the loss or its gradient "
+                f"is not finite "
+                f"(loss {loss_value}, distill {distill.item()}, occupancy {occupancy.item()}, "
+                f"grad norm {grad_norm}); training stopped. "
+                + (
+                    f"{ckpt_path} holds step {saved_step}, from before. "
+                    if saved_step is not None
+                    else "No checkpoint was written. "
+                )
+                + "Lower --lr (or raise warmup, set grad_clip), or check the cache's targets "
+                "(python cli.py cache verify)"
+            )
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}", scans_s=f"{scans_per_s:.2f}")
         if metrics is not None and (step % cfg.log_every == 0 or step == total):
@@ -401,6 +420,7 @@ def _train(cfg: TrainConfig, rt: distributed.Runtime) -> TrainResult:
                 "loss": loss_value,
             }
             save_checkpoint(ckpt_path, state)
+            saved_step = step
     bar.close()
     if rt.distributed:  # DDP copies rank 0's buffers before each forward; the last step's too
         for buffer in model.buffers():
