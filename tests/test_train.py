@@ -270,6 +270,28 @@ def test_config_yaml_keys_are_the_fields(tmp_path) -> None:
         load_config(None, cache="c", data="d", out="o", head="conv")
 
 
+def test_config_yaml_values_of_the_wrong_type_are_refused_naming_key_and_file(tmp_path) -> None:
+    """`lr: 1e-3` is a number (PyYAML alone reads it as a string); a value of the wrong type is
+    refused naming the field and the file, not run with (`epochs: true` was 1 epoch) or failed on
+    later with a bare TypeError."""
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 1e-3\nmin_lr_ratio: 2e-2\noccupancy_weight: 1\n")
+    cfg = load_config(path, cache="c", data="d", out="o")
+    assert (cfg.lr, cfg.min_lr_ratio, cfg.occupancy_weight) == (1e-3, 2e-2, 1.0)
+    assert isinstance(cfg.occupancy_weight, float)
+    for text, message in [
+        ("epochs: true", "epochs must be an integer, got True"),
+        ("batch_size: 2.5", "batch_size must be an integer, got 2.5"),
+        ("lr: 'fast'", "lr must be a number, got 'fast'"),
+        ("amp: 'off'", "amp must be true or false, got 'off'"),
+        ("head: 1", "head must be a string, got 1"),
+        ("scale_range: 1.0", "scale_range must be a list of two numbers"),
+    ]:
+        path.write_text(text + "\n")
+        with pytest.raises(ValueError, match=f"^{path}: {message}"):
+            load_config(path, cache="c", data="d", out="o")
+
+
 def test_sampler_epochs_are_seeded_permutations_sharded_and_resumable() -> None:
     full = RunBatchSampler(10, 2, epochs=3, seed=5)
     batches = list(full)

@@ -8,6 +8,8 @@ saved to RUN_DIR/config.yaml under the key ``config``.
 from __future__ import annotations
 
 import dataclasses
+import re
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -173,6 +175,44 @@ RESUMABLE_CHANGES = (
 )
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-3`` as a number (YAML 1.2; PyYAML's YAML 1.1 rules want
+    a dot, ``1.0e-3``, and make ``1e-3`` the string "1e-3")."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _typed(name: str, value: Any, source: str) -> Any:
+    """``value`` checked against field ``name``'s annotation (an int is a valid float and is
+    converted); a wrong type is refused naming the field and ``source``."""
+    hint = typing.get_type_hints(TrainConfig)[name]
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is bool:
+        ok, what = isinstance(value, bool), "true or false"
+    elif hint is int:
+        ok, what = number and isinstance(value, int), "an integer"
+    elif hint is float:
+        ok, what = number, "a number"
+        value = float(value) if ok else value
+    elif hint is Path:
+        ok, what = isinstance(value, str | Path), "a path"
+    elif hint is str:
+        ok, what = isinstance(value, str), "a string"
+    elif hint == str | None:
+        ok, what = value is None or isinstance(value, str), "a string or null"
+    else:  # tuple[float, float]: the length and order are checked by TrainConfig
+        ok, what = isinstance(value, list | tuple), "a list of two numbers"
+        ok = ok and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+    if not ok:
+        raise ValueError(f"{source}: {name} must be {what}, got {value!r}")
+    return value
+
+
 def load_config(yaml_path: Path | None = None, **overrides: Any) -> TrainConfig:
     """Defaults < YAML file < ``overrides`` (None = not given). The YAML holds the field names, or
     is a run's own ``config.yaml`` (its ``config:`` block is used: rerun or resume a run as it
@@ -181,7 +221,7 @@ def load_config(yaml_path: Path | None = None, **overrides: Any) -> TrainConfig:
     if yaml_path is not None:
         yaml_path = Path(yaml_path)
         try:
-            loaded = yaml.safe_load(yaml_path.read_text()) or {}
+            loaded = yaml.load(yaml_path.read_text(), Loader=_YamlLoader) or {}
         except (OSError, yaml.YAMLError) as e:
             raise ValueError(f"{yaml_path}: cannot read the config ({e})") from e
         if not isinstance(loaded, dict):
@@ -193,11 +233,11 @@ def load_config(yaml_path: Path | None = None, **overrides: Any) -> TrainConfig:
             raise ValueError(
                 f"{yaml_path}: unknown config key(s) {unknown}; known: {', '.join(FIELDS)}"
             )
-        values.update(loaded)
+        values.update({k: _typed(k, v, str(yaml_path)) for k, v in loaded.items()})
     unknown = sorted(set(overrides) - set(FIELDS))
     if unknown:
         raise ValueError(f"unknown config field(s) {unknown}")
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    values.update({k: _typed(k, v, "option") for k, v in overrides.items() if v is not None})
     missing = [n for n in ("cache", "data", "out") if n not in values]
     if missing:
         raise ValueError(f"config needs {missing} (from --config or the command line)")
