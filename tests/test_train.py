@@ -258,6 +258,19 @@ def test_resume_takes_the_run_folders_own_config(train_cache, tmp_path) -> None:
     assert result.exit_code == 1 and "head ('linear' -> 'mlp')" in result.output
 
 
+def test_a_resumed_runs_config_yaml_starts_a_new_run_elsewhere(tmp_path) -> None:
+    """A resumed run records `resume: true`; `--config RUN/config.yaml --out NEW` reruns it (it
+    used to fail: "--resume given but there is no checkpoint"); `--resume` still resumes."""
+    cfg = load_config(cache="c", data="d", out=tmp_path / "run", resume=True, lr=0.02)
+    record = {"config": cfg.to_dict(), "versions": {"torch": "x"}, "steps": 8}
+    path = tmp_path / "run" / "config.yaml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump(record, sort_keys=False))
+    again = load_config(path, out=tmp_path / "new")
+    assert again == dataclasses.replace(cfg, out=tmp_path / "new", resume=False)
+    assert load_config(path, resume=True) == cfg
+
+
 def test_config_yaml_keys_are_the_fields(tmp_path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("lr: 0.01\nhead: linear\nocupancy_weight: 1\n")

@@ -227,7 +227,9 @@ def load_config(yaml_path: Path | None = None, **overrides: Any) -> TrainConfig:
         if not isinstance(loaded, dict):
             raise ValueError(f"{yaml_path}: expected a mapping of config fields")
         if isinstance(loaded.get("config"), dict) and "config" not in FIELDS:
-            loaded = loaded["config"]  # a run folder's config.yaml: the config it ran with
+            # a run folder's config.yaml: the config it ran with; its `resume` says how that run
+            # was last started (true once resumed), not a setting: --resume decides
+            loaded = {k: v for k, v in loaded["config"].items() if k != "resume"}
         unknown = sorted(set(loaded) - set(FIELDS))
         if unknown:
             raise ValueError(
