@@ -205,9 +205,11 @@ def _typed(name: str, value: Any, source: str) -> Any:
         ok, what = isinstance(value, str), "a string"
     elif hint == str | None:
         ok, what = value is None or isinstance(value, str), "a string or null"
-    else:  # tuple[float, float]: the length and order are checked by TrainConfig
+    elif hint == tuple[float, float]:  # the length and order are checked by TrainConfig
         ok, what = isinstance(value, list | tuple), "a list of two numbers"
         ok = ok and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+    else:  # a new field type needs its check here
+        raise TypeError(f"TrainConfig.{name}: no check for values of type {hint}")
     if not ok:
         raise ValueError(f"{source}: {name} must be {what}, got {value!r}")
     return value
