@@ -361,6 +361,9 @@ def train_command(
     except (CacheError, DataError, ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
+    except KeyboardInterrupt as e:  # the loop says which step the checkpoint holds
+        typer.echo(str(e) or "interrupted", err=True)
+        raise typer.Exit(130) from None
     if result.rank != 0:
         return
     import math

@@ -114,11 +114,20 @@ def test_kill_9_then_resume_continues_the_same_trajectory(train_cache, tmp_path)
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
-    assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] in (3, 6)
+    killed_at = torch.load(run / "checkpoint.pt", weights_only=False)["step"]
+    assert killed_at in (3, 6)
     assert len(_metrics(run)) < len(expected)  # really interrupted
+    first = yaml.safe_load((run / "config.yaml").read_text())
 
-    done = subprocess.run(_cli(*args, "--resume"), cwd=REPO, capture_output=True, text=True)
+    # another --checkpoint-every does not change the trajectory: accepted on resume
+    resume = [*args, "--resume", "--checkpoint-every", "4"]
+    done = subprocess.run(_cli(*resume), cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+    record = yaml.safe_load((run / "config.yaml").read_text())
+    assert record["from_step"] == killed_at  # the first process's record is kept
+    assert record["earlier_segments"] == [
+        {"from_step": 0, "git_sha": first["git_sha"], "versions": first["versions"]}
+    ]
     got = _metrics(run)
     assert [r["step"] for r in got] == [r["step"] for r in expected]
     for a, b in zip(got, expected, strict=True):
@@ -129,6 +138,31 @@ def test_kill_9_then_resume_continues_the_same_trajectory(train_cache, tmp_path)
         _cli(*args, "--resume", "--lr", "1e-2"), cwd=REPO, capture_output=True, text=True
     )
     assert bad.returncode == 1 and "lr" in bad.stderr and "changed field" in bad.stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_names_the_checkpoint_and_how_to_resume(train_cache, tmp_path) -> None:
+    run = tmp_path / "run"
+    args = [
+        "--cache", str(train_cache.cache), "--data", str(train_cache.data), "--out", str(run),
+        "--backbone", "tiny", "--batch-size", "2", "--epochs", "50", "--checkpoint-every", "2",
+        "--no-progress", "--threads", "1",
+    ]  # fmt: skip
+    proc = subprocess.Popen(_cli(*args), cwd=REPO, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (run / "checkpoint.pt").exists():
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        assert time.time() < deadline, "no checkpoint written"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130
+    message = proc.stderr.read().strip().splitlines()[-1]
+    saved = torch.load(run / "checkpoint.pt", weights_only=False)["step"]
+    assert saved < 200  # interrupted: 50 epochs of 4 steps
+    assert message.startswith("interrupted at step ") and message.endswith(
+        f"of 200: {run / 'checkpoint.pt'} holds step {saved}; go on with: python cli.py train "
+        f"--out {run} --resume"
+    ), message
 
 
 def test_checkpoint_is_never_half_written(tmp_path) -> None:

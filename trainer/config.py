@@ -168,6 +168,8 @@ RESUMABLE_CHANGES = (
     "threads",
     "kernel_map_threads",
     "progress",
+    "log_every",
+    "checkpoint_every",
     "device",
     "cache",
     "data",

@@ -298,6 +298,8 @@ def _train(cfg: TrainConfig, rt: distributed.Runtime) -> TrainResult:
             "config": cfg.to_dict(),
             "versions": _versions(),
             "git_sha": _git_sha(),
+            "from_step": step,  # this process's segment of the run; earlier ones below
+            "earlier_segments": _earlier_segments(run_dir / CONFIG) if cfg.resume else [],
             "cache": {
                 "path": str(reader.path),
                 "digest": digest,
@@ -333,94 +335,112 @@ def _train(cfg: TrainConfig, rt: distributed.Runtime) -> TrainResult:
     saved_step = step if cfg.resume else None  # the step RUN_DIR/checkpoint.pt holds
     model.train()
     batches = iter(loader)
-    while step < total:
-        # ---------------------------------------------------------------- batch
-        t0 = time.perf_counter()
-        batch = next(batches)
-        t_data = time.perf_counter() - t0
-        for group in optimizer.param_groups:
-            group["lr"] = float(schedule[step])
-        # ---------------------------------------------------------------- forward
-        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp):
-            paired = batch["paired"].to(dev)  # (N,)
-            pred, logits = net(
-                batch["coords"].to(dev), batch["feats"].to(dev), batch["queries"].to(dev), paired
-            )  # (P, D), (M,) | None
-        # ---------------------------------------------------------------- loss
-        target = batch["target"].to(dev)[paired]  # (P, D)
-        distill = distill_loss(pred, target, torch.ones_like(paired[paired]))
-        occupancy = torch.zeros((), device=dev)
-        if logits is not None:
-            occupancy = occupancy_loss(logits, batch["occ_labels"].to(dev))
-        loss = distill + cfg.occupancy_weight * occupancy
-        # ---------------------------------------------------------------- step
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = 0.0
-        if cfg.grad_clip > 0:
-            grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
-        optimizer.step()
-        step += 1
-        # ---------------------------------------------------------------- log / checkpoint
-        loss_value = loss.item()  # (waits for the device: the step time below is complete)
-        dt = time.perf_counter() - t0
-        scans_per_s = batch["scans"] * rt.world / dt
-        if step > sampler.start_step + 1:  # the first step pays worker start-up and warm-up
-            timed_scans += batch["scans"]
-            timed_seconds += dt
-            waited += t_data
-        # a non-finite loss (or gradient) stops the run before it is logged or checkpointed
-        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-            bar.close()
-            if metrics is not None:
-                metrics.close()
-            raise FloatingPointError(
-                f"step {step} (epoch {step / sampler.steps_per_epoch:.2f}): the loss or its gradient "
-                f"is not finite "
-                f"(loss {loss_value}, distill {distill.item()}, occupancy {occupancy.item()}, "
-                f"grad norm {grad_norm}); training stopped. "
-                + (
-                    f"{ckpt_path} holds step {saved_step}, from before. "
-                    if saved_step is not None
-                    else "No checkpoint was written. "
+    try:
+        while step < total:
+            # ---------------------------------------------------------------- batch
+            t0 = time.perf_counter()
+            batch = next(batches)
+            t_data = time.perf_counter() - t0
+            for group in optimizer.param_groups:
+                group["lr"] = float(schedule[step])
+            # ---------------------------------------------------------------- forward
+            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp):
+                paired = batch["paired"].to(dev)  # (N,)
+                pred, logits = net(
+                    batch["coords"].to(dev),
+                    batch["feats"].to(dev),
+                    batch["queries"].to(dev),
+                    paired,
+                )  # (P, D), (M,) | None
+            # ---------------------------------------------------------------- loss
+            target = batch["target"].to(dev)[paired]  # (P, D)
+            distill = distill_loss(pred, target, torch.ones_like(paired[paired]))
+            occupancy = torch.zeros((), device=dev)
+            if logits is not None:
+                occupancy = occupancy_loss(logits, batch["occ_labels"].to(dev))
+            loss = distill + cfg.occupancy_weight * occupancy
+            # ---------------------------------------------------------------- step
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = 0.0
+            if cfg.grad_clip > 0:
+                grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+            optimizer.step()
+            step += 1
+            # ---------------------------------------------------------------- log / checkpoint
+            loss_value = loss.item()  # (waits for the device: the step time below is complete)
+            dt = time.perf_counter() - t0
+            scans_per_s = batch["scans"] * rt.world / dt
+            if step > sampler.start_step + 1:  # the first step pays worker start-up and warm-up
+                timed_scans += batch["scans"]
+                timed_seconds += dt
+                waited += t_data
+            # a non-finite loss (or gradient) stops the run before it is logged or checkpointed
+            if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+                bar.close()
+                if metrics is not None:
+                    metrics.close()
+                raise FloatingPointError(
+                    f"step {step} (epoch {step / sampler.steps_per_epoch:.2f}): the loss or its gradient "
+                    f"is not finite "
+                    f"(loss {loss_value}, distill {distill.item()}, occupancy {occupancy.item()}, "
+                    f"grad norm {grad_norm}); training stopped. "
+                    + (
+                        f"{ckpt_path} holds step {saved_step}, from before. "
+                        if saved_step is not None
+                        else "No checkpoint was written. "
+                    )
+                    + "Lower --lr (or raise warmup, set grad_clip), or check the cache's targets "
+                    "(python cli.py cache verify)"
                 )
-                + "Lower --lr (or raise warmup, set grad_clip), or check the cache's targets "
-                "(python cli.py cache verify)"
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", scans_s=f"{scans_per_s:.2f}")
+            if metrics is not None and (step % cfg.log_every == 0 or step == total):
+                line = {
+                    "step": step,
+                    "epoch": step / sampler.steps_per_epoch,
+                    "loss": loss_value,
+                    "distill": distill.item(),
+                    "occupancy": occupancy.item(),
+                    "lr": float(schedule[step - 1]),
+                    "grad_norm": grad_norm,
+                    "scans_per_s": scans_per_s,
+                    "data_wait": t_data / dt,
+                }
+                metrics.write(json.dumps(line) + "\n")
+                metrics.flush()
+            if rt.is_main and (step % cfg.checkpoint_every == 0 or step == total):
+                state = {
+                    "model": {
+                        "backbone": model.backbone.state_dict(),
+                        "head": model.head.state_dict(),
+                        "occupancy": None
+                        if model.occupancy is None
+                        else model.occupancy.state_dict(),
+                    },
+                    "optimizer": optimizer.state_dict(),
+                    "step": step,
+                    "rng": _rng_state(),
+                    "config": cfg.to_dict(),
+                    "cache_digest": digest,
+                    "feature_dim": reader.feature_dim,
+                    "schedule": schedule_record,
+                    "loss": loss_value,
+                }
+                save_checkpoint(ckpt_path, state)
+                saved_step = step
+    except KeyboardInterrupt:  # Ctrl-C: say what is kept and how to go on
+        bar.close()
+        if metrics is not None:
+            metrics.close()
+        if saved_step is None:
+            kept = f"no checkpoint yet (the first is at step {min(cfg.checkpoint_every, total)})"
+        else:
+            kept = (
+                f"{ckpt_path} holds step {saved_step}; go on with: python cli.py train "
+                f"--out {run_dir} --resume"
             )
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}", scans_s=f"{scans_per_s:.2f}")
-        if metrics is not None and (step % cfg.log_every == 0 or step == total):
-            line = {
-                "step": step,
-                "epoch": step / sampler.steps_per_epoch,
-                "loss": loss_value,
-                "distill": distill.item(),
-                "occupancy": occupancy.item(),
-                "lr": float(schedule[step - 1]),
-                "grad_norm": grad_norm,
-                "scans_per_s": scans_per_s,
-                "data_wait": t_data / dt,
-            }
-            metrics.write(json.dumps(line) + "\n")
-            metrics.flush()
-        if rt.is_main and (step % cfg.checkpoint_every == 0 or step == total):
-            state = {
-                "model": {
-                    "backbone": model.backbone.state_dict(),
-                    "head": model.head.state_dict(),
-                    "occupancy": None if model.occupancy is None else model.occupancy.state_dict(),
-                },
-                "optimizer": optimizer.state_dict(),
-                "step": step,
-                "rng": _rng_state(),
-                "config": cfg.to_dict(),
-                "cache_digest": digest,
-                "feature_dim": reader.feature_dim,
-                "schedule": schedule_record,
-                "loss": loss_value,
-            }
-            save_checkpoint(ckpt_path, state)
-            saved_step = step
+        raise KeyboardInterrupt(f"interrupted at step {step} of {total}: {kept}") from None
     bar.close()
     if rt.distributed:  # DDP copies rank 0's buffers before each forward; the last step's too
         for buffer in model.buffers():
@@ -439,6 +459,20 @@ def _train(cfg: TrainConfig, rt: distributed.Runtime) -> TrainResult:
     if rt.is_main:
         _write_summary(summary_path, result)
     return result
+
+
+def _earlier_segments(config_path: Path) -> list[dict[str, Any]]:
+    """The code and library versions of each earlier process of a resumed run (from_step, git_sha,
+    versions), from the config.yaml it is about to replace: a resume keeps that record."""
+    try:
+        old = yaml.safe_load(config_path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return []
+    if not isinstance(old, dict):
+        return []
+    last = {"from_step": old.get("from_step", 0)}
+    last.update({k: old.get(k) for k in ("git_sha", "versions")})
+    return [*old.get("earlier_segments", []), last]
 
 
 def _write_summary(path: Path, result: TrainResult) -> None:
