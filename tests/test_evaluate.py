@@ -1,6 +1,7 @@
 """Evaluation protocols: corruptions, linear probe, fine-tuning subsets, end-to-end commands."""
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -617,6 +618,11 @@ def test_ablate_reuses_only_results_made_with_the_same_settings(
     assert [(r["run"], r["miou"]) for r in rows] == [
         (r["run"], r["miou"]) for r in finished_ablation[1]
     ]
+    for r in rows:  # one epoch: the mean of every logged distillation loss
+        logged = (out / r["run"] / "metrics.jsonl").read_text().splitlines()
+        distill = [json.loads(line)["distill"] for line in logged]
+        assert r["distill_last_epoch"] == pytest.approx(np.mean(distill), abs=1e-5)
+    assert "distill_last_epoch" in (out / "results.md").read_text().splitlines()[0]
     run = out / rows[0]["run"]
     with pytest.raises(ValueError, match="other settings") as e:
         run_ablation(_ablate_cfg(synthetic_nuscenes, synthetic_cache, out, GRID[0], "epochs=2"))

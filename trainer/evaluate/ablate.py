@@ -171,6 +171,15 @@ def write_tables(
     return md_path, csv_path
 
 
+def last_epoch_distill(run_dir: Path) -> float:
+    """Mean distillation (cosine) loss of the run's last epoch, from its metrics.jsonl: comparable
+    across runs of any occupancy weight, where the total loss (final_loss: one batch, distill +
+    weight x occupancy) is not."""
+    lines = [json.loads(t) for t in (run_dir / "metrics.jsonl").read_text().splitlines() if t]
+    last = max(line["epoch"] for line in lines)
+    return float(np.mean([line["distill"] for line in lines if line["epoch"] > last - 1]))
+
+
 _ABSENT = "<absent>"
 PROBE_FREE_KEYS = ("checkpoint", "device", "out")  # where and on what it ran, not what it did
 
@@ -340,6 +349,7 @@ def run_ablation(cfg: AblateConfig) -> list[dict[str, Any]]:
         class_names = list(probe["iou"])
         rows.append({
             "run": name, **overrides, "final_loss": round(summary["final_loss"], 5),
+            "distill_last_epoch": round(last_epoch_distill(run_dir), 5),
             "steps": summary["steps"],
             "rankme": round(json.loads(rankme_path.read_text())["student"], 2),
             "miou": probe["miou"], "iou": probe["iou"],
