@@ -663,3 +663,34 @@ def test_ablate_rerun_after_a_kill_finishes_without_retraining(
     rows = run_ablation(_ablate_cfg(synthetic_nuscenes, synthetic_cache, out, *GRID))
     assert (run / "checkpoint.pt").read_bytes() == checkpoint
     assert rows[0]["final_loss"] == finished_ablation[1][0]["final_loss"]
+
+
+def test_results_record_the_checkpoint_step_and_warn_on_an_unfinished_run(
+    synthetic_nuscenes, finished_ablation, tmp_path, capsys
+):
+    """Each evaluation JSON records the step its checkpoint holds and the run's total; a run that
+    has not reached its last step (still training, or killed) is named on stderr."""
+    import shutil
+
+    import yaml
+
+    from trainer.evaluate.backbone import EvalData
+    from trainer.evaluate.rankme import RankMeConfig, run_rankme
+
+    out, rows = finished_ablation
+    finished = out / rows[0]["run"]
+    steps = json.loads((finished / "summary.json").read_text())["steps"]
+    probe = json.loads((finished / "eval" / "linear_probe.json").read_text())
+    assert (probe["checkpoint_step"], probe["run_steps"]) == (steps, steps)
+
+    unfinished = shutil.copytree(finished, tmp_path / "run", ignore=shutil.ignore_patterns("eval"))
+    record = yaml.safe_load((unfinished / "config.yaml").read_text())
+    record["steps"] = steps + 6  # the same checkpoint, as if the run were to train 6 more steps
+    (unfinished / "config.yaml").write_text(yaml.safe_dump(record))
+    root, version = synthetic_nuscenes
+    data = EvalData(root=root, version=version, max_val_scans=1)
+    capsys.readouterr()
+    result = run_rankme(RankMeConfig(checkpoint=str(unfinished), data=data, max_points=500))
+    assert (result["checkpoint_step"], result["run_steps"]) == (steps, steps + 6)
+    err = capsys.readouterr().err
+    assert f"{unfinished / 'checkpoint.pt'} holds step {steps} of {steps + 6}" in err

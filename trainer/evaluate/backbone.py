@@ -113,6 +113,31 @@ def load_model(
     return model, cfg
 
 
+def checkpoint_record(checkpoint: str) -> dict[str, Any]:
+    """What an evaluation's JSON says of its backbone: ``checkpoint`` (a run folder or "none"),
+    ``checkpoint_step`` (the training step its checkpoint.pt holds) and ``run_steps`` (the run's
+    total). A run that has not reached its last step (still training, or killed) is evaluated,
+    with a warning on stderr: its numbers are not the run's."""
+    import sys
+
+    if checkpoint == "none":
+        return {"checkpoint": checkpoint, "checkpoint_step": None, "run_steps": None}
+    import yaml
+
+    run_dir = Path(checkpoint)
+    # mmap: the step without reading the weights (the backbone itself is loaded elsewhere)
+    state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False, mmap=True)
+    step = int(state["step"])
+    total = yaml.safe_load((run_dir / "config.yaml").read_text()).get("steps")
+    if total is not None and step < total:
+        print(
+            f"warning: {run_dir / 'checkpoint.pt'} holds step {step} of {total}: an unfinished "
+            "run (still training, or stopped); these results are not the finished run's",
+            file=sys.stderr,
+        )
+    return {"checkpoint": checkpoint, "checkpoint_step": step, "run_steps": total}
+
+
 @torch.no_grad()
 def point_features(
     model: torch.nn.Module, model_cfg: Any, points: np.ndarray, device: str

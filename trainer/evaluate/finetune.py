@@ -22,7 +22,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from trainer.evaluate.backbone import EvalData, forward_points, load_model, open_reader
+from trainer.evaluate.backbone import (
+    EvalData,
+    checkpoint_record,
+    forward_points,
+    load_model,
+    open_reader,
+)
 from trainer.evaluate.linear_probe import evaluate_head, results_dict, write_json_atomic
 from trainer.evaluate.metrics import IGNORE_INDEX, iou_per_class, iou_table
 from trainer.evaluate.probe import MaskClasses
@@ -124,6 +130,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     model, model_cfg = load_model(cfg.checkpoint, cfg.like, cfg.device, cfg.seed, cfg.data.dataset)
+    trained = checkpoint_record(cfg.checkpoint)  # warns on an unfinished run
     reader = open_reader(cfg.data)
     names = list(reader.class_names)
     train = cfg.data.train_scans(reader)
@@ -183,7 +190,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         conf,
         names,
         protocol="finetune",
-        checkpoint=cfg.checkpoint,
+        **trained,
         fraction=cfg.fraction,
         subset_scans=len(subset),
         subset_file=str(out / "subset.txt"),

@@ -19,7 +19,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from trainer.evaluate.backbone import EvalData, load_model, open_reader, point_features
+from trainer.evaluate.backbone import (
+    EvalData,
+    checkpoint_record,
+    load_model,
+    open_reader,
+    point_features,
+)
 from trainer.evaluate.metrics import iou_per_class, iou_table, mean_iou
 from trainer.evaluate.probe import ProbeConfig, fit_linear_probe, probe_confusion
 
@@ -116,6 +122,7 @@ def run_linear_probe(cfg: LinearProbeConfig) -> dict:
     """Run the protocol; writes ``<out>/linear_probe.json`` and returns its content."""
     torch.manual_seed(cfg.seed)
     model, model_cfg = load_model(cfg.checkpoint, cfg.like, cfg.device, cfg.seed, cfg.data.dataset)
+    trained = checkpoint_record(cfg.checkpoint)  # warns on an unfinished run
     reader = open_reader(cfg.data)
     names = list(reader.class_names)
     train_scans, val_scans = cfg.data.train_scans(reader), cfg.data.val_scans(reader)
@@ -126,7 +133,7 @@ def run_linear_probe(cfg: LinearProbeConfig) -> dict:
         conf,
         names,
         protocol="linear_probe",
-        checkpoint=cfg.checkpoint,
+        **trained,
         train_scans=len(train_scans),
         val_scans=len(val_scans),
         config=asdict(cfg),

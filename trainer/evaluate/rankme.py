@@ -15,7 +15,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from trainer.evaluate.backbone import EvalData, load_model, open_reader, point_features
+from trainer.evaluate.backbone import (
+    EvalData,
+    checkpoint_record,
+    load_model,
+    open_reader,
+    point_features,
+)
 from trainer.evaluate.linear_probe import write_json_atomic
 from trainer.evaluate.metrics import rankme
 
@@ -69,6 +75,7 @@ def run_rankme(cfg: RankMeConfig) -> dict:
     model, model_cfg = load_model(
         cfg.checkpoint, cfg.like, cfg.device, cfg.seed, cfg.data.dataset if cfg.data else "nuscenes"
     )
+    trained = checkpoint_record(cfg.checkpoint)  # warns on an unfinished run
     rng = np.random.default_rng(cfg.seed)
     student, student_paired, teacher = [], [], []
     if cfg.cache is not None:
@@ -101,7 +108,7 @@ def run_rankme(cfg: RankMeConfig) -> dict:
         source = f"{cfg.data.root} ({cfg.data.val_split})"
     record: dict = {
         "protocol": "rankme",
-        "checkpoint": cfg.checkpoint,
+        **trained,
         "source": source,
         "student": rankme(torch.cat(student), cfg.max_points, cfg.seed),
         "student_dim": int(student[0].shape[1]),

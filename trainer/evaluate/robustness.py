@@ -29,7 +29,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from trainer.evaluate.backbone import EvalData, load_model, open_reader, point_features
+from trainer.evaluate.backbone import (
+    EvalData,
+    checkpoint_record,
+    load_model,
+    open_reader,
+    point_features,
+)
 from trainer.evaluate.corruptions import CORRUPTIONS, corrupt
 from trainer.evaluate.linear_probe import (
     LinearProbeConfig,
@@ -173,6 +179,7 @@ def run_robustness(cfg: RobustnessConfig) -> dict:
     baseline = load_baseline(cfg)
     torch.manual_seed(cfg.seed)
     model, model_cfg = load_model(cfg.checkpoint, cfg.like, cfg.device, cfg.seed, cfg.data.dataset)
+    trained = checkpoint_record(cfg.checkpoint)  # warns on an unfinished run
     reader = open_reader(cfg.data)
     names = list(reader.class_names)
     c = len(names)
@@ -215,7 +222,7 @@ def run_robustness(cfg: RobustnessConfig) -> dict:
     summary = summarise(results, clean, baseline)
     record = {
         "protocol": "robustness",
-        "checkpoint": cfg.checkpoint,
+        **trained,
         "clean_miou": clean,
         "corruptions": results,
         **summary,
