@@ -525,6 +525,7 @@ def evaluate_robustness_command(
     max_train_scans: int = _MAX_TRAIN, max_val_scans: int = _MAX_VAL,
     points_per_scan: int = typer.Option(2_000, "--points-per-scan", help="Training points kept per scan (0 = all)."),
     probe_steps: int = typer.Option(1000, "--probe-steps", help="AdamW steps of the linear probe."),
+    probe_lr: float = typer.Option(1e-2, "--probe-lr", help="AdamW learning rate of the linear probe (as linear-probe's --lr)."),
     out: Path = _OUT, like: Path = _LIKE, device: str = _DEVICE, seed: int = _SEED,
 ) -> None:  # fmt: skip
     """Clean-trained linear probe under LiDAR corruptions: mIoU per corruption, mRR, mCE."""
@@ -543,7 +544,7 @@ def evaluate_robustness_command(
             data=_eval_data(data, dataset, version, train_split, val_split, max_train_scans, max_val_scans),
             out=out, like=like, corruptions=names, severities=tuple(int(s) for s in severity.split(",")),
             beams=beams, baseline=baseline, points_per_scan=points_per_scan or None, device=device, seed=seed,
-            probe=ProbeConfig(steps=probe_steps, seed=seed),
+            probe=ProbeConfig(steps=probe_steps, lr=probe_lr, seed=seed),
         )  # fmt: skip
         run_robustness(cfg)
 

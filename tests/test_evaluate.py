@@ -318,9 +318,10 @@ def test_robustness_and_rankme_cli(synthetic_semantickitti, tmp_path):
     out = _cli(
         "evaluate", "robustness", "--checkpoint", "none", "--like", "tiny", *data,
         "--corruptions", "point_drop,jitter", "--severity", "1,3", "--beams", "16",
-        "--max-val-scans", "1", "--probe-steps", "50", "--out", str(tmp_path),
+        "--max-val-scans", "1", "--probe-steps", "50", "--probe-lr", "0.02", "--out", str(tmp_path),
     )  # fmt: skip
     result = json.loads((tmp_path / "robustness.json").read_text())
+    assert result["config"]["probe"]["lr"] == 0.02
     assert set(result["corruptions"]) == {"point_drop@1", "point_drop@3", "jitter@1", "jitter@3"}
     kept = {k: v["points_kept"] for k, v in result["corruptions"].items()}
     assert kept["jitter@3"] == 1.0 and 0.7 < kept["point_drop@1"] < 0.8
