@@ -695,3 +695,17 @@ def test_results_record_the_checkpoint_step_and_warn_on_an_unfinished_run(
     assert (result["checkpoint_step"], result["run_steps"]) == (steps, steps + 6)
     err = capsys.readouterr().err
     assert f"{unfinished / 'checkpoint.pt'} holds step {steps} of {steps + 6}" in err
+
+
+def test_val_scans_that_are_training_scans_are_warned_about(synthetic_nuscenes, capsys):
+    from trainer.evaluate.backbone import EvalData, open_reader
+
+    root, version = synthetic_nuscenes
+    held_out = EvalData(root=root, version=version)
+    reader = open_reader(held_out)
+    val = held_out.val_scans(reader)
+    assert val and "warning" not in capsys.readouterr().err
+    same = EvalData(root=root, version=version, train_split="val")
+    assert [s.token for s in same.val_scans(reader)] == [s.token for s in val]
+    err = capsys.readouterr().err
+    assert f"warning: {len(val)} of the {len(val)} val scans ('val') are in the training" in err

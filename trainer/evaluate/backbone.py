@@ -48,8 +48,21 @@ class EvalData:
         return _labelled(reader, self.train_split, self.max_train_scans)
 
     def val_scans(self, reader: Any) -> list:
-        """Labelled scans of the validation split."""
-        return _labelled(reader, self.val_split, self.max_val_scans)
+        """Labelled scans of the validation split (a warning on stderr when some of them are in
+        the training split too: the metric is then partly measured on training data)."""
+        import sys
+
+        scans = _labelled(reader, self.val_split, self.max_val_scans)
+        train = {s.token for s in reader.scans(self.train_split)}
+        shared = sum(s.token in train for s in scans)
+        if shared:
+            print(
+                f"warning: {shared} of the {len(scans)} val scans ({self.val_split!r}) are in the "
+                f"training split ({self.train_split!r}) too: the metric is measured partly on "
+                "the classifier's own training data",
+                file=sys.stderr,
+            )
+        return scans
 
 
 def _labelled(reader: Any, split: str, limit: int | None) -> list:
