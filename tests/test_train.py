@@ -415,6 +415,11 @@ def test_resuming_a_finished_run_rewrites_nothing(train_cache, tmp_path) -> None
     summary = json.loads((cfg.out / "summary.json").read_text(), parse_constant=_not_json)
     assert summary["steps"] == 4 and summary["final_loss"] == pytest.approx(first.final_loss)
     assert summary["scans_per_s"] is None  # not measured: null (strict JSON), not NaN
+    # its checkpoint deleted: a new run there would sit next to the old results
+    (cfg.out / "checkpoint.pt").unlink()
+    with pytest.raises(FileExistsError, match=r"holds results of an earlier run \(summary.json\)"):
+        train(cfg)
+    assert json.loads((cfg.out / "summary.json").read_text()) == summary
 
 
 def _not_json(constant: str) -> None:

@@ -289,6 +289,12 @@ def _train(cfg: TrainConfig, rt: distributed.Runtime) -> TrainResult:
         step, last_loss = _restore(ckpt_path, model, optimizer, cfg, digest, schedule_record)
     elif ckpt_path.exists():
         raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue, or another --out")
+    elif old := [p for p in (summary_path, run_dir / "eval") if p.exists()]:
+        raise FileExistsError(
+            f"{run_dir} holds results of an earlier run ({', '.join(p.name for p in old)}) but "
+            "no checkpoint: a new run there would sit next to them. Use another --out, or "
+            "delete them"
+        )
     if step >= total:  # resuming a finished run: nothing to train, nothing to rewrite
         return _finished(run_dir, summary_path, step, last_loss, model, rt)
     sampler.start_step = step
