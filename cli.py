@@ -8,6 +8,8 @@ the teacher.
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 from pathlib import Path
 
 import typer
@@ -263,6 +265,15 @@ def extract_teacher_command(
         # OSError: a --cache that is a file, an unreachable --scheduler, an unreadable file
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
+    except KeyboardInterrupt as e:  # the lock is released and finished units are kept
+        typer.echo(str(e) or "interrupted (finished units are kept: the same command goes on)", err=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Units already running in thread workers cannot be stopped, and tearing the interpreter
+        # down under them (inside torch) aborts the process ("terminate called without an active
+        # exception"): leave at once. Their unfinished units are temporary folders the next run
+        # removes; worker processes exit with their parent.
+        os._exit(130)
     if summary.teacher_random:
         typer.echo("warning: the teacher is a RANDOM model (make-teacher): demo/test targets only", err=True)
     if summary.scans_unlabelled:
@@ -630,8 +641,6 @@ def bench_command(
     target_format: str = typer.Option("point-f16", "--target-format", help="extract-teacher target format (extraction, feed): point-f16, point-i8, grid-f16, grid-i8."),
 ) -> None:
     """Issue-9 benchmarks: print tables of rates and RATIOS (docs/benchmarks.md)."""
-    import sys
-
     sys.path.insert(0, str(Path(__file__).resolve().parent / "benchmarks"))
     from pipeline_bench import WHATS, BenchConfig, run_benchmark
 

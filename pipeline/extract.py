@@ -790,8 +790,13 @@ def extract_teacher(cfg: ExtractConfig) -> ExtractSummary:
                         bar.update(1)
                 except BaseException as e:
                     client.cancel(list(futures))  # stop what has not started; done units stay done
-                    if not isinstance(e, KeyboardInterrupt):
-                        _wait_for_running_units()  # what has started finishes under our lock
+                    if isinstance(e, KeyboardInterrupt):  # Ctrl-C: say what is kept
+                        raise KeyboardInterrupt(
+                            f"interrupted: {bar.n} of {len(units)} units are in cache "
+                            f"{writer.path} (kept; a unit being written is discarded); the same "
+                            "command goes on from there"
+                        ) from None
+                    _wait_for_running_units()  # what has started finishes under our lock
                     raise
                 finally:
                     bar.close()

@@ -396,6 +396,34 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(serial, tmp_path: Path) -
     assert interrupted >= 2  # the kills landed inside the runs, not after them
 
 
+@pytest.mark.slow
+def test_ctrl_c_releases_the_lock_keeps_units_and_says_so(serial, tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT to the CLI's process group) after the first unit: exit 130 with one line
+    naming the units kept (no abort from torch threads at interpreter exit), the lock released,
+    and a re-run skips the kept units."""
+    cfg = replace(serial[0], image_size=(224, 392), scans_per_unit=1, cache_root=tmp_path)
+    proc = subprocess.Popen(
+        _cli(cfg), cwd=REPO, start_new_session=True, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    _wait_for("*/units/*.done", tmp_path, proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (out, err)
+    (path,) = tmp_path.iterdir()
+    done = sorted(path.glob("units/*.done"))
+    assert 1 <= len(done) < 4, "not interrupted"
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("interrupted: ") and line.endswith(
+        f"of 4 units are in cache {path} (kept; a unit being written is discarded); the same "
+        "command goes on from there"
+    ), err
+    assert int(line.split()[1]) <= len(done) and "terminate called" not in err
+    assert not (path / "writer.lock").exists()
+    resumed = extract_teacher(cfg)
+    assert (resumed.units_skipped, resumed.units_computed) == (len(done), 4 - len(done))
+
+
 def test_default_layout_threads_on_cpu_processes_on_a_gpu():
     """What `extract-teacher` runs when no layout option is given (measured: docs/extraction.md)."""
     assert default_layout("cpu", 2) == ClusterLayout(
