@@ -1,8 +1,8 @@
-"""The command line: every command is listed with one line of help, and --help is fast."""
+"""The command line: every command is listed with one line of help, and --help imports nothing
+heavy (how long it takes is a benchmark's business, not a test's)."""
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,9 +27,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_help_lists_every_command_with_help_text():
-    start = time.perf_counter()
     out = run_cli("--help")
-    elapsed = time.perf_counter() - start
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     for name in EXPECTED:
@@ -38,8 +36,6 @@ def test_help_lists_every_command_with_help_text():
         ]
         assert rows, f"{name} missing from --help:\n{out.stdout}"
         assert len(rows[0].split(name, 1)[1].strip(" │")) > 10, f"{name} has no help line"
-    # Lazy imports: listing commands must not import torch/transformers/MinkowskiEngine.
-    assert elapsed < 10, f"--help took {elapsed:.1f} s"
 
 
 def test_help_does_not_import_heavy_modules():
