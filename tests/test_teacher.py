@@ -120,12 +120,19 @@ def test_missing_or_wrong_model_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_imagenet_normalisation_is_ours(tiny_teacher: Path) -> None:
+    # The reference is transformers' (DINOv2's image processor uses these), not our own copy:
+    # a typo in IMAGENET_MEAN / IMAGENET_STD would otherwise pass.
+    from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    assert (
+        list(IMAGENET_MEAN) == IMAGENET_DEFAULT_MEAN and list(IMAGENET_STD) == IMAGENET_DEFAULT_STD
+    )
     teacher = Teacher(TeacherConfig(str(tiny_teacher), image_size=(28, 28)))
     image = np.zeros((1, 56, 56, 3), dtype=np.uint8)
     image[..., 0], image[..., 1], image[..., 2] = 10, 128, 250
     x = teacher.preprocess(image)  # (1, 3, 28, 28), a constant image stays constant
     for c, v in enumerate((10, 128, 250)):
-        want = (v / 255.0 - IMAGENET_MEAN[c]) / IMAGENET_STD[c]
+        want = (v / 255.0 - IMAGENET_DEFAULT_MEAN[c]) / IMAGENET_DEFAULT_STD[c]
         assert torch.allclose(x[0, c], torch.full((28, 28), want), atol=1e-6)
 
 
