@@ -487,3 +487,28 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_its_checkpoint(train_cache, t
     weights = [t for sd in ckpt["model"].values() if sd for t in sd.values()]
     assert all(bool(torch.isfinite(t.float()).all()) for t in weights)
     assert not (run / "summary.json").exists()
+
+
+def test_resume_on_another_cache_is_refused_a_moved_copy_is_not(train_cache, tmp_path) -> None:
+    """`cache` may change on --resume (a moved cache folder): the checkpoint's cache digest is
+    what stops a run from resuming on other targets. Two caches of the same dataset and split
+    with other digests (the current and the legacy fingerprint, both accepted by train)."""
+    import shutil
+
+    from conftest import write_train_cache
+
+    from cache import dataset_fingerprint
+    from pipeline.datasets.nuscenes import NuScenesReader
+
+    data = shutil.copytree(train_cache.data, tmp_path / "data")
+    (data / "v1.0-test" / "map.json").write_text("[]")  # only the legacy fingerprint covers it
+    legacy = dataset_fingerprint(NuScenesReader(data).legacy_metadata_files())
+    first = write_train_cache(tmp_path / "a", data, scans=4)
+    other = write_train_cache(tmp_path / "b", data, scans=4, fingerprint=legacy)
+    assert first.name != other.name
+    cfg = load_config(cache=first, data=data, out=tmp_path / "run", epochs=1, **SMALL)
+    train(cfg)
+    with pytest.raises(ValueError, match=f"was trained on cache {first.name}, not {other.name}"):
+        train(dataclasses.replace(cfg, cache=other, resume=True))
+    moved = shutil.copytree(first, tmp_path / "moved" / first.name)
+    assert train(dataclasses.replace(cfg, cache=moved, resume=True)).steps == 2
