@@ -308,6 +308,8 @@ def test_finetune_cli_writes_the_deterministic_subset(synthetic_semantickitti, t
     result = json.loads((tmp_path / "finetune.json").read_text())
     assert result["subset_scans"] == 1 and len(result["losses"]) == 2
     assert all(np.isfinite(result["losses"])) and result["backbone_lr"] == pytest.approx(1e-2)
+    # it trains: measured 2.08 -> 1.85; without optimizer steps 2.08 -> 2.08 (augmentation only)
+    assert result["losses"][1] < 0.95 * result["losses"][0], result["losses"]
     assert 0.0 <= result["miou"] <= 1.0
 
 
