@@ -137,6 +137,21 @@ def test_occluded_point_is_not_paired() -> None:
     assert on.camera[400:].tolist() == [-1, 0, 0]
 
 
+def test_occlusion_tolerance_is_the_larger_of_margin_and_relative() -> None:
+    """Behind the nearest surface of its neighbourhood, a point is hidden beyond
+    max(0.5 m, 0.15 x depth): at 10 m the relative 1.5 m applies, at 2 m the 0.5 m margin."""
+    s = scan(camera())
+    rng = np.random.default_rng(2)
+    for depth, kept, hidden in ((10.0, 1.2, 1.8), (2.0, 0.4, 0.6)):
+        # a dense wall across the image centre (50 x 50 px), and two points on one ray behind it
+        wall = np.column_stack([np.full(400, depth), rng.uniform(-0.05, 0.05, (400, 2)) * depth])
+        ray = np.array([1.0, 0.01, 0.005])
+        points = np.concatenate([wall, [ray * (depth + kept), ray * (depth + hidden)]])
+        pairing = pair_points(points, s, PairingConfig())
+        assert (pairing.camera[:400] == 0).all(), depth
+        assert pairing.camera[400:].tolist() == [0, -1], depth
+
+
 def test_point_seen_by_two_cameras_goes_to_the_one_where_it_is_most_central() -> None:
     s = scan(camera(0.0, name="A"), camera(-30.0, name="B"))  # B looks 30° to the right
     points = np.array([[10.0, -2.0, 0.0], [10.0, -4.5, 0.0], [10.0, 0.0, 0.0]])
