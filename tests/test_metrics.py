@@ -64,6 +64,14 @@ def test_rankme_identity_is_full_rank():
     assert rankme(np.eye(64)) == pytest.approx(64, rel=1e-4)
 
 
+def test_rankme_hand_computed_unequal_singular_values():
+    # singular values (3, 1): p = (3/4, 1/4), RankMe = exp(-(3/4 ln 3/4 + 1/4 ln 1/4)) = 1.7548
+    # (equal singular values cannot tell sigma from sigma^2: that would give p = (0.9, 0.1), 1.3842)
+    x = np.diag([3.0, 1.0]) @ np.array([[0.6, 0.8], [-0.8, 0.6]])  # rotated: still (3, 1)
+    want = np.exp(-(0.75 * np.log(0.75) + 0.25 * np.log(0.25)))
+    assert rankme(x) == pytest.approx(want, rel=1e-6)
+
+
 def test_rankme_rank_r_matrix():
     rng = np.random.default_rng(0)
     # rank 5 with equal singular values → exactly 5
