@@ -531,16 +531,32 @@ def test_cli_bad_input_is_one_clear_line(tmp_path):
     assert missing.exit_code == 1 and "not a SemanticKITTI root" in missing.output
 
 
-def test_robustness_records_where_the_beams_came_from(synthetic_nuscenes, tmp_path, monkeypatch):
+def test_robustness_records_where_the_beams_came_from(synthetic_nuscenes, tmp_path):
     """nuScenes scans whose ring ids are unusable fall back to elevation bins, and the result
-    says so (it used to say "ring channel" for any nuScenes run)."""
+    says so (it used to say "ring channel" for any nuScenes run). Real files: a symlinked copy
+    of the set whose chosen val lidar files carry one ring id for every point."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    from pipeline.datasets.nuscenes import POINT_DIMS, NuScenesReader
     from trainer.evaluate import robustness
     from trainer.evaluate.backbone import EvalData
 
     root, version = synthetic_nuscenes
-    data = EvalData(root=root, version=version, max_train_scans=1, max_val_scans=2)
 
-    def run(out):
+    def run(out, flat=()):
+        data_root = out / "data"
+        shutil.copytree(root, data_root, copy_function=os.symlink)
+        data = EvalData(root=data_root, version=version, max_train_scans=1, max_val_scans=2)
+        val = data.val_scans(NuScenesReader(data_root, version))  # the 2 scans evaluated
+        for j in flat:  # this val scan's ring column is all 0: unusable
+            path = Path(val[j].lidar_path)
+            assert path.is_relative_to(data_root) and path.is_symlink()  # not the shared set
+            raw = np.fromfile(path, np.float32).reshape(-1, POINT_DIMS)
+            raw[:, 4] = 0
+            path.unlink()
+            raw.tofile(path)
         cfg = robustness.RobustnessConfig(
             checkpoint="none", like="tiny", data=data, out=out, corruptions=("fewer_beams",),
             severities=(1,), probe=ProbeConfig(steps=5), points_per_scan=200,
@@ -548,17 +564,8 @@ def test_robustness_records_where_the_beams_came_from(synthetic_nuscenes, tmp_pa
         return robustness.run_robustness(cfg)["ring_source"]
 
     assert run(tmp_path / "rings") == "ring channel"
-    real = robustness.ring_ids
-    monkeypatch.setattr(robustness, "ring_ids", lambda *a: None)
-    assert run(tmp_path / "bins") == "elevation bins (32)"
-    first = []  # the first val scan's file has rings, the second's not
-
-    def some(*a):
-        first.append(len(first) == 0)
-        return real(*a) if first[-1] else None
-
-    monkeypatch.setattr(robustness, "ring_ids", some)
-    assert run(tmp_path / "mixed") == (
+    assert run(tmp_path / "bins", flat=(0, 1)) == "elevation bins (32)"
+    assert run(tmp_path / "mixed", flat=(1,)) == (
         "ring channel (1 of 2 scans), elevation bins (32) (1 of 2 scans)"
     )
 
