@@ -164,6 +164,25 @@ def test_point_seen_by_two_cameras_goes_to_the_one_where_it_is_most_central() ->
     np.testing.assert_allclose(pairing.depth[1], depth_b[0], atol=1e-4)
 
 
+def test_most_central_counts_the_top_and_bottom_borders_too() -> None:
+    """B (15° right, pitched 25° down) sees the point near its centre column (u = 308) but 38 px
+    below its top edge; A sees it 199 px from its side and 97 px from its bottom: A's nearest
+    border is the farther one, whichever camera comes first."""
+    import dataclasses
+
+    yaw = Quaternion(axis=[0, 0, 1], degrees=-15).rotation_matrix
+    pitch = Quaternion(axis=[0, 1, 0], degrees=25).rotation_matrix
+    b = dataclasses.replace(
+        camera(name="B"),
+        sensor_to_ego=pose_matrix(list(Quaternion(matrix=yaw @ pitch @ LOOK_FORWARD)), [0, 0, 0]),
+    )
+    point = np.array([[16.5, -4.0, -2.75]])
+    uv_b, _ = project_to_camera(point, scan(camera(name="A"), b), 1)
+    np.testing.assert_allclose(uv_b[0], [307.7, 38.5], atol=0.1)
+    assert pair_points(point, scan(camera(name="A"), b), PairingConfig()).camera.tolist() == [0]
+    assert pair_points(point, scan(b, camera(name="A")), PairingConfig()).camera.tolist() == [1]
+
+
 def test_ego_motion_is_applied() -> None:
     # The car moved 2 m forward between the lidar and the camera timestamps.
     moved = np.eye(4)
