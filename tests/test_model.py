@@ -58,6 +58,12 @@ def test_sparse_conv_gradcheck_float64() -> None:
     assert torch.autograd.gradcheck(f, (feats,), eps=1e-6, atol=1e-5)
 
 
+def test_voxel_coordinates_floor_negative_coordinates() -> None:
+    """floor, not truncation toward zero: the occupancy rays (np.floor) share this grid."""
+    xyz = np.array([[0.05, -0.05, -0.15], [1.23, -1.23, -0.01]], np.float32)
+    assert voxel_coordinates(xyz, 0.1).tolist() == [[0, -1, -2], [12, -13, -1]]
+
+
 def test_student_gives_one_feature_per_point_shared_within_a_voxel() -> None:
     torch.manual_seed(0)
     model = build_student(StudentConfig(backbone="tiny")).eval()
