@@ -16,6 +16,27 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$KEY" ]; then
 fi
 log() { printf '[setup] %s\n' "$*"; }
 
+# 0. What the MinkowskiEngine build needs from the system: Python 3.11 with its headers and
+#    venv, a C++ compiler. Missing ones are installed with apt when run as root, else named.
+need() { echo "[setup] $1" >&2; exit 1; }
+apt_install() {  # apt_install PACKAGE... : true when installed
+    [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null || return 1
+    log "installing $* (apt)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+command -v "$PY" >/dev/null || need "needs Python 3.11: $PY not found (set PYTHON=/path/to/python3.11)"
+"$PY" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' \
+    || need "needs Python 3.11: $PY is $("$PY" -V 2>&1) (set PYTHON=/path/to/python3.11)"
+if [ ! -x "$VENV/bin/python" ] && ! "$PY" -c 'import ensurepip, venv' 2>/dev/null; then
+    apt_install python3.11-venv || need "$PY has no venv/ensurepip: install python3.11-venv"
+fi
+if ! "$PY" -c 'import os, sys, sysconfig; sys.exit(not os.path.isfile(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; then
+    apt_install python3.11-dev || need "MinkowskiEngine's build needs Python.h: install python3.11-dev"
+fi
+if ! command -v c++ >/dev/null; then
+    apt_install build-essential || need "MinkowskiEngine's build needs a C++ compiler: install build-essential (g++)"
+fi
+
 # 1. System library MinkowskiEngine links against.
 if ! { [ -e /usr/include/openblas/cblas.h ] || [ -e /usr/include/x86_64-linux-gnu/openblas-pthread/cblas.h ] || ls /usr/include/*/openblas*/cblas.h >/dev/null 2>&1; }; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

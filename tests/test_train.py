@@ -148,15 +148,19 @@ def test_ctrl_c_names_the_checkpoint_and_how_to_resume(train_cache, tmp_path) ->
         "--backbone", "tiny", "--batch-size", "2", "--epochs", "50", "--checkpoint-every", "2",
         "--no-progress", "--threads", "1",
     ]  # fmt: skip
-    proc = subprocess.Popen(_cli(*args), cwd=REPO, stderr=subprocess.PIPE, text=True)
+    # a terminal's Ctrl-C: SIGINT to the process group (the DataLoader workers too)
+    proc = subprocess.Popen(
+        _cli(*args), cwd=REPO, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     deadline = time.time() + 240
     while not (run / "checkpoint.pt").exists():
         assert proc.poll() is None, proc.stderr.read()[-2000:]
         assert time.time() < deadline, "no checkpoint written"
         time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)
     assert proc.wait(timeout=120) == 130
-    message = proc.stderr.read().strip().splitlines()[-1]
+    err = proc.stderr.read()
+    (message,) = [line for line in err.splitlines() if line.startswith("interrupted at")] or [err]
     saved = torch.load(run / "checkpoint.pt", weights_only=False)["step"]
     assert saved < 200  # interrupted: 50 epochs of 4 steps
     assert message.startswith("interrupted at step ") and message.endswith(
