@@ -2,7 +2,8 @@
 
 Conventions (docs/extraction.md explains them with a picture in words):
 - Models: Hugging Face ``Dinov2Model`` or ``Dinov2WithRegistersModel``, loaded by hub id or local
-  folder with ``AutoModel.from_pretrained``. Frozen: no parameter requires grad, the module
+  folder with ``AutoModel.from_pretrained``; weight files lacking a parameter the forward reads
+  are refused (transformers would silently random-initialise it). Frozen: no parameter requires grad, the module
   refuses to leave eval mode, forwards run under ``torch.inference_mode``.
 - Input: uint8 RGB images (H0, W0, 3). We resize them to the configured (H, W) (bilinear,
   antialiased, half-pixel centres, in uint8 as PIL does), convert to [0, 1] and normalise with the ImageNet mean/std ourselves
@@ -48,6 +49,10 @@ RANDOM_MARKER = "random_init_for_tests"
 FITTED_MARKER = "fitted_on_dataset_labels"
 """config.json entry of a stand-in teacher fitted to dataset labels
 (`pipeline/synthetic/teacher_fit.py`): what it was fitted on."""
+UNUSED_PARAMETERS = frozenset({"embeddings.mask_token"})
+"""Parameters a forward without masked positions never reads: a checkpoint may lack them."""
+MISSING_SHOWN = 5
+"""How many missing parameter names the error of a checkpoint that lacks some shows."""
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -239,13 +244,24 @@ class Teacher(nn.Module):
         self.cfg = cfg
         folder = resolve_model_dir(cfg.model)
         try:
-            model = AutoModel.from_pretrained(folder)
-        except (OSError, ValueError, KeyError) as e:
+            model, loading = AutoModel.from_pretrained(folder, output_loading_info=True)
+        except (OSError, ValueError, KeyError, RuntimeError) as e:  # RuntimeError: shape mismatch
             raise TeacherError(f"cannot load teacher {cfg.model!r} from {folder}: {e}") from e
         if not isinstance(model, Dinov2Model | Dinov2WithRegistersModel):
             raise TeacherError(
                 f"teacher {cfg.model!r} is a {type(model).__name__}; expected Dinov2Model or "
                 "Dinov2WithRegistersModel"
+            )
+        # transformers fills parameters the weight files lack with random values and only logs
+        # it; the mask token is unused (no masked positions in a forward)
+        missing = sorted(set(loading["missing_keys"]) - UNUSED_PARAMETERS)
+        if missing:
+            shown = ", ".join(missing[:MISSING_SHOWN]) + (
+                ", ..." if len(missing) > MISSING_SHOWN else ""
+            )
+            raise TeacherError(
+                f"teacher {cfg.model!r}: {len(missing)} parameter{'s' * (len(missing) > 1)} of its "
+                f"{type(model).__name__} not in its weight files (they would be random): {shown}"
             )
         model.requires_grad_(False)
         nn.Module.train(model, False)  # the wrapped model's own train() would flip it back

@@ -119,6 +119,45 @@ def test_missing_or_wrong_model_is_a_clear_error(tmp_path: Path) -> None:
         Teacher(TeacherConfig(str(vit)))
 
 
+def test_weights_that_do_not_fit_the_model_are_refused(tmp_path: Path) -> None:
+    """transformers fills parameters missing from a checkpoint (a dropped tensor, another key
+    prefix) with fresh random values and only logs it: such a folder would pass for the real
+    teacher under its weights hash. It is refused, naming the keys; a shape mismatch too.
+    Keys the checkpoint has beyond the model (a classifier head) are fine."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import Dinov2Config, Dinov2ForImageClassification
+
+    base = save_random_teacher(tmp_path / "base")
+    weights = load_file(base / "model.safetensors")
+    for name, state, named in (
+        ("dropped", {k: v for k, v in weights.items() if k != "encoder.layer.1.mlp.fc1.weight"},
+         r"1 parameter.*not in its weight files.*encoder\.layer\.1\.mlp\.fc1\.weight"),
+        ("prefixed", {f"backbone.{k}": v for k, v in weights.items()},
+         rf"{len(weights) - 1} parameters.*not in its weight files"),  # all but the mask token
+    ):  # fmt: skip
+        folder = tmp_path / name
+        shutil.copytree(base, folder)
+        save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+        with pytest.raises(TeacherError, match=named):
+            Teacher(TeacherConfig(str(folder), image_size=(28, 28)))
+    resized = tmp_path / "resized"
+    shutil.copytree(base, resized)
+    config = json.loads((resized / "config.json").read_text())
+    (resized / "config.json").write_text(json.dumps({**config, "hidden_size": 32}))
+    with pytest.raises(TeacherError, match="cannot load teacher"):
+        Teacher(TeacherConfig(str(resized), image_size=(28, 28)))
+    # a classification checkpoint: its backbone loads (prefix stripped), the head is left out
+    head = Dinov2ForImageClassification(
+        Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_labels=3)
+    )
+    head.save_pretrained(tmp_path / "head")
+    teacher = Teacher(TeacherConfig(str(tmp_path / "head"), image_size=(28, 28)))
+    assert torch.equal(teacher.model.layernorm.weight, head.dinov2.layernorm.weight)
+
+
 def test_imagenet_normalisation_is_ours(tiny_teacher: Path) -> None:
     # The reference is transformers' (DINOv2's image processor uses these), not our own copy:
     # a typo in IMAGENET_MEAN / IMAGENET_STD would otherwise pass.
