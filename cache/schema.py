@@ -227,6 +227,11 @@ class CacheKey:
     """How the targets are stored (`TARGET_FORMATS`); each format is its own cache. Left out of
     `to_dict` (so of the digest) when it is point-f16: version-1 keys, which lack the field, keep
     their digest and read as point-f16."""
+    teacher_weights_dtype: str = "float32"
+    """Dtype the teacher's weights are stored in (`TeacherIdentity.weights_dtype`); they run in
+    float32 (plus ``teacher_dtype`` autocast). Before 2026-11-26 a float16/bfloat16 checkpoint
+    ran in its own dtype under a key saying float32: such a teacher now gets another key, not
+    that cache. Left out of `to_dict` when float32 (every released DINOv2), digests unchanged."""
     schema_version: int | None = None
     """On-disk format version; part of the key so a new format never reuses an old cache.
     None: the version ``target_format`` is written with (`TargetFormat.schema_version`: 1 for
@@ -241,6 +246,7 @@ class CacheKey:
             "feature_layer",
             "pairing",
             "teacher_dtype",
+            "teacher_weights_dtype",
         ):
             if not isinstance(getattr(self, f), str) or not getattr(self, f):
                 raise ValueError(
@@ -268,7 +274,8 @@ class CacheKey:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (image_size as a list; the fields added later left out at their
-        old meaning: target_format point-f16, no teacher_config_sha256, image_decode cpu)."""
+        old meaning: target_format point-f16, no teacher_config_sha256, image_decode cpu,
+        teacher_weights_dtype float32)."""
         d = dataclasses.asdict(self)
         d["image_size"] = list(self.image_size)
         if d["target_format"] == DEFAULT_TARGET_FORMAT:
@@ -277,6 +284,8 @@ class CacheKey:
             del d["teacher_config_sha256"]  # keys made before the field: digest unchanged
         if d["image_decode"] == "cpu":
             del d["image_decode"]
+        if d["teacher_weights_dtype"] == "float32":
+            del d["teacher_weights_dtype"]
         return d
 
     @classmethod

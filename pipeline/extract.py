@@ -551,6 +551,7 @@ def cache_key(cfg: ExtractConfig, reader: NuScenesReader, teacher: Teacher) -> C
         feature_layer=FEATURE_LAYER,
         pairing=json.dumps(cfg.pairing.to_dict(), sort_keys=True, separators=(",", ":")),
         teacher_dtype=cfg.dtype,
+        teacher_weights_dtype=teacher.identity.weights_dtype,
         target_format=cfg.target_format,
     )
 

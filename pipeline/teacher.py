@@ -5,6 +5,8 @@ Conventions (docs/extraction.md explains them with a picture in words):
   folder with ``AutoModel.from_pretrained``; weight files lacking a parameter the forward reads
   are refused (transformers would silently random-initialise it). Frozen: no parameter requires grad, the module
   refuses to leave eval mode, forwards run under ``torch.inference_mode``.
+- Weights run in float32 (``dtype`` autocasts): a checkpoint saved in float16/bfloat16, which
+  transformers loads as such, is upcast (`TeacherIdentity.weights_dtype` records it).
 - Input: uint8 RGB images (H0, W0, 3). We resize them to the configured (H, W) (bilinear,
   antialiased, half-pixel centres, in uint8 as PIL does), convert to [0, 1] and normalise with the ImageNet mean/std ourselves
   (no image-processor defaults: the processor would centre-crop). H and W must be multiples of
@@ -102,6 +104,7 @@ class TeacherIdentity:
     num_register_tokens: int  # 0 without registers
     random: bool  # True for `save_random_teacher` folders: demo/test only
     fitted: bool = False  # True for stand-ins fitted to dataset labels (`make-teacher --fit-on`)
+    weights_dtype: str = "float32"  # dtype the weights are stored in; upcast to float32 to run
 
 
 def parse_image_size(text: str) -> tuple[int, int]:
@@ -263,6 +266,10 @@ class Teacher(nn.Module):
                 f"teacher {cfg.model!r}: {len(missing)} parameter{'s' * (len(missing) > 1)} of its "
                 f"{type(model).__name__} not in its weight files (they would be random): {shown}"
             )
+        # transformers loads weights in the dtype they were saved in; a half-precision checkpoint
+        # would run in it whatever cfg.dtype says (cfg.dtype autocasts a float32 model)
+        weights_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        model.float()
         model.requires_grad_(False)
         nn.Module.train(model, False)  # the wrapped model's own train() would flip it back
         self.model = model.to(cfg.device)
@@ -281,6 +288,7 @@ class Teacher(nn.Module):
             num_register_tokens=self.num_register_tokens,
             random=bool(getattr(config, RANDOM_MARKER, False)),
             fitted=bool(getattr(config, FITTED_MARKER, None)),
+            weights_dtype=weights_dtype,
         )
         self.forward_count = 0  # teacher forwards (batches) run by this instance
         self.image_count = 0  # images passed through the teacher by this instance

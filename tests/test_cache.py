@@ -250,6 +250,7 @@ KEY_CHANGES = {
     "feature_layer": "penultimate",
     "pairing": '{"min_depth":2.0}',
     "teacher_dtype": "bfloat16",
+    "teacher_weights_dtype": "float16",
     "teacher_config_sha256": "c" * 64,
     "image_decode": "device",
     "target_format": "point-i8",
@@ -279,7 +280,8 @@ def test_key_digest_changes_with_every_field_and_old_cache_stays(tmp_path: Path)
     assert open_cache(old.path).key == base
     # Fields added later are left out of the digest at their old meaning: keys written before
     # them (no such entry in the manifest) keep their digest and their cache.
-    assert not {"teacher_config_sha256", "image_decode", "target_format"} & set(base.to_dict())
+    left_out = {"teacher_config_sha256", "image_decode", "target_format", "teacher_weights_dtype"}
+    assert not left_out & set(base.to_dict())
 
 
 def test_dataset_fingerprint_follows_content_not_location(tmp_path: Path) -> None:

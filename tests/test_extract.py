@@ -278,6 +278,7 @@ def test_key_names_a_local_teacher_by_its_folder_however_it_is_reached(
     assert teacher_key_name("facebook/dinov2-small") == "facebook/dinov2-small"
     key = open_cache(first.cache_path).key
     assert key.teacher == teacher.name and key.image_decode == "cpu"
+    assert key.teacher_weights_dtype == "float32"  # left out of the digest: older caches hold
     assert key.teacher_config_sha256 == Teacher(cfg.teacher_config()).identity.config_sha256
 
 

@@ -282,6 +282,26 @@ def test_cuda_autocast_matches_float32(tiny_teacher: Path, dtype: str) -> None:
     assert not torch.equal(grid, ref)  # autocast did run in low precision
 
 
+@pytest.mark.parametrize("stored", ["bfloat16", "float16"])
+def test_half_precision_checkpoints_run_in_float32(tmp_path: Path, stored: str) -> None:
+    """transformers 5 loads a checkpoint in the dtype it was saved in: weights stored in
+    bfloat16/float16 ran in it (float16 even on the CPU, which `TeacherConfig` refuses) while
+    the key said float32. They are upcast: the grid equals that of the same values stored in
+    float32, and the identity (so the cache key) records the stored dtype."""
+    from pipeline.teacher import random_dinov2, save_teacher_folder
+
+    dtype = getattr(torch, stored)
+    model = random_dinov2("tiny", seed=0).to(dtype)
+    half = save_teacher_folder(model, tmp_path / "half", {})
+    full = save_teacher_folder(model.float(), tmp_path / "full", {})  # the same values
+    images = _images(2, 45, 80, seed=5)
+    teachers = [Teacher(TeacherConfig(str(f), image_size=(28, 42))) for f in (half, full)]
+    assert all(p.dtype == torch.float32 for p in teachers[0].parameters())
+    assert torch.equal(teachers[0].patch_grid(images), teachers[1].patch_grid(images))
+    assert teachers[0].identity.weights_dtype == stored
+    assert teachers[1].identity.weights_dtype == "float32"
+
+
 def test_float16_on_cpu_is_refused(tiny_teacher: Path) -> None:
     with pytest.raises(ValueError, match="float16 needs a CUDA device"):
         TeacherConfig(str(tiny_teacher), dtype="float16")
