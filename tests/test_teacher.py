@@ -62,6 +62,49 @@ def test_register_tokens_are_dropped(registers_teacher: Path) -> None:
     assert not torch.allclose(grid, wrong)
 
 
+@pytest.mark.parametrize("registers", [0, 4])
+def test_patch_grid_layout_matches_the_image_not_only_hf_slicing(
+    tmp_path: Path, registers: int
+) -> None:
+    """Independent of HF's token order: with no transformer layer and zero position embeddings a
+    patch token is LayerNorm(conv(its own pixels)), so the grid must equal that conv computed on
+    the image by hand, patch (i, j) at row i, column j (registers skipped, rows not transposed)."""
+    from transformers import (
+        Dinov2Config,
+        Dinov2Model,
+        Dinov2WithRegistersConfig,
+        Dinov2WithRegistersModel,
+    )
+
+    from pipeline.teacher import normalise, save_teacher_folder
+
+    torch.manual_seed(0)
+    common = dict(
+        hidden_size=32, num_hidden_layers=0, num_attention_heads=2, patch_size=14, image_size=518
+    )
+    if registers:
+        model = Dinov2WithRegistersModel(
+            Dinov2WithRegistersConfig(num_register_tokens=registers, **common)
+        )
+    else:
+        model = Dinov2Model(Dinov2Config(**common))
+    with torch.no_grad():
+        model.embeddings.position_embeddings.zero_()
+        if registers:
+            model.embeddings.register_tokens.normal_()
+    folder = save_teacher_folder(model, tmp_path / "flat", {})
+    teacher = Teacher(TeacherConfig(str(folder), image_size=(42, 70)))  # grid 3 x 5
+    colours = np.random.default_rng(1).integers(0, 256, (3, 5, 3), dtype=np.uint8)
+    image = np.repeat(np.repeat(colours, 14, 0), 14, 1)[None]  # one colour per patch
+    grid = teacher.patch_grid(image)[0]  # (D, 3, 5)
+    proj = teacher.model.embeddings.patch_embeddings.projection
+    pixels = normalise(torch.from_numpy(image).permute(0, 3, 1, 2))
+    with torch.inference_mode():
+        by_hand = torch.nn.functional.conv2d(pixels, proj.weight, proj.bias, stride=14)[0]
+        want = teacher.model.layernorm(by_hand.permute(1, 2, 0)).permute(2, 0, 1)
+    assert torch.allclose(grid, want, atol=1e-5)
+
+
 def test_features_are_taken_after_the_final_layernorm(tiny_teacher: Path) -> None:
     teacher = Teacher(TeacherConfig(str(tiny_teacher), image_size=(28, 28)))
     pixels = teacher.preprocess(_images(1, 28, 28, seed=2))
