@@ -478,6 +478,7 @@ def evaluate_finetune_command(
     backbone_lr: float = typer.Option(None, "--backbone-lr", help="Backbone AdamW lr; default head-lr/10 (pretrained) or head-lr (none)."),
     head_lr: float = typer.Option(1e-2, "--head-lr", help="Classifier AdamW lr."),
     subset_seed: int = typer.Option(0, "--subset-seed", help="Seed of the subset choice (keep fixed across models)."),
+    subset: Path = typer.Option(None, "--subset", help="File of scan tokens, one a line (an earlier run's subset.txt, a published list): used instead of --fraction's choice."),
     train_split: str = _TRAIN_SPLIT, val_split: str = _VAL_SPLIT,
     max_train_scans: int = _MAX_TRAIN, max_val_scans: int = _MAX_VAL,
     out: Path = _OUT, like: Path = _LIKE, device: str = _DEVICE, seed: int = _SEED,
@@ -493,7 +494,8 @@ def evaluate_finetune_command(
             checkpoint=checkpoint,
             data=_eval_data(data, dataset, version, train_split, val_split, max_train_scans, max_val_scans),
             fraction=fraction, out=out, like=like, epochs=epochs, batch_scans=batch_scans,
-            backbone_lr=backbone_lr, head_lr=head_lr, subset_seed=subset_seed, device=device, seed=seed,
+            backbone_lr=backbone_lr, head_lr=head_lr, subset_seed=subset_seed, subset_file=subset,
+            device=device, seed=seed,
         )  # fmt: skip
         run_finetune(cfg)
 

@@ -312,6 +312,25 @@ def test_finetune_cli_writes_the_deterministic_subset(synthetic_semantickitti, t
     assert result["losses"][1] < 0.95 * result["losses"][0], result["losses"]
     assert 0.0 <= result["miou"] <= 1.0
 
+    # --subset: the listed scans (a published list, another run's subset.txt), in split order
+    listing = tmp_path / "my_list.txt"
+    listing.write_text(f"{tokens[2]}\n\n{tokens[0]}\n")
+    base = ["evaluate", "finetune", "--checkpoint", "none", "--like", "tiny", "--dataset",
+            "semantickitti", "--data", str(synthetic_semantickitti), "--epochs", "1"]  # fmt: skip
+    _cli(*base, "--subset", str(listing), "--out", str(tmp_path / "listed"))
+    assert (tmp_path / "listed" / "subset.txt").read_text().split() == [tokens[0], tokens[2]]
+    listed_result = json.loads((tmp_path / "listed" / "finetune.json").read_text())
+    assert listed_result["subset_scans"] == 2 and listed_result["fraction"] == 2 / len(tokens)
+    listing.write_text(f"{tokens[0]}\nno-such-scan\n")
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    bad = CliRunner().invoke(app, [*base, "--subset", str(listing), "--out", str(tmp_path / "b")])
+    assert bad.exit_code == 1 and "1 of its 2 tokens are not labelled scans of split 'train'" in (
+        bad.output
+    ), bad.output
+
 
 def test_robustness_and_rankme_cli(synthetic_semantickitti, tmp_path):
     import json

@@ -53,6 +53,26 @@ def select_subset(tokens: list[str], fraction: float, seed: int = 0) -> list[str
     return [t for t in tokens if t in chosen]
 
 
+def read_subset(path: Path, tokens: list[str], split: str) -> list[str]:
+    """The scan tokens listed in ``path`` (one a line: a ``subset.txt`` of an earlier run, or a
+    published list), in the split's order; every one must be a labelled scan of ``split``."""
+    try:
+        listed = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read the subset file ({e})") from e
+    if not listed:
+        raise ValueError(f"{path}: the subset file lists no scan tokens")
+    known = set(tokens)
+    unknown = [t for t in dict.fromkeys(listed) if t not in known]
+    if unknown:
+        raise ValueError(
+            f"{path}: {len(unknown)} of its {len(listed)} tokens are not labelled scans of split "
+            f"{split!r} ({len(tokens)} are), first: {', '.join(unknown[:3])}"
+        )
+    chosen = set(listed)
+    return [t for t in tokens if t in chosen]
+
+
 def write_subset(path: Path, tokens: list[str]) -> Path:
     """One token a line, written atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -101,6 +121,9 @@ class FinetuneConfig:
     """AdamW weight decay."""
     subset_seed: int = 0
     """Seed of the subset choice (keep fixed across compared models)."""
+    subset_file: Path | None = None
+    """Scan tokens to fine-tune on, one a line, instead of ``fraction``'s choice (an earlier run's
+    subset.txt, or the list a published result used)."""
     device: str = "cpu"
     """torch device."""
     seed: int = 0
@@ -117,6 +140,8 @@ class FinetuneConfig:
     def out_dir(self) -> Path:
         if self.out is not None:
             return Path(self.out)
+        if self.subset_file is not None:
+            return Path(self.checkpoint) / "eval" / f"finetune_{Path(self.subset_file).stem}"
         return Path(self.checkpoint) / "eval" / f"finetune_{100 * self.fraction:g}pct"
 
     def resolved_backbone_lr(self) -> float:
@@ -134,7 +159,11 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     reader = open_reader(cfg.data)
     names = list(reader.class_names)
     train = cfg.data.train_scans(reader)
-    chosen = set(select_subset([s.token for s in train], cfg.fraction, cfg.subset_seed))
+    tokens = [s.token for s in train]
+    if cfg.subset_file is not None:
+        chosen = set(read_subset(cfg.subset_file, tokens, cfg.data.train_split))
+    else:
+        chosen = set(select_subset(tokens, cfg.fraction, cfg.subset_seed))
     subset = [s for s in train if s.token in chosen]
     out = cfg.out_dir()
     write_subset(out / "subset.txt", [s.token for s in subset])
@@ -191,7 +220,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         names,
         protocol="finetune",
         **trained,
-        fraction=cfg.fraction,
+        fraction=len(subset) / len(train) if cfg.subset_file is not None else cfg.fraction,
         subset_scans=len(subset),
         subset_file=str(out / "subset.txt"),
         val_scans=len(val),
@@ -200,6 +229,6 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         config=asdict(cfg),
     )
     write_json_atomic(out / "finetune.json", result)
-    title = f"finetune {100 * cfg.fraction:g}% ({len(subset)} scans): {cfg.checkpoint}"
+    title = f"finetune {100 * result['fraction']:.3g}% ({len(subset)} scans): {cfg.checkpoint}"
     print(iou_table(names, iou_per_class(conf), result["miou"], title=title))
     return result
