@@ -356,13 +356,19 @@ def test_robustness_and_rankme_cli(synthetic_semantickitti, tmp_path):
 
     asked = RobustnessConfig(
         checkpoint="none", like="tiny", out=tmp_path / "b", corruptions=("jitter", "fog"),
-        severities=(1, 3), baseline=tmp_path / "robustness.json",
-        data=EvalData(root=synthetic_semantickitti, dataset="semantickitti"),
+        severities=(1, 3), baseline=tmp_path / "robustness.json", beams=16,
+        data=EvalData(root=synthetic_semantickitti, dataset="semantickitti", max_val_scans=1),
     )  # fmt: skip
     with pytest.raises(ValueError, match="robustness.json lacks fog@1, fog@3"):
         load_baseline(asked)
     held = load_baseline(dataclasses.replace(asked, corruptions=("jitter",)))
     assert set(held["corruptions"]) >= {"jitter@1", "jitter@3"}
+    # ... and measured on the same corrupted scans (CE divides by the baseline's errors)
+    other = dataclasses.replace(asked, corruptions=("jitter",), seed=1, data=EvalData(
+        root=synthetic_semantickitti, dataset="semantickitti", max_val_scans=2))  # fmt: skip
+    with pytest.raises(ValueError, match=r"other scans or corruptions: data.max_val_scans \(1 in "
+                       r"the baseline, 2 here\), seed \(0 in the baseline, 1 here\)"):  # fmt: skip
+        load_baseline(other)
 
     _cli(
         "evaluate",

@@ -139,7 +139,33 @@ def load_baseline(cfg: RobustnessConfig) -> dict | None:
             f"baseline {path} lacks {', '.join(missing)}: run the baseline with those corruptions "
             "and severities too, or leave --baseline out (CE = 1 - mIoU)"
         )
+    # CE divides by the baseline's errors: both must be measured on the same corrupted scans
+    saved = baseline.get("config") or {}
+    asked = json.loads(json.dumps(asdict(cfg), default=str))
+    differing = [
+        f"{name} ({_field(saved, name)!r} in the baseline, {_field(asked, name)!r} here)"
+        for name in BASELINE_FIELDS
+        if _field(saved, name) != _field(asked, name)
+    ]
+    if saved and differing:
+        raise ValueError(
+            f"baseline {path} was measured on other scans or corruptions: "
+            + ", ".join(differing)
+            + "; run both models with the same settings"
+        )
     return baseline
+
+
+BASELINE_FIELDS = (
+    "data.dataset", "data.version", "data.val_split", "data.max_val_scans", "beams", "seed",
+)  # fmt: skip
+"""Settings that define the corrupted val scans: a baseline must share them (load_baseline)."""
+
+
+def _field(config: dict, dotted: str) -> object:
+    for part in dotted.split("."):
+        config = config.get(part) if isinstance(config, dict) else None
+    return config
 
 
 def summarise(results: dict[str, dict], clean: float, baseline: dict | None) -> dict:
