@@ -82,8 +82,8 @@ class ExtractConfig:
     n_workers: int = 2
     """LocalCluster workers, each running one unit at a time (ignored with ``scheduler``)."""
     torch_threads: int = 0
-    """torch intra-op threads per worker; 0: CPU cores / workers on a LocalCluster, untouched
-    on an existing cluster."""
+    """torch intra-op threads per unit; 0: CPU cores / (workers x threads_per_worker) on a
+    LocalCluster, untouched on an existing cluster."""
     processes: bool = False
     """LocalCluster workers are processes (True) or threads of this process (False, measured
     faster on CPU: no per-process start-up, imports and teacher copy; docs/extraction.md)."""

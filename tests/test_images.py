@@ -87,7 +87,8 @@ def two_decodes(synthetic_nuscenes, tiny_teacher: Path, tmp_path_factory):
 
 @cuda_decode
 def test_device_decode_gives_the_cpu_targets(two_decodes) -> None:
-    assert Path(two_decodes["cpu"]).name == Path(two_decodes["device"]).name  # same key
+    # the decoder is part of the cache key (the pixels differ by a few grey levels): two caches
+    assert Path(two_decodes["cpu"]).name != Path(two_decodes["device"]).name
     cpu, dev = open_cache(two_decodes["cpu"]), open_cache(two_decodes["device"])
     for i in range(len(cpu)):
         a, b = cpu.read_scan(i), dev.read_scan(i)

@@ -105,7 +105,7 @@ class TrainConfig:
     for a fixed thread count."""
     kernel_map_threads: int = 1
     """Threads ME builds its kernel maps with (0 = ME's default: all cores). 1 was the fastest
-    on the 2-core VM (4x faster than 2 under load) and makes the summation order fixed.
+    on the 2-core VM (a tiny-backbone step 5.5 s with 1, 10 s with 2, under load) and makes the summation order fixed.
     ME sets it process-wide through OpenMP, so torch's CPU ops then use it too (docs/training.md)."""
     log_every: int = 1
     """Write a metrics line every this many steps."""
