@@ -383,9 +383,6 @@ def _train(cfg: TrainConfig, rt: distributed.Runtime) -> TrainResult:
                 waited += t_data
             # a non-finite loss (or gradient) stops the run before it is logged or checkpointed
             if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-                bar.close()
-                if metrics is not None:
-                    metrics.close()
                 raise FloatingPointError(
                     f"step {step} (epoch {step / sampler.steps_per_epoch:.2f}): the loss or its gradient "
                     f"is not finite "
@@ -436,9 +433,6 @@ def _train(cfg: TrainConfig, rt: distributed.Runtime) -> TrainResult:
                 save_checkpoint(ckpt_path, state)
                 saved_step = step
     except KeyboardInterrupt:  # Ctrl-C: say what is kept and how to go on
-        bar.close()
-        if metrics is not None:
-            metrics.close()
         if saved_step is None:
             kept = f"no checkpoint yet (the first is at step {min(cfg.checkpoint_every, total)})"
         else:
@@ -447,12 +441,13 @@ def _train(cfg: TrainConfig, rt: distributed.Runtime) -> TrainResult:
                 f"--out {run_dir} --resume"
             )
         raise KeyboardInterrupt(f"interrupted at step {step} of {total}: {kept}") from None
-    bar.close()
+    finally:  # however the loop ends (finished, non-finite loss, Ctrl-C, a failed batch)
+        bar.close()
+        if metrics is not None:
+            metrics.close()
     if rt.distributed:  # DDP copies rank 0's buffers before each forward; the last step's too
         for buffer in model.buffers():
             torch.distributed.broadcast(buffer, src=0)
-    if metrics is not None:
-        metrics.close()
     result = TrainResult(
         run_dir=run_dir,
         steps=step,
