@@ -323,17 +323,25 @@ def _cli(cfg: ExtractConfig) -> list[str]:
     ]  # fmt: skip
 
 
-def _wait_for(pattern: str, root: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
+def _wait_for(
+    pattern: str, root: Path, proc: subprocess.Popen, timeout: float = 240, count: int = 1
+) -> None:
+    """Until ``count`` paths match ``pattern`` under ``root``, the process ends, or timeout."""
     deadline = time.monotonic() + timeout
-    while not list(root.glob(pattern)) and proc.poll() is None and time.monotonic() < deadline:
+    while (
+        len(list(root.glob(pattern))) < count
+        and proc.poll() is None
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.01)
 
 
 @pytest.mark.slow
 def test_kill_9_then_rerun_equals_an_uninterrupted_run(serial, tmp_path: Path) -> None:
     """3 trials: kill -9 the whole CLI process group (client and its Dask worker process) at a
-    seeded random moment (trial 0: 0-0.5 s after it takes the lock; then: 0-0.5 s after its
-    first unit), and re-run. After each kill no unit is marked done without being intact; each
+    seeded random moment (trial 0: 0-0.5 s after it takes the lock; then: 0-50 ms after its
+    k-th unit, k seeded in 1..3 of 4, so the kill lands inside the run on a fast machine too),
+    and re-run. After each kill no unit is marked done without being intact; each
     re-run equals one uninterrupted run, file checksum for file checksum and array for array."""
     from cache.store import unit_problems
 
@@ -357,8 +365,12 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(serial, tmp_path: Path) -
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )
-        _wait_for("*/writer.lock" if trial == 0 else "*/units/*.done", root, proc)
-        time.sleep(rng.uniform(0.0, 0.5))
+        if trial == 0:
+            _wait_for("*/writer.lock", root, proc)
+            time.sleep(rng.uniform(0.0, 0.5))
+        else:
+            _wait_for("*/units/*.done", root, proc, count=int(rng.integers(1, n_units)))
+            time.sleep(rng.uniform(0.0, 0.05))
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:  # the whole group had already exited
