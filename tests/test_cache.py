@@ -784,6 +784,7 @@ def test_compressed_cache_reads_through_zarr(
         ("index_byte", "index checksum mismatch"),
         ("checksum_byte", "index checksum mismatch"),
         ("chunk_outside_file", "lies outside the data"),
+        ("chunk_across_data_end", "lies outside the data"),
         ("chunk_size", "holds 1 bytes"),
         ("missing", "missing"),
         ("truncate_after_open", "index checksum mismatch"),
@@ -807,9 +808,14 @@ def test_damaged_shard_raises_cache_error_naming_the_file(
         raw[index + 9] ^= 0x01
     elif damage == "checksum_byte":
         raw[-1] ^= 0x80
-    elif damage in ("chunk_outside_file", "chunk_size"):  # a wrong entry with a valid crc32c
+    elif damage.startswith("chunk_"):  # a wrong entry with a valid crc32c
         offset, nbytes = np.frombuffer(bytes(raw[index : index + 16]), "<u8").tolist()
-        entry = (len(raw), nbytes) if damage == "chunk_outside_file" else (offset, 1)
+        assert offset + nbytes == index  # the one chunk ends where the index starts
+        entry = {
+            "chunk_outside_file": (len(raw), nbytes),
+            "chunk_across_data_end": (offset + 1, nbytes),  # its last byte is the index's first
+            "chunk_size": (offset, 1),
+        }[damage]
         raw[index : index + 16] = np.array(entry, "<u8").tobytes()
         raw[-4:] = google_crc32c.value(bytes(raw[index : index + 16])).to_bytes(4, "little")
     if damage == "missing":
