@@ -144,3 +144,43 @@ def test_decoder_without_queries_keeps_its_parameters_in_the_graph() -> None:
     loss.backward()
     assert logits.shape == (0,) and loss.item() == 0.0
     assert all(p.grad is not None and not p.grad.any() for p in decoder.parameters())
+
+
+def test_cell_keys_are_unique_per_cell_up_to_the_index_limit() -> None:
+    """Distinct cells, neighbours and the extreme indices (|index| < 2^20) never share a key."""
+    r = np.arange(-3, 4)
+    cube = np.stack(np.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
+    big = 2**20 - 1
+    extremes = np.array([[big, 0, 0], [0, big, 0], [0, 0, big], [big, big, big], [big, -big, 1]])
+    cells = np.concatenate([cube, extremes, -extremes])
+    assert len(np.unique(cells, axis=0)) == len(cells)
+    assert len(np.unique(cell_keys(cells))) == len(cells)
+
+
+def test_a_masked_cell_that_rays_cross_is_a_positive_only() -> None:
+    """A masked occupied cell between the sensor and a wall is crossed by the rays to the wall:
+    it stays a positive, never also a free-space negative (one label per cell)."""
+    post = np.array([[4.05 + dx, 0.05 + dy, 0.05] for dx in (0, 0.1) for dy in (0, 0.1)])
+    xyz = np.concatenate([_wall(), post.astype(np.float32)])  # post in cell (5, 0, 0)
+    keep = np.ones(len(xyz), bool)
+    keep[-len(post) :] = False  # the post is masked out of the input
+    cells, labels = _targets(xyz, keep)
+    keys = cell_keys(cells)
+    assert len(np.unique(keys)) == len(keys)  # one label per cell
+    post_key = int(cell_keys(np.array([[5, 0, 0]]))[0])
+    assert labels[keys == post_key].tolist() == [1.0]
+    assert labels[keys == int(cell_keys(np.array([[4, 0, 0]]))[0])].tolist() == [0.0]
+
+
+def test_range_limits_apply_to_cell_centres() -> None:
+    """A cell is kept when its centre ((index + 0.5) * 0.8 m) lies within the ranges: with
+    xy_range 9.9 m the last x cell is 11 (centre 9.2 m; cell 12's is 10.0 m), and with z_range
+    from -0.5 m the lowest z cell is -1 (centre -0.4 m; its lower face is at -0.8 m)."""
+    xyz = _wall(x=30.0)  # rays within 9.9 m of the sensor stay in z cells -1 and 0
+    voxels = voxel_coordinates(xyz, VOXEL).numpy()
+    cells, _ = occupancy_targets(
+        voxels, np.ones(len(xyz), bool), xyz, VOXEL, STRIDE, 5000, 9.9, (-0.5, 5.0),
+        np.random.default_rng(0),
+    )  # fmt: skip
+    assert cells[:, 0].max() == 11 and cells[:, 0].min() == 0
+    assert set(cells[:, 2].tolist()) == {-1, 0}
