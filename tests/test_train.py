@@ -358,6 +358,80 @@ def test_sampler_epochs_are_seeded_permutations_sharded_and_resumable() -> None:
         RunBatchSampler(3, 2, 1, 0, world=4)
 
 
+def _item_and_scan(train_cache, tmp_path: Path, epoch: int, i: int, **kw):
+    from trainer.data import ScanDataset, open_training_cache
+
+    cfg = _cfg(train_cache, tmp_path / "unused", **kw)
+    dataset = ScanDataset(open_training_cache(cfg), cfg)
+    return cfg, dataset[(epoch, i)], dataset.reader.read_scan(i)
+
+
+def test_scan_item_rows_are_the_kept_points_and_their_targets(train_cache, tmp_path) -> None:
+    """Without augmentation, an item's rows are the points of the blocks left in the input
+    (whole blocks of stride * mask_block voxels), each with its own target row, pairing and
+    intensity; occupancy queries are in voxel units, positives are cells of dropped points only."""
+    cfg, item, scan = _item_and_scan(
+        train_cache, tmp_path, 0, 2, augment=False, occupancy_weight=1.0
+    )
+    voxels = np.floor(scan.points[:, :3].astype(np.float64) / cfg.voxel_size).astype(np.int64)
+    side = cfg.occupancy_stride * cfg.mask_block
+    kept_blocks = {tuple(b) for b in np.floor_divide(item["coords"], side).tolist()}
+    keep = np.array([tuple(b) in kept_blocks for b in np.floor_divide(voxels, side).tolist()])
+    assert 0 < keep.sum() < len(keep)  # some blocks masked out
+    np.testing.assert_array_equal(item["coords"], voxels[keep])
+    np.testing.assert_array_equal(item["target"], scan.target[keep])
+    np.testing.assert_array_equal(item["paired"], scan.camera[keep] >= 0)
+    np.testing.assert_allclose(item["feats"][:, 1], scan.points[keep, 3] / 255.0, rtol=1e-6)
+    cells = item["occ_cells"]
+    assert len(cells) and not (cells % cfg.occupancy_stride).any()
+    positive = {tuple(c) for c in (cells[item["occ_labels"] == 1] // cfg.occupancy_stride).tolist()}
+    point_cells = [tuple(c) for c in np.floor_divide(voxels, cfg.occupancy_stride).tolist()]
+    dropped_cells = {c for c, k in zip(point_cells, keep, strict=True) if not k}
+    kept_cells = {c for c, k in zip(point_cells, keep, strict=True) if k}
+    assert positive and positive <= dropped_cells and not positive & kept_cells
+    # a batch of two scans: ME batch index 0 then 1 in front of each scan's rows, in order
+    from trainer.data import collate
+
+    other = _item_and_scan(train_cache, tmp_path, 0, 5, augment=False, occupancy_weight=1.0)[1]
+    batch = collate([item, other])
+    for key, name in (("coords", "coords"), ("queries", "occ_cells")):
+        a, b = item[name], other[name]
+        np.testing.assert_array_equal(batch[key][:, 0].numpy(), np.repeat([0, 1], [len(a), len(b)]))
+        np.testing.assert_array_equal(batch[key][:, 1:].numpy(), np.concatenate([a, b]))
+    for key in ("target", "occ_labels", "paired"):
+        np.testing.assert_array_equal(batch[key].numpy(), np.concatenate([item[key], other[key]]))
+
+
+def test_scan_item_augmentation_moves_the_voxels_rigidly_and_not_the_targets(
+    train_cache, tmp_path
+) -> None:
+    """With augmentation (rotation about z, flips, scale in [0.95, 1.05]) and no masking, the
+    voxels are those of the transformed points (ranges and heights scaled by one factor, a new
+    pose each epoch) while target, pairing and intensity rows stay those of the points."""
+    coords = []
+    for epoch in (0, 1):
+        cfg, item, scan = _item_and_scan(train_cache, tmp_path, epoch, 3, occupancy_weight=0.0)
+        np.testing.assert_array_equal(item["target"], scan.target)
+        np.testing.assert_array_equal(item["paired"], scan.camera >= 0)
+        np.testing.assert_allclose(item["feats"][:, 1], scan.points[:, 3] / 255.0, rtol=1e-6)
+        xyz = scan.points[:, :3].astype(np.float64)
+        centres = (item["coords"] + 0.5) * cfg.voxel_size  # within half a voxel diagonal
+        far = np.linalg.norm(xyz, axis=1) > 5.0
+        scale = np.median(np.linalg.norm(centres[far], axis=1) / np.linalg.norm(xyz[far], axis=1))
+        assert 0.95 - 1e-3 <= scale <= 1.05 + 1e-3
+        tol = cfg.voxel_size * (np.sqrt(3) / 2) + 2e-3 * np.linalg.norm(xyz, axis=1)
+        assert (
+            np.abs(np.linalg.norm(centres, axis=1) - scale * np.linalg.norm(xyz, axis=1)) <= tol
+        ).all()
+        assert (
+            np.abs(centres[:, 2] - scale * xyz[:, 2])
+            <= cfg.voxel_size / 2 + 2e-3 * np.abs(xyz[:, 2]) + 1e-9
+        ).all()
+        coords.append(item["coords"])
+    raw = np.floor(xyz / cfg.voxel_size).astype(np.int32)
+    assert not np.array_equal(coords[0], raw) and not np.array_equal(coords[0], coords[1])
+
+
 def test_lr_schedule_warms_up_then_decays() -> None:
     cfg = load_config(cache="c", data="d", out="o", lr=1.0, warmup=0.1, min_lr_ratio=0.01)
     lr = lr_schedule(100, cfg)
