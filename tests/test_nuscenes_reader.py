@@ -395,3 +395,20 @@ def test_sweeps_between_keyframes_are_not_scans(copy: Path, reader: NuScenesRead
         assert all("/samples/" in str(c.image_path) for c in mine.cameras)
     code, output = cli_output(copy)
     assert code == 0, output
+
+
+def test_every_category_maps_like_the_devkit(copy: Path, nusc) -> None:
+    """A label file holding every category.index of the release (noise, the classes the
+    challenge ignores, both buses, ...) maps as the devkit's LidarsegClassMapper maps it."""
+    from nuscenes.eval.lidarseg.utils import LidarsegClassMapper
+
+    mapper = LidarsegClassMapper(nusc)
+    lut = np.full(256, -1)
+    for fine, coarse in mapper.fine_idx_2_coarse_idx_mapping.items():
+        lut[fine] = 255 if coarse == 0 else coarse - 1
+    indices = np.array(sorted(c["index"] for c in nusc.category))
+    assert len(indices) == 32 and (lut[indices] >= 0).all()
+    reader, scan = first_scan(copy)
+    raw = np.resize(indices, len(reader.load_points(scan))).astype(np.uint8)
+    replace(Path(scan.label_path), raw.tobytes())
+    np.testing.assert_array_equal(reader.load_labels(scan), lut[raw])
