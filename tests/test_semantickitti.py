@@ -35,6 +35,9 @@ def test_learning_map_standard_entries():
 def test_map_labels_uses_lower_16_bits_and_rejects_unknown_ids():
     raw = np.array([(7 << 16) | 10, 40, (3 << 16) | 252, 0, 81], dtype=np.uint32)
     np.testing.assert_array_equal(map_labels(raw), [0, 8, 0, 255, 18])
+    # ids above 255 (moving bus, truck, other-vehicle) need all 16 bits, any instance above
+    raw = np.array([257, (0xFFFF << 16) | 258, (1 << 16) | 259, 256], dtype=np.uint32)
+    np.testing.assert_array_equal(map_labels(raw), [4, 3, 4, 4])
     with pytest.raises(ValueError, match="x.label.*\\[42\\]"):
         map_labels(np.array([42], dtype=np.uint32), source="x.label")
 
@@ -142,3 +145,41 @@ def test_pre_flight_check_reads_uint32_labels_and_names_missing_files(kitti_root
     (problem,) = check_scan(reader, first)
     assert first.lidar_path in problem and "missing" in problem
     assert "test" in check_data(reader, "test")[0]  # no test sequence here: one line, no raise
+
+
+# sequence 00 of the KITTI odometry calibration (calib.txt), P2 rounded to 7 digits
+_P2_00 = "7.188560e+02 0 6.071928e+02 4.538225e+01 0 7.188560e+02 1.852157e+02 -1.130887e-01 0 0 1 3.779761e-03"
+_TR_00 = (
+    "4.276802385584e-04 -9.999672484946e-01 -8.084491683471e-03 -1.198459927713e-02 "
+    "-7.210626507497e-03 8.081198471645e-03 -9.999413164504e-01 -5.403984729748e-02 "
+    "9.999738645903e-01 4.859485810390e-04 -7.206933692422e-03 -2.921968648686e-01"
+)
+
+
+def test_camera_projects_points_like_the_kitti_devkit(tmp_path):
+    """The CAM2 frame built from P2 and Tr projects a lidar point to the pixel of the KITTI
+    devkit's formula ``P2 · Tr · [x, y, z, 1]`` (P2 = K [I | t]: t is K⁻¹ times its last column)."""
+    from PIL import Image
+
+    seq = tmp_path / "sequences" / "00"
+    for sub in ("velodyne", "image_2"):
+        (seq / sub).mkdir(parents=True)
+    xyz = np.array([[10.0, 2.0, -1.0], [25.0, -4.0, 0.5], [6.0, 0.3, 0.2]])
+    np.concatenate([xyz, np.zeros((3, 1))], 1).astype(np.float32).tofile(
+        seq / "velodyne" / "000000.bin"
+    )
+    p0 = "7.188560e+02 0 6.071928e+02 0 0 7.188560e+02 1.852157e+02 0 0 0 1 0"
+    (seq / "calib.txt").write_text(f"P0: {p0}\nP1: {p0}\nP2: {_P2_00}\nP3: {p0}\nTr: {_TR_00}\n")
+    Image.new("RGB", (1241, 376)).save(seq / "image_2" / "000000.png")
+    (scan,) = SemanticKITTIReader(tmp_path).scans("0")
+    (camera,) = scan.cameras
+    assert (camera.width, camera.height) == (1241, 376)
+    homogeneous = np.concatenate([xyz, np.ones((3, 1))], 1).T  # (4, 3)
+    p2 = np.array(_P2_00.split(), float).reshape(3, 4)
+    tr = np.vstack([np.array(_TR_00.split(), float).reshape(3, 4), [0, 0, 0, 1]])
+    uvw = p2 @ tr @ homogeneous
+    expected = (uvw[:2] / uvw[2]).T  # (3, 2) devkit pixels
+    in_camera = np.linalg.inv(camera.sensor_to_ego) @ homogeneous  # lidar = ego here
+    ours = camera.intrinsic @ in_camera[:3]
+    np.testing.assert_allclose((ours[:2] / ours[2]).T, expected, atol=1e-6)
+    assert (uvw[2] > 0).all() and (expected[:, 0] > 0).all() and (expected[:, 0] < 1241).all()
