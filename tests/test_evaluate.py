@@ -103,6 +103,44 @@ def test_point_drop_jitter_fog_cross_sensor():
     np.testing.assert_array_equal(cs.points, points[cs.index])
 
 
+# docs/evaluation.md's table: the parameter of each corruption at severity 1 / 2 / 3
+DOCUMENTED_SEVERITIES = {
+    "beam_missing": (0.25, 0.5, 0.75),
+    "fewer_beams": (2, 3, 4),
+    "cross_sensor": ((2, 0.25), (2, 0.5), (4, 0.5)),
+    "point_drop": (0.25, 0.5, 0.75),
+    "jitter": (0.04, 0.08, 0.12),
+    "fog": (0.005, 0.01, 0.02),
+}
+
+
+@pytest.mark.parametrize("severity", [1, 2, 3])
+@pytest.mark.parametrize("name", sorted(DOCUMENTED_SEVERITIES))
+def test_each_severity_applies_its_documented_parameter(name, severity):
+    assert sorted(CORRUPTIONS) == sorted(DOCUMENTED_SEVERITIES)
+    param = DOCUMENTED_SEVERITIES[name][severity - 1]
+    points, ring = _ring_cloud(n_beams=12, per_beam=400)
+    out = corrupt(name, points, severity, seed=3, beam=ring)
+    beams_left = set(np.unique(ring[out.index]).tolist())
+    share = len(out.index) / len(points)
+    if name == "beam_missing":
+        assert len(beams_left) == 12 - round(12 * param)
+        assert share == pytest.approx(len(beams_left) / 12)  # whole beams
+    elif name in ("fewer_beams", "cross_sensor"):
+        k, dropped = (param, 0.0) if name == "fewer_beams" else param
+        assert beams_left == {b for b in range(12) if b % k == 0}
+        assert share == pytest.approx(len(beams_left) / 12 * (1 - dropped), abs=0.02)
+    elif name == "point_drop":
+        assert share == pytest.approx(1 - param, abs=0.03)
+    elif name == "jitter":
+        assert share == 1.0
+        assert np.std(out.points[:, :3] - points[:, :3]) == pytest.approx(param, rel=0.05)
+    else:  # fog
+        r = np.linalg.norm(points[out.index, :3].astype(np.float64), axis=1)
+        ratio = out.points[:, 3] / points[out.index, 3]
+        np.testing.assert_allclose(ratio, np.exp(-2 * param * r), rtol=1e-5)
+
+
 @pytest.mark.parametrize("name", sorted(CORRUPTIONS))
 def test_every_corruption_is_deterministic_and_monotone(name):
     points, _ = _ring_cloud(per_beam=400)
