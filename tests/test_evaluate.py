@@ -218,6 +218,13 @@ def test_select_subset_deterministic_nested_and_nonempty():
     assert select_subset(tokens, 0.05, seed=1) != five
     assert select_subset(tokens[:10], 0.01) and len(select_subset(tokens[:10], 0.01)) == 1
     assert select_subset(tokens, 1.0) == tokens
+    # round(fraction * n), not its floor: 1.9 → 2 scans, 0.7 → 1, 4.75 → 5
+    assert [len(select_subset(tokens[:n], f)) for n, f in ((19, 0.1), (70, 0.01), (19, 0.25))] == [
+        2,
+        1,
+        5,
+    ]
+    assert set(select_subset(tokens[:19], 0.1)) <= set(select_subset(tokens[:19], 0.25))
     with pytest.raises(ValueError):
         select_subset(tokens, 0.0)
 
