@@ -99,3 +99,20 @@ def test_student_backward_reaches_the_stem_and_widths_differ() -> None:
 def test_unknown_backbone_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown backbone 'big'"):
         StudentConfig(backbone="big")
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_linear_head_is_affine_mlp_head_is_not(kind: str) -> None:
+    """The "linear" ablation head is one affine map C -> D (f(a x + (1 - a) y) equals
+    a f(x) + (1 - a) f(y), C * D + D parameters); the method's MLP head is not affine."""
+    from trainer.heads import build_head
+
+    torch.manual_seed(0)
+    head = build_head(kind, 8, 5, hidden=16)
+    x, y = torch.randn(64, 8), torch.randn(64, 8)
+    with torch.no_grad():
+        fx, fy, fm = head(x), head(y), head(0.3 * x + 0.7 * y)
+    assert fx.shape == (64, 5)
+    affine = torch.allclose(fm, 0.3 * fx + 0.7 * fy, atol=1e-5)
+    n_params = sum(p.numel() for p in head.parameters())
+    assert affine == (kind == "linear") and (n_params == 8 * 5 + 5) == (kind == "linear")
