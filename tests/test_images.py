@@ -114,3 +114,11 @@ def test_device_decode_names_a_broken_jpeg(synthetic_nuscenes, tmp_path: Path) -
     assert good.shape == ref.shape and (good.cpu().int() - ref.int()).abs().float().mean() < 2
     with pytest.raises(DataError, match="broken.jpg: cannot decode image"):
         decode_on_device(cameras, [read_encoded(c) for c in cameras], "cuda")
+
+
+def test_resize_of_an_image_sized_the_other_way_round() -> None:
+    """An image of (W, H) pixels, the target size transposed, is resized to (H, W) all the
+    same; an image already of the target size is returned as it is."""
+    x = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (1, 3, 98, 56), np.uint8))
+    assert resize_uint8(x, (56, 98)).shape == (1, 3, 56, 98)
+    assert resize_uint8(x, (98, 56)) is x
