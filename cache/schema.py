@@ -485,3 +485,8 @@ class ScanTargets:
     camera: np.ndarray  # (N,) int8, -1 = unpaired
     uv: np.ndarray  # (N, 2) float32 pixel coords in the original image
     label: np.ndarray  # (N,) uint8, 255 = ignore/unlabelled
+
+    @property
+    def paired(self) -> np.ndarray:
+        """(N,) bool: the points a camera saw (their `target` rows are the teacher's)."""
+        return self.camera != UNPAIRED

@@ -19,10 +19,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy.ndimage import minimum_filter
 
+from cache.schema import UNPAIRED
 from pipeline.datasets.records import CameraFrame, Scan
 from pipeline.geometry import invert_rigid, project_pinhole, transform_points
-
-UNPAIRED = -1  # camera index of a point seen by no camera
 
 
 @dataclass(frozen=True)

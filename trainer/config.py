@@ -8,6 +8,7 @@ saved to RUN_DIR/config.yaml under the key ``config``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import typing
 from dataclasses import dataclass
@@ -175,6 +176,46 @@ RESUMABLE_CHANGES = (
     "data",
     "out",
 )
+
+
+ABSENT = "<absent>"
+"""The value `config_changes` gives a key that one side lacks."""
+
+
+def config_changes(
+    saved: dict[str, Any],
+    wanted: dict[str, Any],
+    only: tuple[str, ...] | None = None,
+    ignore: tuple[str, ...] = (),
+) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, saved value, wanted value)`` for every key whose values differ, compared in
+    their JSON form (paths as strings, tuples as lists; nested dicts by dotted key, e.g.
+    ``data.dataset``). ``only``: the keys compared (default: every key of either side);
+    ``ignore``: top-level keys left out. A key one side lacks has the value `ABSENT`.
+
+    The one rule for "was this made with the settings asked now?": resume (`trainer.loop`),
+    ablate's stale folders and robustness baselines use it."""
+    saved, wanted = _flat(_plain(saved)), _flat(_plain(wanted))
+    keys = only if only is not None else tuple(dict.fromkeys([*saved, *wanted]))
+    return [
+        (k, saved.get(k, ABSENT), wanted.get(k, ABSENT))
+        for k in keys
+        if k.split(".")[0] not in ignore and saved.get(k, ABSENT) != wanted.get(k, ABSENT)
+    ]
+
+
+def _plain(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 class _YamlLoader(yaml.SafeLoader):

@@ -114,14 +114,17 @@ def usable_scans(reader: CacheReader, cfg: TrainConfig) -> tuple[list[int], list
     return keep, problems
 
 
-def augment(xyz: np.ndarray, cfg: TrainConfig, rng: np.random.Generator) -> np.ndarray:
-    """(N, 3) points rotated about z, flipped in x and/or y, scaled; the sensor stays at the
-    origin (rays keep their meaning)."""
+def augment(
+    xyz: np.ndarray, scale_range: tuple[float, float], rng: np.random.Generator
+) -> np.ndarray:
+    """(N, 3) points rotated about z, flipped in x and/or y, scaled by a factor drawn from
+    ``scale_range``; the sensor stays at the origin (rays keep their meaning). Fine-tuning uses
+    it too."""
     angle = rng.uniform(0.0, 2.0 * np.pi)
     c, s = np.cos(angle), np.sin(angle)
     rot = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
     flip = np.diag([rng.choice([-1.0, 1.0]), rng.choice([-1.0, 1.0]), 1.0])
-    scale = rng.uniform(*cfg.scale_range)
+    scale = rng.uniform(*scale_range)
     return (xyz.astype(np.float64) @ (rot @ flip).T * scale).astype(np.float32)
 
 
@@ -150,7 +153,7 @@ class ScanDataset(Dataset):
         xyz = scan.points[:, :3]  # (N, 3)
         # 2. augment the points; the per-point targets need nothing (they are rows of the points)
         if cfg.augment:
-            xyz = augment(xyz, cfg, rng)
+            xyz = augment(xyz, cfg.scale_range, rng)
         voxels = voxel_coordinates(xyz, cfg.voxel_size).numpy()  # (N, 3) int32
         # 3. occupancy: drop random blocks from the input; targets from the full scan
         keep = np.ones(len(xyz), bool)
@@ -169,7 +172,7 @@ class ScanDataset(Dataset):
             "coords": voxels[keep],  # (n, 3) int32
             "feats": feats,  # (n, C_in) float32
             "target": scan.target[keep],  # (n, D) float16
-            "paired": scan.camera[keep] >= 0,  # (n,) bool
+            "paired": scan.paired[keep],  # (n,) bool
             "occ_cells": (cells * cfg.occupancy_stride).astype(np.int32),  # (M, 3) voxel units
             "occ_labels": labels,  # (M,) float32
             "epoch": epoch,

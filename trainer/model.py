@@ -166,9 +166,7 @@ class MinkUNet(nn.Module):
 
 
 def build_student(cfg: StudentConfig) -> MinkUNet:
-    """The student backbone for ``cfg`` (any object with ``backbone`` and ``voxel_size``)."""
-    if not isinstance(cfg, StudentConfig):
-        cfg = StudentConfig(backbone=cfg.backbone, voxel_size=cfg.voxel_size)
+    """The student backbone for ``cfg``."""
     return MinkUNet(cfg)
 
 

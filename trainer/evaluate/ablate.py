@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from trainer.config import config_changes
+
 FORBIDDEN_MODULES = ("pipeline.teacher", "pipeline.extract")
 
 
@@ -180,35 +182,13 @@ def last_epoch_distill(run_dir: Path) -> float:
     return float(np.mean([line["distill"] for line in lines if line["epoch"] > last - 1]))
 
 
-_ABSENT = "<absent>"
 PROBE_FREE_KEYS = ("checkpoint", "device", "out")  # where and on what it ran, not what it did
-
-
-def _plain(obj: Any) -> Any:
-    """JSON-able form (paths as strings, tuples as lists), as the result files hold it."""
-    return json.loads(json.dumps(obj, default=str))
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def differing_keys(saved: dict[str, Any], wanted: dict[str, Any], ignore: tuple = ()) -> list[str]:
     """``"key (saved -> wanted)"`` for every (dotted) key whose values differ, ``ignore`` left out
     (a top-level key ignores its nested keys too)."""
-    saved, wanted = _flat(_plain(saved)), _flat(_plain(wanted))
-    keys = [k for k in dict.fromkeys([*wanted, *saved]) if k.split(".")[0] not in ignore]
-    return [
-        f"{k} ({saved.get(k, _ABSENT)!r} -> {wanted.get(k, _ABSENT)!r})"
-        for k in keys
-        if saved.get(k, _ABSENT) != wanted.get(k, _ABSENT)
-    ]
+    return [f"{k} ({a!r} -> {b!r})" for k, a, b in config_changes(saved, wanted, ignore=ignore)]
 
 
 def stale_results(

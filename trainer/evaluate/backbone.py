@@ -1,7 +1,9 @@
 """What every protocol shares: the evaluation data (reader, splits) and the backbone's features.
 
-This is the one module of ``trainer/evaluate`` that talks to the student model (``trainer.model``)
-and its input pipeline (``trainer.data``); the protocols see only ``point_features``.
+This is the one module of ``trainer/evaluate`` that talks to the student model (``trainer.model``):
+the protocols load it with ``load_model`` (or ``load_projection_head``), take features with
+``scan_features`` (one scan, eval mode) or ``forward_points`` (a batch, with grad), and record
+which checkpoint they measured with ``checkpoint_record``.
 """
 
 from __future__ import annotations
@@ -92,8 +94,8 @@ INTENSITY_SCALE = {"nuscenes": 1.0 / 255.0, "semantickitti": 1.0}
 
 def load_model(
     checkpoint: str, like: Path | str | None, device: str, seed: int = 0, dataset: str = "nuscenes"
-) -> tuple[torch.nn.Module, Any]:
-    """(backbone in eval mode on ``device``, its StudentConfig).
+) -> torch.nn.Module:
+    """The backbone in eval mode on ``device``; its StudentConfig is ``model.cfg``.
 
     ``checkpoint`` is a run folder, or "none" for a random-initialised backbone (seeded) with the
     architecture of ``like``: a run folder, or an architecture name ("minkunet34", "tiny");
@@ -123,7 +125,7 @@ def load_model(
         model = build_student(cfg).to(device).eval()
     cfg = dataclasses.replace(cfg, intensity_scale=INTENSITY_SCALE[dataset])
     model.cfg = cfg
-    return model, cfg
+    return model
 
 
 def checkpoint_record(checkpoint: str) -> dict[str, Any]:
@@ -152,19 +154,17 @@ def checkpoint_record(checkpoint: str) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def point_features(
-    model: torch.nn.Module, model_cfg: Any, points: np.ndarray, device: str
-) -> torch.Tensor:
+def scan_features(model: torch.nn.Module, points: np.ndarray, device: str) -> torch.Tensor:
     """(N, D) float32 backbone features of every input point (eval mode, no grad)."""
     from trainer.model import point_features as student_point_features
 
     if model.training:
-        raise RuntimeError("point_features needs the backbone in eval mode (frozen BN statistics)")
+        raise RuntimeError("scan_features needs the backbone in eval mode (frozen BN statistics)")
     return student_point_features(model, [points], device)[0].float()
 
 
 def forward_points(
-    model: torch.nn.Module, model_cfg: Any, batch: list[np.ndarray], device: str
+    model: torch.nn.Module, batch: list[np.ndarray], device: str
 ) -> list[torch.Tensor]:
     """Per-scan (N_i, D) features of a batch of clouds, with grad (fine-tuning)."""
     from trainer.model import point_features as student_point_features

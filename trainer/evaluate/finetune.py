@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from trainer.data import augment as augment_xyz
 from trainer.evaluate.backbone import (
     EvalData,
     checkpoint_record,
@@ -32,8 +33,6 @@ from trainer.evaluate.backbone import (
 from trainer.evaluate.linear_probe import evaluate_head, results_dict, write_json_atomic
 from trainer.evaluate.metrics import IGNORE_INDEX, iou_per_class, iou_table
 from trainer.evaluate.probe import MaskClasses
-
-FRACTIONS = (0.01, 0.05, 0.10, 0.25, 1.0)  # the documented protocol: 1, 5, 10, 25, 100 %
 
 
 def select_subset(tokens: list[str], fraction: float, seed: int = 0) -> list[str]:
@@ -83,15 +82,10 @@ def write_subset(path: Path, tokens: list[str]) -> Path:
 
 
 def augment(points: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Random rotation about z, random x/y flips, random scale in [0.95, 1.05]; (N, 4) → (N, 4)."""
-    angle = rng.uniform(0, 2 * np.pi)
-    c, s = np.cos(angle), np.sin(angle)
-    rot = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
-    flip = np.diag([rng.choice([-1.0, 1.0]), rng.choice([-1.0, 1.0]), 1.0])
+    """(N, 4) → (N, 4): the training augmentation (`trainer.data.augment`: rotation about z,
+    x/y flips) with a scale in [0.95, 1.05]; intensities unchanged."""
     out = points.copy()
-    out[:, :3] = (
-        points[:, :3].astype(np.float64) @ (rot @ flip).T * rng.uniform(0.95, 1.05)
-    ).astype(np.float32)
+    out[:, :3] = augment_xyz(points[:, :3], (0.95, 1.05), rng)
     return out
 
 
@@ -154,7 +148,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     """Fine-tune, evaluate on val; writes ``finetune.json`` and ``subset.txt`` into the output."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    model, model_cfg = load_model(cfg.checkpoint, cfg.like, cfg.device, cfg.seed, cfg.data.dataset)
+    model = load_model(cfg.checkpoint, cfg.like, cfg.device, cfg.seed, cfg.data.dataset)
     trained = checkpoint_record(cfg.checkpoint)  # warns on an unfinished run
     reader = open_reader(cfg.data)
     names = list(reader.class_names)
@@ -195,9 +189,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         for start in range(0, len(order), cfg.batch_scans):
             scans = [subset[i] for i in order[start : start + cfg.batch_scans]]
             batch = [(reader.load_points(s), reader.load_labels(s)) for s in scans]
-            feats = forward_points(
-                model, model_cfg, [augment(p, rng) for p, _ in batch], cfg.device
-            )
+            feats = forward_points(model, [augment(p, rng) for p, _ in batch], cfg.device)
             logits = head(torch.cat(feats))  # (N, C)
             target = torch.from_numpy(np.concatenate([y for _, y in batch]).astype(np.int64))
             loss = torch.nn.functional.cross_entropy(
@@ -214,7 +206,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     model.eval()
     head.eval()
     val = cfg.data.val_scans(reader)
-    conf = evaluate_head(model, model_cfg, head, reader, val, len(names), cfg.device)
+    conf = evaluate_head(model, head, reader, val, len(names), cfg.device)
     result = results_dict(
         conf,
         names,

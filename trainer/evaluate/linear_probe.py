@@ -24,7 +24,7 @@ from trainer.evaluate.backbone import (
     checkpoint_record,
     load_model,
     open_reader,
-    point_features,
+    scan_features,
 )
 from trainer.evaluate.metrics import iou_per_class, iou_table, mean_iou
 from trainer.evaluate.probe import ProbeConfig, fit_linear_probe, probe_confusion
@@ -62,14 +62,14 @@ class LinearProbeConfig:
 
 
 def train_features(
-    model: torch.nn.Module, model_cfg: Any, reader: Any, scans: list, cfg: LinearProbeConfig
+    model: torch.nn.Module, reader: Any, scans: list, cfg: LinearProbeConfig
 ) -> tuple[list[torch.Tensor], list[np.ndarray]]:
     """Features (float16, CPU) and labels of the training scans, subsampled per scan."""
     rng = np.random.default_rng(cfg.seed)
     feats, labels = [], []
     for scan in tqdm(scans, desc="features (train)", unit="scan"):
         points, y = reader.load_points(scan), reader.load_labels(scan)
-        f = point_features(model, model_cfg, points, cfg.device)  # (N, D)
+        f = scan_features(model, points, cfg.device)  # (N, D)
         if cfg.points_per_scan is not None and len(y) > cfg.points_per_scan:
             keep = np.sort(rng.choice(len(y), cfg.points_per_scan, replace=False))
             f, y = f[torch.from_numpy(keep)], y[keep]
@@ -80,7 +80,6 @@ def train_features(
 
 def evaluate_head(
     model: torch.nn.Module,
-    model_cfg: Any,
     head: torch.nn.Module,
     reader: Any,
     scans: list,
@@ -91,7 +90,7 @@ def evaluate_head(
     """(C, C) confusion matrix of backbone + head over ``scans``."""
     conf = np.zeros((num_classes, num_classes), dtype=np.int64)
     for scan in tqdm(scans, desc=desc, unit="scan"):
-        f = point_features(model, model_cfg, reader.load_points(scan), device)
+        f = scan_features(model, reader.load_points(scan), device)
         conf += probe_confusion(head, f, reader.load_labels(scan), num_classes)
     return conf
 
@@ -121,14 +120,14 @@ def write_json_atomic(path: Path, obj: Any) -> Path:
 def run_linear_probe(cfg: LinearProbeConfig) -> dict:
     """Run the protocol; writes ``<out>/linear_probe.json`` and returns its content."""
     torch.manual_seed(cfg.seed)
-    model, model_cfg = load_model(cfg.checkpoint, cfg.like, cfg.device, cfg.seed, cfg.data.dataset)
+    model = load_model(cfg.checkpoint, cfg.like, cfg.device, cfg.seed, cfg.data.dataset)
     trained = checkpoint_record(cfg.checkpoint)  # warns on an unfinished run
     reader = open_reader(cfg.data)
     names = list(reader.class_names)
     train_scans, val_scans = cfg.data.train_scans(reader), cfg.data.val_scans(reader)
-    feats, labels = train_features(model, model_cfg, reader, train_scans, cfg)
+    feats, labels = train_features(model, reader, train_scans, cfg)
     head = fit_linear_probe(feats, labels, len(names), cfg.probe, cfg.device)
-    conf = evaluate_head(model, model_cfg, head, reader, val_scans, len(names), cfg.device)
+    conf = evaluate_head(model, head, reader, val_scans, len(names), cfg.device)
     result = results_dict(
         conf,
         names,

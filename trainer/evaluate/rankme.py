@@ -20,7 +20,7 @@ from trainer.evaluate.backbone import (
     checkpoint_record,
     load_model,
     open_reader,
-    point_features,
+    scan_features,
 )
 from trainer.evaluate.linear_probe import write_json_atomic
 from trainer.evaluate.metrics import rankme
@@ -60,10 +60,8 @@ class RankMeConfig:
 
 
 def paired_targets(scan) -> np.ndarray:
-    """(P, D) teacher targets of the paired points (camera >= 0), in point order."""
-    paired = np.asarray(scan.camera) >= 0
-    target = np.asarray(scan.target)
-    return target[paired] if len(target) == len(paired) else target
+    """(P, D) teacher targets of the paired points, in point order."""
+    return np.asarray(scan.target)[scan.paired]
 
 
 def _evenly(n: int, k: int) -> list[int]:
@@ -72,7 +70,7 @@ def _evenly(n: int, k: int) -> list[int]:
 
 def run_rankme(cfg: RankMeConfig) -> dict:
     """Compute the RankMe numbers; writes ``<out>/rankme.json`` and returns its content."""
-    model, model_cfg = load_model(
+    model = load_model(
         cfg.checkpoint, cfg.like, cfg.device, cfg.seed, cfg.data.dataset if cfg.data else "nuscenes"
     )
     trained = checkpoint_record(cfg.checkpoint)  # warns on an unfinished run
@@ -86,10 +84,10 @@ def run_rankme(cfg: RankMeConfig) -> dict:
         per_scan = max(1, cfg.max_points // len(indices))
         for i in tqdm(indices, desc="rankme (cache)", unit="scan"):
             scan = cache.read_scan(i)
-            f = point_features(model, model_cfg, np.asarray(scan.points), cfg.device)  # (N, D)
+            f = scan_features(model, np.asarray(scan.points), cfg.device)  # (N, D)
             take = rng.choice(len(f), min(per_scan, len(f)), replace=False)
             student.append(f[torch.from_numpy(take)])
-            paired = np.flatnonzero(np.asarray(scan.camera) >= 0)
+            paired = np.flatnonzero(scan.paired)
             if len(paired):
                 target = paired_targets(scan)  # (P, D_t), rows in the order of ``paired``
                 rows = np.sort(rng.choice(len(paired), min(per_scan, len(paired)), replace=False))
@@ -102,7 +100,7 @@ def run_rankme(cfg: RankMeConfig) -> dict:
         scans = [scans[i] for i in _evenly(len(scans), cfg.max_scans)]
         per_scan = max(1, cfg.max_points // len(scans))
         for scan in tqdm(scans, desc="rankme", unit="scan"):
-            f = point_features(model, model_cfg, reader.load_points(scan), cfg.device)
+            f = scan_features(model, reader.load_points(scan), cfg.device)
             take = rng.choice(len(f), min(per_scan, len(f)), replace=False)
             student.append(f[torch.from_numpy(take)])
         source = f"{cfg.data.root} ({cfg.data.val_split})"

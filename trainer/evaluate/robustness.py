@@ -29,12 +29,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from trainer.config import config_changes
 from trainer.evaluate.backbone import (
     EvalData,
     checkpoint_record,
     load_model,
     open_reader,
-    point_features,
+    scan_features,
 )
 from trainer.evaluate.corruptions import CORRUPTIONS, corrupt
 from trainer.evaluate.linear_probe import (
@@ -98,7 +99,7 @@ def ring_ids(dataset: str, scan, points: np.ndarray, beams: int) -> np.ndarray |
     from pipeline.datasets.nuscenes import POINT_DIMS
 
     raw = np.fromfile(scan.lidar_path, dtype=np.float32).reshape(-1, POINT_DIMS)
-    if POINT_DIMS < 5 or len(raw) != len(points):
+    if len(raw) != len(points):
         return None
     ring = raw[:, 4].astype(np.int64)
     valid = ring.min() >= 0 and ring.max() < beams and len(np.unique(ring)) > 1
@@ -141,11 +142,9 @@ def load_baseline(cfg: RobustnessConfig) -> dict | None:
         )
     # CE divides by the baseline's errors: both must be measured on the same corrupted scans
     saved = baseline.get("config") or {}
-    asked = json.loads(json.dumps(asdict(cfg), default=str))
     differing = [
-        f"{name} ({_field(saved, name)!r} in the baseline, {_field(asked, name)!r} here)"
-        for name in BASELINE_FIELDS
-        if _field(saved, name) != _field(asked, name)
+        f"{name} ({theirs!r} in the baseline, {ours!r} here)"
+        for name, theirs, ours in config_changes(saved, asdict(cfg), only=BASELINE_FIELDS)
     ]
     if saved and differing:
         raise ValueError(
@@ -160,12 +159,6 @@ BASELINE_FIELDS = (
     "data.dataset", "data.version", "data.val_split", "data.max_val_scans", "beams", "seed",
 )  # fmt: skip
 """Settings that define the corrupted val scans: a baseline must share them (load_baseline)."""
-
-
-def _field(config: dict, dotted: str) -> object:
-    for part in dotted.split("."):
-        config = config.get(part) if isinstance(config, dict) else None
-    return config
 
 
 def summarise(results: dict[str, dict], clean: float, baseline: dict | None) -> dict:
@@ -204,7 +197,7 @@ def run_robustness(cfg: RobustnessConfig) -> dict:
     """Run the protocol; writes ``<out>/robustness.json`` and returns its content."""
     baseline = load_baseline(cfg)
     torch.manual_seed(cfg.seed)
-    model, model_cfg = load_model(cfg.checkpoint, cfg.like, cfg.device, cfg.seed, cfg.data.dataset)
+    model = load_model(cfg.checkpoint, cfg.like, cfg.device, cfg.seed, cfg.data.dataset)
     trained = checkpoint_record(cfg.checkpoint)  # warns on an unfinished run
     reader = open_reader(cfg.data)
     names = list(reader.class_names)
@@ -214,12 +207,10 @@ def run_robustness(cfg: RobustnessConfig) -> dict:
         checkpoint=cfg.checkpoint, data=cfg.data, out=cfg.out_dir(), probe=cfg.probe,
         points_per_scan=cfg.points_per_scan, device=cfg.device, seed=cfg.seed,
     )  # fmt: skip
-    feats, labels = train_features(
-        model, model_cfg, reader, cfg.data.train_scans(reader), probe_cfg
-    )
+    feats, labels = train_features(model, reader, cfg.data.train_scans(reader), probe_cfg)
     head = fit_linear_probe(feats, labels, c, cfg.probe, cfg.device)
     val_scans = cfg.data.val_scans(reader)
-    clean_conf = evaluate_head(model, model_cfg, head, reader, val_scans, c, cfg.device)
+    clean_conf = evaluate_head(model, head, reader, val_scans, c, cfg.device)
     keys = [f"{name}@{s}" for name in cfg.corruptions for s in cfg.severities]
     confs = {k: np.zeros((c, c), dtype=np.int64) for k in keys}
     kept = dict.fromkeys(keys, 0)
@@ -237,7 +228,7 @@ def run_robustness(cfg: RobustnessConfig) -> dict:
                 kept[key] += len(out.index)
                 if len(out.index) == 0:  # nothing left to classify: the scan adds nothing to the
                     continue  # confusion matrix (its points are not counted as missed)
-                f = point_features(model, model_cfg, out.points, cfg.device)
+                f = scan_features(model, out.points, cfg.device)
                 confs[key] += probe_confusion(head, f, y[out.index], c)
     clean = mean_iou(clean_conf)
     results = {

@@ -169,7 +169,7 @@ def _find_scan_record(cfg: VisualizeConfig, token: str):
 def run_visualize(cfg: VisualizeConfig) -> list[Path]:
     """Draw the pictures of one scan; returns the PNG paths."""
     from cache.reader import open_cache
-    from trainer.evaluate.backbone import load_model, load_projection_head, point_features
+    from trainer.evaluate.backbone import load_model, load_projection_head, scan_features
     from trainer.evaluate.rankme import paired_targets
 
     cache = open_cache(cfg.cache)
@@ -183,15 +183,15 @@ def run_visualize(cfg: VisualizeConfig) -> list[Path]:
     points = np.asarray(scan.points)  # (N, 4)
     camera = np.asarray(scan.camera)  # (N,)
     uv = np.asarray(scan.uv)  # (N, 2)
-    paired = camera >= 0
+    paired = scan.paired
     if paired.sum() < 3:
         raise ValueError(
             f"scan {scan.token}: only {int(paired.sum())} paired points, nothing to draw"
         )
     target = paired_targets(scan).astype(np.float32)  # (P, D_t)
 
-    model, model_cfg = load_model(cfg.checkpoint, cfg.like, cfg.device, dataset=cfg.dataset)
-    feats = point_features(model, model_cfg, points, cfg.device)  # (N, D_s)
+    model = load_model(cfg.checkpoint, cfg.like, cfg.device, dataset=cfg.dataset)
+    feats = scan_features(model, points, cfg.device)  # (N, D_s)
     teacher_basis = fit_pca(target)
     teacher_rgb = np.tile(np.array(UNPAIRED_GREY), (len(points), 1))
     teacher_rgb[paired] = pca_rgb(target, teacher_basis)
