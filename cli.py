@@ -40,13 +40,13 @@ def make_synthetic_command(
         0, "--seed", help="Random seed; same arguments give byte-identical output."
     ),
     width: int = typer.Option(
-        640, "--width", help="Image width (nuScenes 1600; intrinsics scaled)."
+        None, "--width", help="Image width, default 640 (nuScenes 1600; intrinsics scaled). nuscenes only."
     ),
     height: int = typer.Option(
-        360, "--height", help="Image height (nuScenes 900; intrinsics scaled)."
+        None, "--height", help="Image height, default 360 (nuScenes 900; intrinsics scaled). nuscenes only."
     ),
     workers: int = typer.Option(
-        2, "--workers", help="Rendering processes (does not change the output)."
+        None, "--workers", help="Rendering processes, default 2 (does not change the output). nuscenes only."
     ),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace OUT if it exists and is not empty."
@@ -63,6 +63,11 @@ def make_synthetic_command(
         from pipeline.synthetic.semantickitti import SyntheticKittiConfig, kitti_sequences
         from pipeline.synthetic.semantickitti import write_synthetic_semantickitti as write_kitti
 
+        given = [f"--{n}" for n, v in (("width", width), ("height", height), ("workers", workers)) if v is not None]
+        if given:  # a LiDAR-only set, written in one process: these would be silently ignored
+            typer.echo(f"error: {', '.join(given)} apply to --format nuscenes only (SemanticKITTI "
+                       "is LiDAR only, written in one process)", err=True)  # fmt: skip
+            raise typer.Exit(2)
         kitti = SyntheticKittiConfig(
             sequences=kitti_sequences(scenes), frames_per_sequence=samples_per_scene, seed=seed
         )
@@ -81,15 +86,14 @@ def make_synthetic_command(
 
     start = time.perf_counter()
     try:
+        given = {"width": width, "height": height, "workers": workers}
         cfg = SyntheticConfig(
             out=out,
             scenes=scenes,
             samples_per_scene=samples_per_scene,
             seed=seed,
-            width=width,
-            height=height,
-            workers=workers,
             overwrite=overwrite,
+            **{k: v for k, v in given.items() if v is not None},  # the rest: the config's defaults
         )
         root = make_synthetic(cfg)
     except (ValueError, FileExistsError) as e:

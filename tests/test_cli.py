@@ -63,6 +63,7 @@ def test_bad_input_is_one_line_naming_it_not_a_traceback(
     a_file.write_text("x")
     full = tmp_path / "full"
     (full / "something").mkdir(parents=True)
+    kitti = ["make-synthetic", "--out", str(tmp_path / "k"), "--format", "semantickitti"]
     extract = ["extract-teacher", "--data", data, "--teacher", teacher, "--image-size", "28x28"]
     cases = [
         (["make-teacher", "--out", str(full)], 1, "not empty"),
@@ -84,6 +85,7 @@ def test_bad_input_is_one_line_naming_it_not_a_traceback(
             "a-file",
         ),
         (["bench", "size", "--image-size", "foo"], 2, "foo"),
+        ([*kitti, "--width", "64"], 2, "--width apply to --format nuscenes only"),
     ]
     runner = CliRunner()
     for args, code, words in cases:
@@ -92,4 +94,4 @@ def test_bad_input_is_one_line_naming_it_not_a_traceback(
         assert isinstance(result.exception, SystemExit), (args, result.exception)
         assert result.exit_code == code, (args, said)
         assert words in said and "Traceback" not in said, (args, said)
-    assert not (tmp_path / "c").exists() and not (tmp_path / "t").exists()
+    assert not any((tmp_path / name).exists() for name in ("c", "t", "k"))
