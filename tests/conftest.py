@@ -85,11 +85,12 @@ def _raycast_scan(rng, beams: int, azimuths: int, max_range: float = 30.0):
 def write_train_cache(
     root: Path, data: Path, *, scans: int = 8, dim: int = 16, split: str = "train",
     beams: int = 16, azimuths: int = 256, seed: int = 0, finalize: bool = True,
-    fingerprint: str | None = None,
+    fingerprint: str | None = None, nan_scans: tuple[int, ...] = (),
 ) -> Path:  # fmt: skip
     """A complete (or, finalize=False, incomplete) cache for the nuScenes metadata under ``data``:
     ray-cast scans, targets = fixed function of class and position (learnable), points with
-    x > 0 paired (camera 0), the others unpaired. ``fingerprint`` replaces the dataset's.
+    x > 0 paired (camera 0), the others unpaired. ``fingerprint`` replaces the dataset's; the
+    scans numbered in ``nan_scans`` get NaN targets (a cache a diverged teacher wrote).
     Returns the cache folder."""
     import numpy as np
 
@@ -111,9 +112,11 @@ def write_train_cache(
     rng = np.random.default_rng(seed)
     for u, unit_tokens in enumerate(units):
         parts: dict[str, list] = {k: [] for k in ("points", "target", "camera", "uv", "label")}
-        for _ in unit_tokens:
+        for k in range(len(unit_tokens)):
             pts, cls = _raycast_scan(rng, beams, azimuths)
             target = class_vec[cls] + 0.5 * np.tanh(pts[:, :3] / [10, 10, 2]) @ mix
+            if 4 * u + k in nan_scans:
+                target[:] = np.nan
             camera = np.where(pts[:, 0] > 0, 0, -1).astype(np.int8)
             parts["points"].append(pts)
             parts["target"].append(target.astype(np.float16))

@@ -211,6 +211,102 @@ def test_ddp_two_cpu_processes_keep_identical_parameters(train_cache, tmp_path) 
     assert init.keys() and all(torch.equal(init[k], a[f"head.{k}"]) for k in init)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_outcome(rank: int, world: int, port: int, cfg: TrainConfig, out: Path) -> None:
+    """One torchrun-like process: train, and write what it ended with to out/rank{rank}.json."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # fmt: skip
+    torch.set_num_threads(1)
+    try:
+        result = train(cfg)
+        outcome = {"steps": result.steps, "final_loss": result.final_loss}
+    except FloatingPointError as e:
+        outcome = {"error": str(e)}
+    (out / f"rank{rank}.json").write_text(json.dumps(outcome))
+
+
+def _spawn_ddp(cfg: TrainConfig, out: Path, world: int = 2) -> list[dict]:
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_outcome, args=(world, _free_port(), cfg, out), nprocs=world, join=True)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+@pytest.mark.slow
+def test_ddp_a_non_finite_loss_on_one_rank_stops_every_rank(train_cache, tmp_path) -> None:
+    """Scan 0 has NaN targets; it is in rank 1's second batch (8 scans, 2 processes x 2 scans).
+    Without clipping (grad norm 0) only the mean loss over the ranks shows it: every rank stops
+    at step 2 with the same line, and rank 0's checkpoint stays step 1's, finite."""
+    from conftest import write_train_cache
+
+    rank1 = RunBatchSampler(8, 2, 1, 0, rank=1, world=2).epoch_batches(0)
+    assert [i for _, i in rank1[1]] == [0, 7]
+    cache = write_train_cache(tmp_path / "cache", train_cache.data, nan_scans=(0,))
+    cfg = _cfg(
+        train_cache._replace(cache=cache), tmp_path / "run", epochs=1, grad_clip=0.0,
+        checkpoint_every=1, occupancy_weight=0.5,
+    )  # fmt: skip
+    outcomes = _spawn_ddp(cfg, tmp_path)
+    assert outcomes[0] == outcomes[1] and "error" in outcomes[0], outcomes
+    message = outcomes[0]["error"]
+    assert message.startswith("step 2 (epoch 1.00): the loss or its gradient is not finite")
+    assert "(loss nan, distill nan" in message and "mean over 2 processes" in message
+    assert f"{cfg.out / 'checkpoint.pt'} holds step 1, from before" in message
+    ckpt = torch.load(cfg.out / "checkpoint.pt", weights_only=False)
+    assert ckpt["step"] == 1 and np.isfinite(ckpt["loss"])
+    weights = [t for sd in ckpt["model"].values() if sd for t in sd.values()]
+    assert all(bool(torch.isfinite(t.float()).all()) for t in weights)
+    assert [r["step"] for r in _metrics(cfg.out)] == [1]
+    assert not (cfg.out / "summary.json").exists()
+
+
+def _first_step_losses(cfg: TrainConfig, scans: list[int]) -> tuple[float, float, float]:
+    """(loss, distill, occupancy) of the initial model on epoch 0's scans ``scans``, in train
+    mode (batch statistics), as the loop's first step computes them."""
+    from trainer.data import ScanDataset, collate, open_training_cache
+    from trainer.loop import DistillModel
+    from trainer.loss import distill_loss
+    from trainer.occupancy import occupancy_loss
+
+    reader = open_training_cache(cfg)
+    torch.manual_seed(cfg.seed)
+    model = DistillModel(cfg, reader.feature_dim).train()
+    batch = collate([ScanDataset(reader, cfg)[(0, i)] for i in scans])
+    paired = batch["paired"]
+    with torch.no_grad():
+        pred, logits = model(batch["coords"], batch["feats"], batch["queries"], paired)
+        distill = distill_loss(pred, batch["target"][paired], torch.ones_like(paired[paired]))
+        occupancy = occupancy_loss(logits, batch["occ_labels"])
+    d, o = float(distill), float(occupancy)
+    return d + cfg.occupancy_weight * o, d, o
+
+
+@pytest.mark.slow
+def test_ddp_metrics_and_summary_are_the_mean_over_ranks(train_cache, tmp_path) -> None:
+    """metrics.jsonl's loss terms (and summary.json's final loss) are the mean of the ranks'
+    losses, not rank 0's: step 1 checked against each rank's first batch computed by hand."""
+    cfg = _cfg(train_cache, tmp_path / "run", epochs=1, occupancy_weight=0.5)
+    outcomes = _spawn_ddp(cfg, tmp_path)
+    m = _metrics(cfg.out)
+    assert [r["step"] for r in m] == [1, 2]
+    first_batches = [RunBatchSampler(8, 2, 1, 0, r, 2).epoch_batches(0)[0] for r in (0, 1)]
+    by_rank = [_first_step_losses(cfg, [i for _, i in b]) for b in first_batches]
+    for k, name in enumerate(("loss", "distill", "occupancy")):
+        mean = (by_rank[0][k] + by_rank[1][k]) / 2
+        assert m[0][name] == pytest.approx(mean, rel=1e-5, abs=1e-6), name
+        assert abs(by_rank[0][k] - mean) > 1e-4, name  # rank 0's own value would fail the above
+    summary = json.loads((cfg.out / "summary.json").read_text())
+    assert summary["final_loss"] == m[-1]["loss"]
+    assert outcomes[0]["final_loss"] == outcomes[1]["final_loss"] == m[-1]["loss"]
+
+
 def test_train_never_imports_the_teacher(train_cache, tmp_path) -> None:
     from conftest import run_cli_without_teacher
 

@@ -337,7 +337,7 @@ def _train(cfg: TrainConfig, rt: distributed.Runtime) -> TrainResult:
     bar = tqdm(total=total, initial=step, disable=not (rt.is_main and cfg.progress), unit="step")
     metrics = open(metrics_path, "a") if rt.is_main else None
     timed_scans, timed_seconds, waited = 0, 0.0, 0.0
-    loss = torch.zeros(())
+    loss_value = float("nan")  # the last step's loss (mean over the processes)
     saved_step = step if cfg.resume else None  # the step RUN_DIR/checkpoint.pt holds
     model.train()
     batches = iter(loader)
@@ -374,20 +374,28 @@ def _train(cfg: TrainConfig, rt: distributed.Runtime) -> TrainResult:
             optimizer.step()
             step += 1
             # ---------------------------------------------------------------- log / checkpoint
-            loss_value = loss.item()  # (waits for the device: the step time below is complete)
+            terms = torch.stack([t.detach().float() for t in (loss, distill, occupancy)])  # (3,)
+            if rt.distributed:  # the mean over the processes: every one logs and judges the same
+                torch.distributed.all_reduce(terms)
+                terms /= rt.world
+            # (.tolist() waits for the device: the step time below is complete)
+            loss_value, distill_value, occupancy_value = terms.tolist()
             dt = time.perf_counter() - t0
             scans_per_s = batch["scans"] * rt.world / dt
             if step > sampler.start_step + 1:  # the first step pays worker start-up and warm-up
                 timed_scans += batch["scans"]
                 timed_seconds += dt
                 waited += t_data
-            # a non-finite loss (or gradient) stops the run before it is logged or checkpointed
+            # a non-finite loss (or gradient) stops the run before it is logged or checkpointed;
+            # under DDP every process sees the same mean (and gradient norm): all stop here
             if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
                 raise FloatingPointError(
                     f"step {step} (epoch {step / sampler.steps_per_epoch:.2f}): the loss or its gradient "
                     f"is not finite "
-                    f"(loss {loss_value}, distill {distill.item()}, occupancy {occupancy.item()}, "
-                    f"grad norm {grad_norm}); training stopped. "
+                    f"(loss {loss_value}, distill {distill_value}, occupancy {occupancy_value}, "
+                    f"grad norm {grad_norm}"
+                    + (f"; losses are the mean over {rt.world} processes" if rt.distributed else "")
+                    + "); training stopped. "
                     + (
                         f"{ckpt_path} holds step {saved_step}, from before. "
                         if saved_step is not None
@@ -403,8 +411,8 @@ def _train(cfg: TrainConfig, rt: distributed.Runtime) -> TrainResult:
                     "step": step,
                     "epoch": step / sampler.steps_per_epoch,
                     "loss": loss_value,
-                    "distill": distill.item(),
-                    "occupancy": occupancy.item(),
+                    "distill": distill_value,
+                    "occupancy": occupancy_value,
                     "lr": float(schedule[step - 1]),
                     "grad_norm": grad_norm,
                     "scans_per_s": scans_per_s,
@@ -412,26 +420,27 @@ def _train(cfg: TrainConfig, rt: distributed.Runtime) -> TrainResult:
                 }
                 metrics.write(json.dumps(line) + "\n")
                 metrics.flush()
-            if rt.is_main and (step % cfg.checkpoint_every == 0 or step == total):
-                state = {
-                    "model": {
-                        "backbone": model.backbone.state_dict(),
-                        "head": model.head.state_dict(),
-                        "occupancy": None
-                        if model.occupancy is None
-                        else model.occupancy.state_dict(),
-                    },
-                    "optimizer": optimizer.state_dict(),
-                    "step": step,
-                    "rng": _rng_state(),
-                    "config": cfg.to_dict(),
-                    "cache_digest": digest,
-                    "feature_dim": reader.feature_dim,
-                    "schedule": schedule_record,
-                    "loss": loss_value,
-                }
-                save_checkpoint(ckpt_path, state)
-                saved_step = step
+            if step % cfg.checkpoint_every == 0 or step == total:
+                if rt.is_main:
+                    state = {
+                        "model": {
+                            "backbone": model.backbone.state_dict(),
+                            "head": model.head.state_dict(),
+                            "occupancy": None
+                            if model.occupancy is None
+                            else model.occupancy.state_dict(),
+                        },
+                        "optimizer": optimizer.state_dict(),
+                        "step": step,
+                        "rng": _rng_state(),
+                        "config": cfg.to_dict(),
+                        "cache_digest": digest,
+                        "feature_dim": reader.feature_dim,
+                        "schedule": schedule_record,
+                        "loss": loss_value,
+                    }
+                    save_checkpoint(ckpt_path, state)
+                saved_step = step  # on every process: their messages name the same step
     except KeyboardInterrupt:  # Ctrl-C: say what is kept and how to go on
         if saved_step is None:
             kept = f"no checkpoint yet (the first is at step {min(cfg.checkpoint_every, total)})"
@@ -451,7 +460,7 @@ def _train(cfg: TrainConfig, rt: distributed.Runtime) -> TrainResult:
     result = TrainResult(
         run_dir=run_dir,
         steps=step,
-        final_loss=float(loss.item()),
+        final_loss=loss_value,
         scans_per_s=timed_scans * rt.world / timed_seconds if timed_seconds else float("nan"),
         data_wait_share=waited / timed_seconds if timed_seconds else float("nan"),
         model=model,
