@@ -49,6 +49,14 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, str(REPO / "cli.py"), "train", *args]
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("head", "occupancy_weight"), [("mlp", 0.5), ("mlp", 0.0), ("linear", 0.5), ("linear", 0.0)]
@@ -169,6 +177,38 @@ def test_ctrl_c_names_the_checkpoint_and_how_to_resume(train_cache, tmp_path) ->
     ), message
 
 
+@pytest.mark.slow
+def test_ctrl_c_under_torchrun_names_the_torchrun_command(train_cache, tmp_path) -> None:
+    """A run of 2 processes resumes only with 2 (a plain `python cli.py train --resume` is
+    refused): Ctrl-C under torchrun says so, on every rank, naming the same checkpoint step."""
+    run = tmp_path / "run"
+    args = [
+        "--cache", str(train_cache.cache), "--data", str(train_cache.data), "--out", str(run),
+        "--backbone", "tiny", "--batch-size", "2", "--epochs", "200", "--checkpoint-every", "2",
+        "--no-progress", "--threads", "1", "--workers", "0",
+    ]  # fmt: skip
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    proc = subprocess.Popen(
+        [*torchrun, "--master_port", str(_free_port()), str(REPO / "cli.py"), "train", *args],
+        cwd=REPO, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.time() + 240
+    while not (run / "checkpoint.pt").exists():
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        assert time.time() < deadline, "no checkpoint written"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C: torchrun and both ranks
+    proc.wait(timeout=120)
+    err = proc.stderr.read()
+    messages = [line for line in err.splitlines() if line.startswith("interrupted at")]
+    saved = torch.load(run / "checkpoint.pt", weights_only=False)["step"]
+    assert len(messages) == 2 and messages[0] == messages[1], err[-3000:]
+    assert saved < 400 and messages[0].endswith(
+        f"of 400: {run / 'checkpoint.pt'} holds step {saved}; go on with 2 processes in all, as "
+        f"this run: torchrun --nproc_per_node 2 cli.py train --out {run} --resume"
+    ), messages[0]
+
+
 def test_checkpoint_is_never_half_written(tmp_path) -> None:
     path = tmp_path / "checkpoint.pt"
     save_checkpoint(path, {"step": 1, "w": torch.arange(3)})
@@ -209,14 +249,6 @@ def test_ddp_two_cpu_processes_keep_identical_parameters(train_cache, tmp_path) 
     assert yaml.safe_load((cfg.out / "config.yaml").read_text())["world_size"] == 2
     init = torch.load(cfg.out / "checkpoint.pt", weights_only=False)["model"]["head"]
     assert init.keys() and all(torch.equal(init[k], a[f"head.{k}"]) for k in init)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ddp_outcome(rank: int, world: int, port: int, cfg: TrainConfig, out: Path) -> None:

@@ -444,9 +444,14 @@ def _train(cfg: TrainConfig, rt: distributed.Runtime) -> TrainResult:
     except KeyboardInterrupt:  # Ctrl-C: say what is kept and how to go on
         if saved_step is None:
             kept = f"no checkpoint yet (the first is at step {min(cfg.checkpoint_every, total)})"
-        else:
+        else:  # a run resumes only with its process count (`_check_schedule`)
+            how = (
+                f" {rt.world} processes in all, as this run: torchrun --nproc_per_node {rt.world}"
+                if rt.distributed
+                else ": python"
+            )
             kept = (
-                f"{ckpt_path} holds step {saved_step}; go on with: python cli.py train "
+                f"{ckpt_path} holds step {saved_step}; go on with{how} cli.py train "
                 f"--out {run_dir} --resume"
             )
         raise KeyboardInterrupt(f"interrupted at step {step} of {total}: {kept}") from None
