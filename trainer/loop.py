@@ -84,11 +84,11 @@ class DistillModel(nn.Module):
 
 @dataclass
 class TrainResult:
-    """What a run did (every process returns one; numbers are this process's)."""
+    """What a run did (every process returns one; the rates are timed by this process)."""
 
     run_dir: Path
     steps: int
-    final_loss: float
+    final_loss: float  # the last step's, mean over the processes
     scans_per_s: float  # all processes together, first step (warm-up) left out
     data_wait_share: float  # share of step time spent waiting for the next batch
     model: DistillModel
