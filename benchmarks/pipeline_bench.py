@@ -404,7 +404,7 @@ def _train_steps(readers: dict, train_cfg, steps: int) -> dict[str, tuple[float,
             t1 = time.perf_counter()
             paired = batch["paired"]
             pred, logits = model(batch["coords"], batch["feats"], batch["queries"], paired)
-            loss = distill_loss(pred, batch["target"][paired], torch.ones_like(paired[paired]))
+            loss = distill_loss(pred, batch["target"][paired])
             if logits is not None:
                 loss = loss + train_cfg.occupancy_weight * occupancy_loss(
                     logits, batch["occ_labels"]

@@ -314,7 +314,7 @@ def _first_step_losses(cfg: TrainConfig, scans: list[int]) -> tuple[float, float
     paired = batch["paired"]
     with torch.no_grad():
         pred, logits = model(batch["coords"], batch["feats"], batch["queries"], paired)
-        distill = distill_loss(pred, batch["target"][paired], torch.ones_like(paired[paired]))
+        distill = distill_loss(pred, batch["target"][paired])
         occupancy = occupancy_loss(logits, batch["occ_labels"])
     d, o = float(distill), float(occupancy)
     return d + cfg.occupancy_weight * o, d, o
@@ -596,7 +596,7 @@ def test_forward_backward_under_bfloat16_autocast_keeps_the_sparse_parts_float32
         pred, logits = model(coords, feats, queries, paired)
     assert pred.dtype == torch.bfloat16  # the head did run under autocast
     target = torch.randn(int(paired.sum()), 16)
-    loss = distill_loss(pred, target, torch.ones(len(target), dtype=torch.bool))
+    loss = distill_loss(pred, target)
     loss = loss + 0.5 * occupancy_loss(logits, labels)
     loss.backward()
     assert torch.isfinite(loss)

@@ -31,7 +31,7 @@ class TrainConfig:
     data: Path
     """nuScenes root the cache was extracted from: its fingerprint must match the cache key."""
     out: Path
-    """Run folder: config.yaml, metrics.jsonl, checkpoint.pt."""
+    """Run folder: config.yaml, metrics.jsonl, checkpoint.pt, summary.json (when finished)."""
     version: str | None = None
     """nuScenes version folder (v1.0-trainval, v1.0-mini, ...); None = the only one present."""
     split: str = "train"

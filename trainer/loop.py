@@ -2,8 +2,9 @@
 
 Read top to bottom: setup (cache check, model, optimiser, schedule, resume, data), then one plain
 loop in sections (batch, forward, loss, step, log/checkpoint). Outputs in RUN_DIR: config.yaml
-(resolved config, versions, git SHA, cache key), metrics.jsonl (one line per logged step) and
-checkpoint.pt (written atomically: temp file + os.replace).
+(resolved config, versions, git SHA, cache key), metrics.jsonl (one line per logged step),
+checkpoint.pt (written atomically: temp file + os.replace) and, once the last step is done,
+summary.json (what `ablate` and `bench` read).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from trainer import distributed
-from trainer.config import RESUMABLE_CHANGES, TrainConfig
+from trainer.config import RESUMABLE_CHANGES, TrainConfig, config_changes
 from trainer.data import (
     RunBatchSampler,
     ScanDataset,
@@ -223,14 +224,12 @@ def _restore(
     if not path.is_file():
         raise FileNotFoundError(f"{path}: --resume given but there is no checkpoint")
     state = torch.load(path, map_location="cpu", weights_only=False)
-    now = cfg.to_dict()
-    changed = [
-        k for k, v in state["config"].items() if k not in RESUMABLE_CHANGES and now.get(k) != v
-    ]
+    saved = state["config"]  # its own fields only: one added since is not a change
+    changed = config_changes(saved, cfg.to_dict(), only=tuple(saved), ignore=RESUMABLE_CHANGES)
     if changed:
         raise ValueError(
             f"{path}: cannot resume with a different config; changed field(s): "
-            + ", ".join(f"{k} ({state['config'][k]!r} -> {now.get(k)!r})" for k in changed)
+            + ", ".join(f"{k} ({old!r} -> {new!r})" for k, old, new in changed)
         )
     if state["cache_digest"] != digest:
         raise ValueError(f"{path}: was trained on cache {state['cache_digest']}, not {digest}")
@@ -360,7 +359,7 @@ def _train(cfg: TrainConfig, rt: distributed.Runtime) -> TrainResult:
                 )  # (P, D), (M,) | None
             # ---------------------------------------------------------------- loss
             target = batch["target"].to(dev)[paired]  # (P, D)
-            distill = distill_loss(pred, target, torch.ones_like(paired[paired]))
+            distill = distill_loss(pred, target)
             occupancy = torch.zeros((), device=dev)
             if logits is not None:
                 occupancy = occupancy_loss(logits, batch["occ_labels"].to(dev))

@@ -6,13 +6,18 @@ import torch
 import torch.nn.functional as F
 
 
-def distill_loss(pred: torch.Tensor, target: torch.Tensor, paired: torch.Tensor) -> torch.Tensor:
+def distill_loss(
+    pred: torch.Tensor, target: torch.Tensor, paired: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean over paired points of 1 − cos(pred_p, target_p).
 
-    pred (N, D) head outputs; target (N, D) teacher features (any float dtype); paired (N,) bool.
-    Unpaired points contribute nothing; with no paired point the loss is 0 (still differentiable,
-    zero gradient), never NaN. Computed in float32.
+    pred (N, D) head outputs; target (N, D) teacher features (any float dtype); paired (N,) bool,
+    default every row (the trainer predicts at the paired points only). Unpaired points
+    contribute nothing; with no paired point the loss is 0 (still differentiable, zero
+    gradient), never NaN. Computed in float32.
     """
+    if paired is None:
+        paired = torch.ones(len(pred), dtype=torch.bool, device=pred.device)
     if pred.shape != target.shape or paired.shape != pred.shape[:1]:
         raise ValueError(
             f"distill_loss: pred {tuple(pred.shape)}, target {tuple(target.shape)}, "
