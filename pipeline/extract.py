@@ -30,6 +30,7 @@ import re
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -461,6 +462,19 @@ def _prepare_workers(
         ) from e
 
 
+def _same(value: Any) -> Any:
+    return value
+
+
+def _shared(client: Any, value: Any) -> Any:
+    """A future holding ``value``, for every unit's task to take as an argument: it travels to
+    each worker once. A task's result, not scattered data: when the workers holding it die
+    (kill -9, pre-emption, the only worker of a cluster), the scheduler computes it again from
+    its task, where scattered data would be lost and every unit still to run would fail."""
+    name = type(value).__name__.lower()
+    return client.submit(_same, value, key=f"{name}-{uuid.uuid4().hex}", pure=False)
+
+
 def _read_batch(
     reader: NuScenesReader,
     scans: list[Scan],
@@ -740,7 +754,7 @@ def extract_teacher(cfg: ExtractConfig) -> ExtractSummary:
                 compute_at = time.time()
                 startup_s = t_compute - t_startup
                 # shared arguments travel to each worker once, not once per task
-                writer_f, reader_f = client.scatter([writer, reader], broadcast=True)
+                writer_f, reader_f = _shared(client, writer), _shared(client, reader)
                 futures = {
                     client.submit(
                         extract_unit,

@@ -470,3 +470,45 @@ def test_a_missing_teacher_is_named_not_a_traceback(serial, tmp_path: Path) -> N
     assert out.returncode == 1, out.stderr
     assert f"error: teacher '{tmp_path / 'no-teacher'}': no such folder" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_killing_the_only_worker_of_a_cluster_costs_its_unit_only(serial, tmp_path: Path) -> None:
+    """kill -9 of the one worker process of an existing cluster (--scheduler) after its first
+    unit: its nanny starts a new one, the run goes on there and finishes with every unit once,
+    the bytes of an uninterrupted run. (The cache writer and dataset reader the units share used
+    to be scattered: the cluster lost them with the worker and the run failed, "cancelled for
+    reason: already forgotten".)"""
+    import logging
+
+    from dask.distributed import Client, LocalCluster
+
+    cfg = replace(serial[0], image_size=(224, 392), scans_per_unit=1, cache_root=tmp_path / "a")
+    fresh = extract_teacher(replace(cfg, cache_root=tmp_path / "fresh"))
+    assert fresh.units_computed == 4
+    with (
+        LocalCluster(
+            n_workers=1,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=":0",
+            silence_logs=logging.CRITICAL,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        (pid,) = client.run(os.getpid).values()
+        proc = subprocess.Popen(
+            [*_cli(cfg), "--scheduler", cluster.scheduler_address],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        _wait_for("*/units/*.done", cfg.cache_root, proc)
+        done_at_kill = len(list(cfg.cache_root.glob("*/units/*.done")))
+        os.kill(pid, signal.SIGKILL)
+        output = proc.communicate(timeout=240)[0]
+        assert client.run(os.getpid) != {}  # the nanny's new worker process
+    assert 1 <= done_at_kill < 4, "the kill did not land inside the run"
+    assert proc.returncode == 0, output[-3000:]
+    assert "4 units computed, 0 skipped" in output, output[-3000:]
+    (path,) = cfg.cache_root.iterdir()
+    assert open_cache(path).verify(progress=False) == []
+    assert _markers(path) == _markers(fresh.cache_path)
