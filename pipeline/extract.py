@@ -462,6 +462,48 @@ def _prepare_workers(
         ) from e
 
 
+def _check_cluster(client: Any, address: str) -> None:
+    """Refuse an existing cluster whose scheduler or workers present now cannot import this
+    project, or import other code than this client (`environment.code_identity`, sent by
+    value): the scheduler unpickles every task, the workers run them by name, and a worker with
+    other code would write units of other bytes into this cache. Raises UnitFailedError naming
+    each such process and how to start them."""
+    import cloudpickle
+
+    from pipeline import environment
+
+    mine = environment.code_identity()
+    cloudpickle.register_pickle_by_value(environment)
+    try:
+        seen = {"scheduler": client.run_on_scheduler(environment.code_identity)}
+        for worker, theirs in client.run(environment.code_identity, on_error="return").items():
+            seen[f"worker {worker}"] = theirs
+    finally:
+        cloudpickle.unregister_pickle_by_value(environment)
+    problems = []
+    for who, theirs in seen.items():
+        if isinstance(theirs, BaseException):
+            problems.append(f"{who}: could not be asked ({type(theirs).__name__}: {theirs})")
+            continue
+        where = f"{who} (host {theirs['host']})"
+        missing = [name for name, folder in theirs["packages"].items() if folder is None]
+        if missing:
+            problems.append(f"{where}: cannot import {', '.join(missing)}")
+        elif theirs["sha256"] != mine["sha256"]:
+            folders = ", ".join(f"{n} from {f}" for n, f in theirs["packages"].items())
+            problems.append(f"{where}: other code ({folders}; source sha256 {theirs['sha256']})")
+    if problems:
+        ours = ", ".join(f"{n} from {f}" for n, f in mine["packages"].items())
+        repo = Path(mine["packages"]["pipeline"]).parent
+        raise UnitFailedError(
+            f"the Dask cluster at {address} does not run this code (this client: {ours}; "
+            f"source sha256 {mine['sha256']}):\n  "
+            + "\n  ".join(problems)
+            + f"\nStart `dask scheduler` and every `dask worker` with PYTHONPATH={repo} (this "
+            "checkout on shared storage, or the same code elsewhere; docs/scaling.md)"
+        )
+
+
 def _same(value: Any) -> Any:
     return value
 
@@ -749,6 +791,8 @@ def extract_teacher(cfg: ExtractConfig) -> ExtractSummary:
             with _client(cfg) as client, _keeping_torch_threads():
                 # a LocalCluster's workers all start now; a running cluster's may join later
                 client.wait_for_workers(1 if cfg.scheduler else cfg.n_workers)
+                if cfg.scheduler:  # a LocalCluster runs this process's code
+                    _check_cluster(client, cfg.scheduler)
                 _prepare_workers(client, teacher_cfg, cfg.batch_size, threads, cfg.image_decode)
                 t_compute = time.perf_counter()  # start-up is not throughput
                 compute_at = time.time()

@@ -512,3 +512,73 @@ def test_killing_the_only_worker_of_a_cluster_costs_its_unit_only(serial, tmp_pa
     (path,) = cfg.cache_root.iterdir()
     assert open_cache(path).verify(progress=False) == []
     assert _markers(path) == _markers(fresh.cache_path)
+
+
+def _dask(args: list[str], cwd: Path, pythonpath: Path | None, log: Path) -> subprocess.Popen:
+    """``dask ARGS`` started as a user would on a node: in ``cwd``, with ``pythonpath`` as its
+    PYTHONPATH (none: the project is not importable there), in a process group of its own."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if pythonpath is not None:
+        env["PYTHONPATH"] = str(pythonpath)
+    dask = Path(sys.executable).with_name("dask")
+    return subprocess.Popen(
+        [str(dask), *args], cwd=cwd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+
+
+def test_a_cluster_without_this_code_is_refused_naming_each_process(serial, tmp_path: Path) -> None:
+    """`dask scheduler` started without the project on its import path, one `dask worker`
+    running another copy of the code (one constant changed), one running this checkout: the run
+    stops before any unit, naming the scheduler (cannot import the packages) and the worker with
+    other code (its folder), not the good worker, and says how to start them. (It used to fail
+    blaming the teacher, "Error during deserialization of the task graph", and a worker with
+    other code wrote units of other bytes into the cache, unnoticed.)"""
+    import shutil
+
+    from dask.distributed import Client
+
+    from pipeline.extract import UnitFailedError
+
+    cfg, _ = serial
+    other = tmp_path / "other"
+    for package in ("pipeline", "cache"):
+        shutil.copytree(REPO / package, other / package, ignore=shutil.ignore_patterns("__py*"))
+    teacher_py = other / "pipeline" / "teacher.py"
+    source = teacher_py.read_text()
+    assert "IMAGENET_MEAN = (0.485," in source
+    teacher_py.write_text(source.replace("IMAGENET_MEAN = (0.485,", "IMAGENET_MEAN = (0.495,"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    file = tmp_path / "scheduler.json"
+    procs = [
+        _dask(["scheduler", "--port", "0", "--dashboard-address", ":0", "--scheduler-file",
+               str(file)], elsewhere, None, tmp_path / "scheduler.log"),
+    ]  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not file.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        address = json.loads(file.read_text())["address"]
+        for name, path in (("other", other), ("good", REPO)):
+            procs.append(
+                _dask(["worker", address, "--nworkers", "1", "--nthreads", "1", "--name", name,
+                       "--dashboard-address", ":0"], elsewhere, path, tmp_path / f"{name}.log")
+            )  # fmt: skip
+        with Client(address) as client:
+            client.wait_for_workers(2, timeout=60)
+            workers = {w["name"]: a for a, w in client.scheduler_info()["workers"].items()}
+        with pytest.raises(UnitFailedError) as error:
+            extract_teacher(replace(cfg, cache_root=tmp_path / "cache", scheduler=address))
+    finally:
+        for proc in procs:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    message = str(error.value)
+    assert f"the Dask cluster at {address} does not run this code" in message, message
+    assert "scheduler (host " in message and "cannot import pipeline, cache" in message, message
+    assert f"worker {workers['other']} (host " in message, message
+    assert f"pipeline from {other / 'pipeline'}" in message, message
+    assert workers["good"] not in message, message
+    assert f"PYTHONPATH={REPO}" in message, message
+    assert list(tmp_path.glob("cache/*/units/*")) == []  # no unit started
