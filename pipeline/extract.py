@@ -743,6 +743,15 @@ def _torch_threads(cfg: ExtractConfig) -> int:
     return max(1, cores // (cfg.n_workers * cfg.threads_per_worker))
 
 
+def _identity_config(teacher_cfg: TeacherConfig) -> TeacherConfig:
+    """The teacher this process loads for the cache key (identity, feature dim; no forward):
+    ``teacher_cfg`` itself, or on the CPU in float32 when it asks for CUDA and this process has
+    none (a client of an existing cluster whose workers have the GPUs: ``--scheduler``)."""
+    if torch.device(teacher_cfg.device).type != "cuda" or torch.cuda.is_available():
+        return teacher_cfg
+    return dataclasses.replace(teacher_cfg, device="cpu", dtype="float32")
+
+
 def extract_teacher(cfg: ExtractConfig) -> ExtractSummary:
     """Run stage one (see the module docstring); returns the run's summary."""
     from dask.distributed import as_completed
@@ -754,7 +763,8 @@ def extract_teacher(cfg: ExtractConfig) -> ExtractSummary:
     if not scans:
         raise ValueError(f"{reader.version_dir}: split {cfg.split!r} has no scans")
     teacher_cfg = cfg.teacher_config()
-    teacher = cached_teacher(teacher_cfg)  # validates model and image size before any Dask work
+    # validates model and image size before any Dask work
+    teacher = cached_teacher(_identity_config(teacher_cfg))
     # "auto" resolved once, here: the meta records what ran
     cfg = dataclasses.replace(cfg, image_decode=resolve_image_decode(cfg.image_decode, cfg.device))
     bad = preflight(reader, scans, cfg.progress)

@@ -582,3 +582,35 @@ def test_a_cluster_without_this_code_is_refused_naming_each_process(serial, tmp_
     assert workers["good"] not in message, message
     assert f"PYTHONPATH={REPO}" in message, message
     assert list(tmp_path.glob("cache/*/units/*")) == []  # no unit started
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_workers_of_a_cluster_need_no_cuda_on_the_client(serial, tmp_path: Path) -> None:
+    """`--scheduler ... --device cuda --dtype float16` from a client without CUDA (a head node):
+    the client loads the teacher for its identity on the CPU, builds the float16 cache key and
+    hands the forwards to the workers. These workers (threads of this CUDA-less process) cannot
+    load it there: one line names the worker's error, exit 1. (The client used to load the
+    teacher on CUDA itself and died with a traceback, "Torch not compiled with CUDA enabled".)"""
+    import logging
+
+    from dask.distributed import LocalCluster
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    cfg, summary = serial
+    args = [*_cli(replace(cfg, cache_root=tmp_path))[2:], "--device", "cuda", "--dtype", "float16"]
+    with LocalCluster(
+        n_workers=1, processes=False, dashboard_address=":0", silence_logs=logging.ERROR
+    ) as cluster:
+        result = CliRunner().invoke(app, [*args, "--scheduler", cluster.scheduler_address])
+    assert result.exit_code == 1, (result.output, result.exception)
+    assert f"error: a worker could not load teacher '{cfg.teacher}'" in result.output
+    assert "Torch not compiled with CUDA enabled" in result.output, result.output
+    (path,) = tmp_path.iterdir()
+    key = json.loads((path / "manifest.json").read_text())["key"]
+    assert key["teacher_dtype"] == "float16"
+    assert (
+        key["teacher_weights_sha256"] == open_cache(summary.cache_path).key.teacher_weights_sha256
+    )
+    assert list(path.glob("units/*")) == []
