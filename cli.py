@@ -263,6 +263,12 @@ def extract_teacher_command(
     if scheduler is None:
         kind = "process" if cfg.processes else "thread"
         typer.echo(f"LocalCluster: {cfg.n_workers} {kind} workers x {cfg.threads_per_worker} unit(s) at once")
+    else:
+        given = {"--workers": workers, "--processes" if processes else "--threads": processes,
+                 "--threads-per-worker": threads_per_worker}  # fmt: skip
+        ignored = [name for name, value in given.items() if value is not None]
+        if ignored:
+            typer.echo(f"warning: {', '.join(ignored)} set the layout of a LocalCluster: ignored with --scheduler (the cluster's workers run as `dask worker` started them)", err=True)
     try:
         summary = extract_teacher(cfg)
     except (CacheError, ValueError, OSError, UnitFailedError) as e:  # Data/TeacherError: ValueErrors

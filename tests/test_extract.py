@@ -614,3 +614,37 @@ def test_cuda_workers_of_a_cluster_need_no_cuda_on_the_client(serial, tmp_path: 
         key["teacher_weights_sha256"] == open_cache(summary.cache_path).key.teacher_weights_sha256
     )
     assert list(path.glob("units/*")) == []
+
+
+def test_local_cluster_options_with_a_scheduler_are_named_as_ignored(
+    serial, tmp_path: Path
+) -> None:
+    """--workers, --processes/--threads and --threads-per-worker shape our LocalCluster only:
+    given with --scheduler they are named as ignored (they used to be dropped silently); the
+    run goes on, on the cluster's own workers. Without them, no warning."""
+    import logging
+
+    from dask.distributed import LocalCluster
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    cfg, summary = serial
+    args = _cli(replace(cfg, cache_root=tmp_path))[2:]
+    for option in ("--workers", "--threads"):  # _cli gives both: leave them out
+        i = args.index(option)
+        del args[i : i + (2 if option == "--workers" else 1)]
+    with LocalCluster(
+        n_workers=1, processes=False, dashboard_address=":0", silence_logs=logging.ERROR
+    ) as cluster:
+        scheduler = ["--scheduler", cluster.scheduler_address]
+        layout = ["--workers", "8", "--processes", "--threads-per-worker", "2"]
+        first = CliRunner().invoke(app, [*args, *scheduler, *layout])
+        again = CliRunner().invoke(app, [*args, *scheduler])
+    assert first.exit_code == 0, (first.output, first.exception)
+    assert (
+        "warning: --workers, --processes, --threads-per-worker set the layout of a LocalCluster: "
+        "ignored with --scheduler (the cluster's workers run as `dask worker` started them)"
+    ) in first.output, first.output
+    assert f"{summary.units} units computed" in first.output
+    assert again.exit_code == 0 and "warning: --" not in again.output, again.output
