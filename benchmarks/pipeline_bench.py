@@ -181,10 +181,11 @@ def extraction(cfg: BenchConfig, work: Path) -> list[Row]:
     from machine_load import LoadSampler
     from teacher_forward import images_per_second
 
+    from cache.sampling import sample_features
     from cache.schema import CacheKey, UnitData
     from cache.store import CacheWriter
     from pipeline.pairing import PairingConfig, pair_points
-    from pipeline.teacher import Teacher, TeacherConfig, patch_tokens, sample_features
+    from pipeline.teacher import Teacher, TeacherConfig, patch_tokens
 
     torch.set_num_threads(cfg.threads)
     reader, scans = _scans(cfg)
@@ -340,9 +341,9 @@ class OnlineTargets:
         return len(self.scans)
 
     def read_scan(self, i: int):
+        from cache.sampling import sample_features
         from cache.schema import ScanTargets
         from pipeline.pairing import pair_points
-        from pipeline.teacher import sample_features
 
         scan = self.scans[i]
         xyzi = self.reader.load_points(scan)  # (N, 4)

@@ -49,12 +49,13 @@ from cache import (
     dataset_files,
     dataset_fingerprint,
 )
+from cache.sampling import sample_features
 from cache.schema import DEFAULT_TARGET_FORMAT, quantize_rows, target_format
 from pipeline.datasets import DataError, NuScenesReader, Scan
 from pipeline.datasets.check import check_scan
 from pipeline.images import IMAGE_DECODES, decode_on_device, read_encoded, resolve_image_decode
 from pipeline.pairing import UNPAIRED, PairingConfig, pair_points
-from pipeline.teacher import FEATURE_LAYER, Teacher, TeacherConfig, cached_teacher, sample_features
+from pipeline.teacher import FEATURE_LAYER, Teacher, TeacherConfig, cached_teacher
 
 
 class UnitFailedError(RuntimeError):
@@ -81,7 +82,8 @@ class ExtractConfig:
     scheduler: str | None = None
     """Address of a running Dask scheduler ("tcp://host:8786"); None: start a LocalCluster."""
     n_workers: int = 2
-    """LocalCluster workers, each running one unit at a time (ignored with ``scheduler``)."""
+    """LocalCluster workers, each running ``threads_per_worker`` units at a time (ignored with
+    ``scheduler``)."""
     torch_threads: int = 0
     """torch intra-op threads per unit; 0: CPU cores / (workers x threads_per_worker) on a
     LocalCluster, untouched on an existing cluster."""
@@ -613,17 +615,20 @@ def cache_key(cfg: ExtractConfig, reader: NuScenesReader, teacher: Teacher) -> C
 
 
 def _git_sha() -> str:
+    """HEAD's sha, "+dirty" with uncommitted changes to tracked files (the rule of the training
+    run's record, trainer/loop.py), "unknown" outside a git checkout."""
+    repo = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=repo, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-        return out.stdout.strip() or "unknown"
+        sha, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+    return (sha or "unknown") + ("+dirty" if sha and dirty else "")
 
 
 def preflight(reader: NuScenesReader, scans: list[Scan], progress: bool) -> dict[str, list[str]]:
@@ -897,7 +902,7 @@ def extract_teacher(cfg: ExtractConfig) -> ExtractSummary:
             startup_s=startup_s,
             compute_window=(compute_at, done_at),
         )
-        if pending or not _is_final(writer):
+        if pending or not writer.is_finalized():  # a re-run keeps its first summary
             writer.finalize(summary.to_dict())
     return summary
 
@@ -910,10 +915,3 @@ def _steady_rate(progress: list[tuple[float, int]], images: int, compute_s: floa
         return images / compute_s if n and compute_s > 0 else 0.0
     (t0, i0), (t1, i1) = progress[n // 10 - 1], progress[n - 1 - n // 10]
     return (i1 - i0) / (t1 - t0) if t1 > t0 else images / compute_s
-
-
-def _is_final(writer: CacheWriter) -> bool:
-    """True when the cache already has its COMPLETE marker (a re-run keeps its first summary)."""
-    from cache.schema import COMPLETE
-
-    return (writer.path / COMPLETE).is_file()

@@ -18,7 +18,7 @@ Conventions (docs/extraction.md explains them with a picture in words):
   ``config.num_register_tokens`` register tokens dropped, as a grid (B, D, H/14, W/14).
 - Sampling: patch j covers resized pixels [14 j, 14 (j + 1)), its feature sits at its centre;
   features between centres are bilinear, beyond the outermost centres constant (border).
-  `sample_features` lives in `cache/sampling.py` (re-exported here): the reader of a
+  `sample_features` lives in `cache/sampling.py`: the reader of a
   ``grid-f16`` cache samples the stored grids with the same function.
 """
 
@@ -35,8 +35,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from cache.sampling import sample_features  # noqa: F401  (re-exported: the one implementation)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 """Per-channel RGB mean of ImageNet (in [0, 1]): DINOv2's training normalisation."""

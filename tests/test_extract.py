@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from cache import IncompleteCacheError, open_cache
+from cache.sampling import sample_features
 from pipeline.datasets import NuScenesReader
 from pipeline.extract import (
     ClusterLayout,
@@ -25,7 +26,7 @@ from pipeline.extract import (
     extract_teacher,
     teacher_key_name,
 )
-from pipeline.teacher import Teacher, TeacherConfig, sample_features
+from pipeline.teacher import Teacher, TeacherConfig
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = (56, 98)  # tiny: 4 x 7 patches; keeps the tests in seconds

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from cache.sampling import sample_features
 from pipeline.datasets.nuscenes import NuScenesReader
 from pipeline.datasets.records import IGNORE_LABEL
 from pipeline.pairing import PairingConfig, pair_points
@@ -43,7 +44,6 @@ from pipeline.teacher import (
     patch_tokens,
     random_dinov2,
     resize_uint8,
-    sample_features,
     save_teacher_folder,
 )
 
