@@ -365,11 +365,11 @@ def train_command(
     """
     from cache import CacheError
     from pipeline.datasets import DataError
-    from trainer.config import load_config
+    from trainer.config import CONFIG, load_config
     from trainer.loop import train
 
-    if resume and config is None and out is not None and (out / "config.yaml").is_file():
-        config = out / "config.yaml"  # resume as the run was configured; options given here win
+    if resume and config is None and out is not None and (out / CONFIG).is_file():
+        config = out / CONFIG  # resume as the run was configured; options given here win
     try:
         cfg = load_config(
             config, cache=cache, data=data, out=out, version=version, split=split, head=head,

@@ -472,7 +472,7 @@ def loader(cfg: BenchConfig, work: Path) -> list[Row]:
     from cache.reader import open_cache
     from cache.schema import CacheKey
     from cache.store import CacheWriter
-    from trainer.config import TrainConfig
+    from trainer.config import SUMMARY, TrainConfig
     from trainer.loop import train
 
     rows: list[Row] = []
@@ -487,7 +487,7 @@ def loader(cfg: BenchConfig, work: Path) -> list[Row]:
                 checkpoint_every=10_000, threads=cfg.threads,
             )
         )  # fmt: skip
-        saved = json.loads((result.run_dir / "summary.json").read_text())
+        saved = json.loads((result.run_dir / SUMMARY).read_text())
         rows.append(
             (f"data_wait_share, {workers} loader workers", saved["data_wait_share"], "fraction")
         )

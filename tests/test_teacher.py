@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from cache.sampling import sample_features
 from pipeline.teacher import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -16,7 +17,6 @@ from pipeline.teacher import (
     TeacherError,
     config_sha256,
     parse_image_size,
-    sample_features,
     save_random_teacher,
     weights_sha256,
 )

@@ -21,6 +21,14 @@ BACKBONES = ("minkunet34", "tiny")
 HEADS = ("mlp", "linear")
 
 
+# The files of a run folder (TrainConfig.out), by name: written by trainer/loop.py, read by
+# resume, evaluation and ablate.
+CHECKPOINT = "checkpoint.pt"
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything a training run depends on (besides the cache contents)."""

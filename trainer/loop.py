@@ -31,7 +31,15 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from trainer import distributed
-from trainer.config import RESUMABLE_CHANGES, TrainConfig, config_changes
+from trainer.config import (
+    CHECKPOINT,
+    CONFIG,
+    METRICS,
+    RESUMABLE_CHANGES,
+    SUMMARY,
+    TrainConfig,
+    config_changes,
+)
 from trainer.data import (
     RunBatchSampler,
     ScanDataset,
@@ -44,11 +52,6 @@ from trainer.loss import distill_loss
 from trainer.minkowski import ME
 from trainer.model import StudentConfig, build_student, make_field
 from trainer.occupancy import OccupancyDecoder, occupancy_loss
-
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.jsonl"
-CONFIG = "config.yaml"
-SUMMARY = "summary.json"
 
 
 class DistillModel(nn.Module):

@@ -28,6 +28,7 @@ import torch
 import yaml
 from torch import nn
 
+from trainer.config import CHECKPOINT, CONFIG
 from trainer.minkowski import ME
 
 # name -> (stem width, 8 stage widths, 8 stage depths): encoder strides 2..16, decoder 8..1.
@@ -232,7 +233,7 @@ def load_backbone(run_dir: str | Path, device: str = "cpu") -> tuple[MinkUNet, S
     """(backbone in eval mode with the weights of RUN_DIR/checkpoint.pt, its StudentConfig)."""
     run_dir = Path(run_dir)
     cfg = student_config_of_run(run_dir)
-    ckpt_path = run_dir / "checkpoint.pt"
+    ckpt_path = run_dir / CHECKPOINT
     if not ckpt_path.is_file():
         raise FileNotFoundError(f"{ckpt_path}: no checkpoint in this run folder")
     state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
@@ -243,7 +244,7 @@ def load_backbone(run_dir: str | Path, device: str = "cpu") -> tuple[MinkUNet, S
 
 def student_config_of_run(run_dir: str | Path) -> StudentConfig:
     """StudentConfig recorded in RUN_DIR/config.yaml."""
-    path = Path(run_dir) / "config.yaml"
+    path = Path(run_dir) / CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not a training run folder (no config.yaml)")
     cfg = yaml.safe_load(path.read_text())["config"]

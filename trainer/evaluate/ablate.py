@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from trainer.config import config_changes
+from trainer.config import CHECKPOINT, CONFIG, METRICS, SUMMARY, config_changes
 
 FORBIDDEN_MODULES = ("pipeline.teacher", "pipeline.extract")
 
@@ -177,7 +177,7 @@ def last_epoch_distill(run_dir: Path) -> float:
     """Mean distillation (cosine) loss of the run's last epoch, from its metrics.jsonl: comparable
     across runs of any occupancy weight, where the total loss (final_loss: one batch, distill +
     weight x occupancy) is not."""
-    lines = [json.loads(t) for t in (run_dir / "metrics.jsonl").read_text().splitlines() if t]
+    lines = [json.loads(t) for t in (run_dir / METRICS).read_text().splitlines() if t]
     last = max(line["epoch"] for line in lines)
     return float(np.mean([line["distill"] for line in lines if line["epoch"] > last - 1]))
 
@@ -203,7 +203,7 @@ def stale_results(
     from trainer.config import RESUMABLE_CHANGES
 
     found = []
-    config_path = run_dir / "config.yaml"
+    config_path = run_dir / CONFIG
     if config_path.is_file():
         record = yaml.safe_load(config_path.read_text())
         diff = differing_keys(record.get("config", {}), train_cfg.to_dict(), RESUMABLE_CHANGES)
@@ -312,9 +312,9 @@ def run_ablation(cfg: AblateConfig) -> list[dict[str, Any]]:
         print(f"[ablate {i + 1}/{len(runs)}] {name}")
         run_dir = train_cfg.out
         probe_path = run_dir / "eval" / "linear_probe.json"
-        summary_path = run_dir / "summary.json"
+        summary_path = run_dir / SUMMARY
         if not summary_path.is_file():  # new, or interrupted during training: resume it
-            resume = (run_dir / "checkpoint.pt").is_file()
+            resume = (run_dir / CHECKPOINT).is_file()
             train(dataclasses.replace(train_cfg, resume=resume))
             check_cache_untouched(before, cache_path, name, preloaded)
         if not probe_path.is_file():  # new, or interrupted during the probe

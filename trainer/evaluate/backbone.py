@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from trainer.config import CHECKPOINT, CONFIG
+
 DATASETS = ("nuscenes", "semantickitti")
 
 
@@ -141,12 +143,12 @@ def checkpoint_record(checkpoint: str) -> dict[str, Any]:
 
     run_dir = Path(checkpoint)
     # mmap: the step without reading the weights (the backbone itself is loaded elsewhere)
-    state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False, mmap=True)
+    state = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False, mmap=True)
     step = int(state["step"])
-    total = yaml.safe_load((run_dir / "config.yaml").read_text()).get("steps")
+    total = yaml.safe_load((run_dir / CONFIG).read_text()).get("steps")
     if total is not None and step < total:
         print(
-            f"warning: {run_dir / 'checkpoint.pt'} holds step {step} of {total}: an unfinished "
+            f"warning: {run_dir / CHECKPOINT} holds step {step} of {total}: an unfinished "
             "run (still training, or stopped); these results are not the finished run's",
             file=sys.stderr,
         )
@@ -181,11 +183,11 @@ def load_projection_head(checkpoint: str, device: str) -> torch.nn.Module | None
     from trainer.model import ARCHITECTURES
 
     run_dir = Path(checkpoint)
-    state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+    state = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False)
     head_state = state.get("model", {}).get("head")
     if head_state is None or "feature_dim" not in state:
         return None
-    run_cfg = yaml.safe_load((run_dir / "config.yaml").read_text())["config"]
+    run_cfg = yaml.safe_load((run_dir / CONFIG).read_text())["config"]
     c_in = ARCHITECTURES[run_cfg["backbone"]][1][-1]  # backbone output = last decoder width
     head = build_head(run_cfg["head"], c_in, state["feature_dim"], run_cfg["head_hidden"])
     head.load_state_dict(head_state)
