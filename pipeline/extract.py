@@ -28,6 +28,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -805,6 +806,13 @@ def extract_teacher(cfg: ExtractConfig) -> ExtractSummary:
             t_startup = time.perf_counter()
             with _client(cfg) as client, _keeping_torch_threads():
                 # a LocalCluster's workers all start now; a running cluster's may join later
+                if cfg.scheduler and not client.nthreads():  # say why nothing moves
+                    print(
+                        f"waiting for a worker to join the Dask cluster at {cfg.scheduler} (none "
+                        f"yet: start one with `dask worker {cfg.scheduler}`, docs/scaling.md)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 client.wait_for_workers(1 if cfg.scheduler else cfg.n_workers)
                 if cfg.scheduler:  # a LocalCluster runs this process's code
                     _check_cluster(client, cfg.scheduler)

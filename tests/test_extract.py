@@ -209,6 +209,43 @@ def test_parallel_on_an_existing_cluster_equals_serial_bit_for_bit(serial, tmp_p
             assert np.array_equal(a[name], b[name]), name
 
 
+def test_a_cluster_with_no_worker_yet_is_waited_for_saying_so(
+    serial, tmp_path: Path, capfd
+) -> None:
+    """--scheduler with no worker joined yet: one line says what the run waits for (before, it
+    waited silently); a worker joining later does the work, with the same bytes."""
+    import logging
+    import threading
+
+    from dask.distributed import LocalCluster
+
+    cfg, summary = serial
+    with LocalCluster(
+        n_workers=0, processes=False, dashboard_address=":0", silence_logs=logging.ERROR
+    ) as cluster:
+        done: list = []
+        run = threading.Thread(
+            target=lambda: done.append(
+                extract_teacher(
+                    replace(cfg, cache_root=tmp_path, scheduler=cluster.scheduler_address)
+                )
+            )
+        )
+        run.start()
+        deadline, said = time.monotonic() + 60, ""
+        while "waiting for a worker" not in said and time.monotonic() < deadline:
+            time.sleep(0.2)
+            said += capfd.readouterr().err
+        assert (
+            f"waiting for a worker to join the Dask cluster at {cluster.scheduler_address}" in said
+        )
+        assert run.is_alive() and not done  # nothing can run yet
+        cluster.scale(1)
+        run.join(timeout=120)
+    assert done and done[0].units_computed == summary.units_computed == summary.units
+    assert _markers(done[0].cache_path) == _markers(summary.cache_path)
+
+
 def test_units_in_parallel_threads_of_one_worker_equal_serial(serial, tmp_path: Path) -> None:
     """--threads-per-worker 2: the two units run at once in one worker, sharing its teacher
     (and, on a GPU, its device): same bytes as one unit at a time."""
