@@ -120,6 +120,32 @@ def test_flipped_byte_needs_verify_cache_and_skip_bad_scans_trains_on_the_rest(
     assert "trained 2 steps" in done.stdout
 
 
+@pytest.mark.slow
+def test_ddp_processes_each_check_a_share_of_the_units_and_agree(train_cache, tmp_path) -> None:
+    """--verify-cache under DDP: each process checksums every world-th unit (the cache is read
+    once in all, not once per process) and the findings are exchanged: rank 0, which never
+    reads unit 1, leaves out its scans like rank 1 and the two train the same steps."""
+    from test_train import _spawn_ddp
+
+    from trainer.data import unit_problems_share
+
+    bad = _damaged_copy(train_cache.cache, tmp_path, "flip")
+    reader = open_cache(bad)
+    assert unit_problems_share(reader, True, rank=0, world=2) == {0: []}
+    (problem,) = unit_problems_share(reader, True, rank=1, world=2)[1]
+    assert "unit u00001: file target/c/0/0 checksum mismatch" in problem
+    assert unit_problems_share(reader, False, rank=1, world=2) == {1: []}  # same size
+    cfg = load_config(
+        cache=bad, data=train_cache.data, out=tmp_path / "run", verify_cache=True,
+        skip_bad_scans=True, **TRAIN_SMALL,
+    )  # fmt: skip
+    (tmp_path / "ranks").mkdir()
+    outcomes = _spawn_ddp(cfg, tmp_path / "ranks")
+    assert outcomes[0] == outcomes[1] and outcomes[0]["steps"] == 1, outcomes  # 4 scans / (2 x 2)
+    record = yaml.safe_load((cfg.out / "config.yaml").read_text())
+    assert record["cache"]["scans"] == 4 and record["cache"]["skipped_scans"] == 4
+
+
 # ---------------------------------------------------------------- bad dataset files → extract ----
 @pytest.fixture
 def damaged_data(synthetic_nuscenes, tmp_path: Path) -> tuple[Path, dict[str, str]]:

@@ -83,23 +83,47 @@ def _changed_files(path: Path, dataset: Any) -> str:
     return "; ".join(parts) or "its metadata tables differ"
 
 
-def usable_scans(reader: CacheReader, cfg: TrainConfig) -> tuple[list[int], list[str]]:
+def unit_problems_share(
+    reader: CacheReader, checksums: bool, rank: int = 0, world: int = 1
+) -> dict[int, list[str]]:
+    """Problems of every ``world``-th unit of the cache from ``rank`` (unit -> lines; [] when
+    sound): one process's share of `usable_scans`' check."""
+    from cache.store import load_manifest, unit_problems
+
+    units = load_manifest(reader.path)["units"]
+    return {
+        u: unit_problems(reader.path, u, units[u], checksums=checksums)
+        for u in range(rank, len(units), world)
+    }
+
+
+def usable_scans(
+    reader: CacheReader, cfg: TrainConfig, rank: int = 0, world: int = 1
+) -> tuple[list[int], list[str]]:
     """(indices of the scans to train on, problems found) after checking every unit of the cache.
 
     The check is structural (each unit's `.done` marker and files, by size: a missing unit, a
     truncated shard, a lost file), plus every checksum and offset with ``cfg.verify_cache``. A
     cache with problems is refused (`CacheError` listing them) unless ``cfg.skip_bad_scans``:
-    then the scans of the bad units are left out and the others returned."""
-    from cache.store import load_manifest, unit_problems
+    then the scans of the bad units are left out and the others returned.
+
+    Under DDP (``world`` > 1, process group joined) each process checks every ``world``-th unit
+    from its ``rank`` and the findings are exchanged: the cache is read once in all, not once per
+    process, and every process gets the same answer."""
+    from cache.store import load_manifest
 
     units = load_manifest(reader.path)["units"]
+    found = unit_problems_share(reader, cfg.verify_cache, rank, world)
+    if world > 1:
+        shares: list[dict[int, list[str]] | None] = [None] * world
+        torch.distributed.all_gather_object(shares, found)
+        found = {u: lines for share in shares for u, lines in share.items()}
     keep: list[int] = []
     problems: list[str] = []
     first = 0  # index of the unit's first scan
     for u, tokens in enumerate(units):
-        found = unit_problems(reader.path, u, tokens, checksums=cfg.verify_cache)
-        problems += found
-        if not found:
+        problems += found[u]
+        if not found[u]:
             keep += range(first, first + len(tokens))
         first += len(tokens)
     if problems and not cfg.skip_bad_scans:

@@ -268,7 +268,8 @@ def _train(cfg: TrainConfig, rt: distributed.Runtime) -> TrainResult:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     reader = open_training_cache(cfg)  # refuses incomplete / mismatched caches
-    scans, problems = usable_scans(reader, cfg)  # refuses a damaged cache unless skip_bad_scans
+    # refuses a damaged cache unless skip_bad_scans; under DDP each process checks a share
+    scans, problems = usable_scans(reader, cfg, rt.rank, rt.world)
     skipped = len(reader) - len(scans)
     if skipped and rt.is_main:
         print(
