@@ -566,21 +566,23 @@ def test_rankme_cli_with_cache_pairs_teacher_and_student(synthetic_cache, tmp_pa
     assert 1.0 <= r["student_paired"] <= 16.0 and 1.0 <= r["student"] <= 16.0
 
 
-def test_ring_ids_come_from_the_nuscenes_files(synthetic_nuscenes):
+def test_ring_ids_come_from_the_nuscenes_files(synthetic_nuscenes, synthetic_semantickitti):
     from pipeline.datasets.nuscenes import NuScenesReader
+    from pipeline.datasets.semantickitti import SemanticKITTIReader
     from trainer.evaluate.robustness import ring_ids
 
     root, version = synthetic_nuscenes
     reader = NuScenesReader(root, version)
     scan = reader.scans("val")[0]
     points = reader.load_points(scan)
-    ring = ring_ids("nuscenes", scan, points, 32)
+    ring = ring_ids(reader, scan, points, 32)
     assert ring is not None and ring.shape == (len(points),) and len(np.unique(ring)) > 16
     out = corrupt("fewer_beams", points, 1, seed=0, beam=ring)
     assert set(np.unique(ring[out.index]).tolist()) == {
         r for r in np.unique(ring).tolist() if r % 2 == 0
     }
-    assert ring_ids("semantickitti", scan, points, 64) is None  # KITTI: elevation bins instead
+    assert ring_ids(SemanticKITTIReader(synthetic_semantickitti), scan, points, 64) is None
+    # (KITTI files carry no ring: elevation bins instead)
 
 
 def test_cli_bad_input_is_one_clear_line(tmp_path):

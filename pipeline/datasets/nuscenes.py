@@ -323,6 +323,12 @@ class NuScenesReader:
         """(N, 4) float32 x, y, z, intensity in the lidar frame."""
         return read_points(scan.lidar_path)
 
+    def load_rings(self, scan: Scan) -> np.ndarray:
+        """(N,) int64 ring (laser) index of each point: the .pcd.bin's fifth column."""
+        count_points(scan.lidar_path)
+        raw = np.fromfile(scan.lidar_path, dtype=np.float32).reshape(-1, POINT_DIMS)
+        return raw[:, 4].astype(np.int64)
+
     def load_labels(self, scan: Scan) -> np.ndarray:
         """(N,) uint8 challenge classes 0..15, 255 = ignore; all 255 when the scan is unlabelled."""
         if scan.label_path is None:

@@ -230,6 +230,11 @@ class SemanticKITTIReader:
             ),
         )
 
+    def load_rings(self, scan: Scan) -> None:
+        """None: KITTI's velodyne files carry no ring (laser) index (robustness corruptions use
+        elevation bins instead)."""
+        return None
+
     def load_points(self, scan: Scan) -> np.ndarray:
         """(N, 4) float32 x, y, z, remission in the lidar frame."""
         path = Path(scan.lidar_path)

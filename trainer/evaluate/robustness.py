@@ -92,16 +92,13 @@ class RobustnessConfig:
         return Path(self.out) if self.out is not None else Path(self.checkpoint) / "eval"
 
 
-def ring_ids(dataset: str, scan, points: np.ndarray, beams: int) -> np.ndarray | None:
-    """True ring ids where the files carry them (nuScenes .pcd.bin column 5), else None."""
-    if dataset != "nuscenes":
+def ring_ids(reader, scan, points: np.ndarray, beams: int) -> np.ndarray | None:
+    """True ring ids where the dataset's files carry them (`load_rings`: nuScenes), else None
+    (SemanticKITTI, or ids that cannot be rings of a ``beams``-beam sensor): the corruptions
+    then use elevation bins."""
+    ring = reader.load_rings(scan)  # (N,) | None
+    if ring is None or len(ring) != len(points):
         return None
-    from pipeline.datasets.nuscenes import POINT_DIMS
-
-    raw = np.fromfile(scan.lidar_path, dtype=np.float32).reshape(-1, POINT_DIMS)
-    if len(raw) != len(points):
-        return None
-    ring = raw[:, 4].astype(np.int64)
     valid = ring.min() >= 0 and ring.max() < beams and len(np.unique(ring)) > 1
     return ring if valid else None
 
@@ -218,7 +215,7 @@ def run_robustness(cfg: RobustnessConfig) -> dict:
     from_rings: list[bool] = []  # per val scan: its own ring ids (else elevation bins)
     for i, scan in enumerate(tqdm(val_scans, desc="corrupted val", unit="scan")):
         points, y = reader.load_points(scan), reader.load_labels(scan)
-        ring = ring_ids(cfg.data.dataset, scan, points, beams)
+        ring = ring_ids(reader, scan, points, beams)
         from_rings.append(ring is not None)
         total += len(points)
         for name in cfg.corruptions:
