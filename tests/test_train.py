@@ -671,6 +671,16 @@ def test_resume_with_other_usable_scans_or_process_count_is_refused(train_cache,
     train(dataclasses.replace(cfg, resume=True))  # the same schedule resumes
 
 
+def test_without_clipping_the_gradient_norm_is_still_measured(train_cache, tmp_path) -> None:
+    """grad_clip 0 logs the same gradient norms as a clip too large to act (1e9), on the same
+    trajectory: the norm is measured (a NaN gradient of a finite loss is caught), not left 0."""
+    runs = [_cfg(train_cache, tmp_path / f"clip{c}", epochs=1, grad_clip=c) for c in (0.0, 1e9)]
+    free, huge = (_metrics(train(cfg).run_dir) for cfg in runs)
+    assert [m["grad_norm"] for m in free] == pytest.approx([m["grad_norm"] for m in huge], rel=1e-6)
+    assert all(m["grad_norm"] > 0 for m in free)
+    assert [m["loss"] for m in free] == [m["loss"] for m in huge]
+
+
 def test_a_non_finite_loss_stops_the_run_and_keeps_its_checkpoint(train_cache, tmp_path) -> None:
     """A diverging run (here lr 1e30) stops at the first non-finite loss with one clear line
     (exit 1): no NaN in metrics.jsonl, and the checkpoint on disk is the last finite step's."""

@@ -371,9 +371,11 @@ def _train(cfg: TrainConfig, rt: distributed.Runtime) -> TrainResult:
             # ---------------------------------------------------------------- step
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = 0.0
             if cfg.grad_clip > 0:
                 grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+            else:  # measured all the same: logged, and a NaN gradient of a finite loss stops
+                grads = [p.grad for p in model.parameters() if p.grad is not None]
+                grad_norm = float(nn.utils.get_total_norm(grads))
             optimizer.step()
             step += 1
             # ---------------------------------------------------------------- log / checkpoint
