@@ -55,7 +55,7 @@ from cache.schema import DEFAULT_TARGET_FORMAT, quantize_rows, target_format
 from pipeline.datasets import DataError, NuScenesReader, Scan
 from pipeline.datasets.check import check_scan
 from pipeline.images import IMAGE_DECODES, decode_on_device, read_encoded, resolve_image_decode
-from pipeline.pairing import UNPAIRED, PairingConfig, pair_points
+from pipeline.pairing import UNPAIRED, Pairing, PairingConfig, pair_points
 from pipeline.teacher import FEATURE_LAYER, Teacher, TeacherConfig, cached_teacher
 
 
@@ -289,20 +289,79 @@ def _extract_unit(
     teacher = cached_teacher(teacher_cfg)
 
     # 1. points, labels and their pairing with the cameras, scan by scan
+    points, labels, pairings = _pair_scans(reader, scans, pairing)
+    t_paired = time.perf_counter()
+
+    # 2. teacher over all (scan, camera) images of the unit, batch_size images per forward
+    views = [(j, c) for j, scan in enumerate(scans) for c in range(len(scan.cameras))]
+    batches = [views[s : s + batch_size] for s in range(0, len(views), batch_size)]
+    targets, t_images = _teacher_targets(
+        writer.key.target_format, reader, scans, pairings, teacher, batches, image_decode, unit_id
+    )
+    t_teacher = time.perf_counter()
+
+    # 3. one atomic unit
+    data = UnitData(
+        tokens=[s.token for s in scans],
+        lidar_paths=[s.lidar_path for s in scans],
+        points=points,
+        target=None,
+        camera=[p.camera for p in pairings],
+        uv=[p.uv for p in pairings],
+        label=labels,
+        **targets,
+    )
+    written = writer.write_unit(unit_id, data)
+    t_end = time.perf_counter()
+    return {
+        "unit": unit_id,
+        "scans": len(scans),
+        "images": len(views),
+        "points": int(sum(len(p) for p in points)),
+        "paired": int(sum((p.camera != UNPAIRED).sum() for p in pairings)),
+        "bytes": int(written),
+        # one per batch, counted here: with thread workers the teacher (and its counter) is shared
+        "forwards": len(batches),
+        "seconds": t_end - t_start,
+        "pair_s": t_paired - t_start,
+        "image_wait_s": t_images,  # decode + resize the prefetch thread did not hide
+        "teacher_s": t_teacher - t_paired - t_images,
+        "write_s": t_end - t_teacher,
+        "worker_pid": os.getpid(),
+    }
+
+
+def _pair_scans(
+    reader: NuScenesReader, scans: list[Scan], pairing: PairingConfig
+) -> tuple[list[np.ndarray], list[np.ndarray], list[Pairing]]:
+    """Each scan's points (N_i, 4) float32, labels (N_i,) uint8 and their pairing with the
+    scan's cameras."""
     points, labels, pairings = [], [], []
     for scan in scans:
         xyzi = reader.load_points(scan)  # (N, 4) float32
         points.append(xyzi)
         labels.append(reader.load_labels(scan))  # (N,) uint8
         pairings.append(pair_points(xyzi[:, :3], scan, pairing))
-    t_paired = time.perf_counter()
+    return points, labels, pairings
 
-    # 2. teacher over all (scan, camera) images of the unit, batch_size images per forward;
-    # point formats sample each paired point's feature now, grid formats keep the grids
-    # (float16; grid-i8 quantizes them) and the reader samples them (the same `sample_features`)
-    fmt = writer.key.target_format
+
+def _teacher_targets(
+    fmt: str,
+    reader: NuScenesReader,
+    scans: list[Scan],
+    pairings: list[Pairing],
+    teacher: Teacher,
+    batches: list[list[tuple[int, int]]],
+    image_decode: str,
+    unit_id: int,
+) -> tuple[dict[str, list[np.ndarray] | None], float]:
+    """The teacher over ``batches`` of the unit's (scan, camera) images, one forward each:
+    point formats sample each paired point's feature now, grid formats keep the grids (float16;
+    grid-i8 quantizes them) and the reader samples them (the same `sample_features`). Returns
+    the target fields of the unit's `UnitData` for format ``fmt`` (`_targets_on_cpu`) and the
+    seconds spent waiting for images (decode + resize not hidden behind the teacher)."""
     keep_grids = not target_format(fmt).paired_rows
-    device = torch.device(teacher_cfg.device)
+    device = torch.device(teacher.cfg.device)
     # point formats: each scan's paired rows (in point order), filled camera by camera on the
     # teacher's device, copied back once per scan: (P_i, D) float16
     targets = [
@@ -316,10 +375,7 @@ def _extract_unit(
     rank = [np.cumsum(p.camera != UNPAIRED) - 1 for p in pairings]  # (N_i,): row in targets[i]
     grids = [[None] * len(scan.cameras) for scan in scans]  # grid formats: (h, w, D) per camera
     image_sizes = [np.zeros((len(scan.cameras), 2), np.int64) for scan in scans]  # (C_i, 2)
-    views = [(j, c) for j, scan in enumerate(scans) for c in range(len(scan.cameras))]
-    forwards = 0  # counted here: with thread workers the teacher (and its counter) is shared
     t_images = 0.0  # waiting for images: decode + resize not hidden behind the teacher
-    batches = [views[s : s + batch_size] for s in range(0, len(views), batch_size)]
     threads = torch.get_num_threads()
     on_device = image_decode == "device"
     # One prefetch thread decodes and resizes batch b + 1 while batch b is in the teacher (PIL
@@ -342,7 +398,6 @@ def _extract_unit(
             t_images += time.perf_counter() - t0
             # on a GPU the grids stay there: points are sampled on it, only float16 comes back
             grids_batch = teacher.patch_grid(pixels, on_device=True)  # (B, D, h, w) float32
-            forwards += 1
             for k, (j, c) in enumerate(batch):
                 if keep_grids:  # stays on the device until the scan's grids go back together
                     grids[j][c] = grids_batch[k].permute(1, 2, 0).half()  # (h, w, D)
@@ -354,8 +409,23 @@ def _extract_unit(
                     features = sample_features(grids_batch[k], uv, sizes[k])  # (M, D)
                     rows = torch.from_numpy(rank[j][points_c]).to(device, non_blocking=True)
                     targets[j][rows] = features.half()
+    return _targets_on_cpu(fmt, teacher, targets, grids, image_sizes), t_images
+
+
+def _targets_on_cpu(
+    fmt: str,
+    teacher: Teacher,
+    targets: list[torch.Tensor],
+    grids: list[list[torch.Tensor]],
+    image_sizes: list[np.ndarray],
+) -> dict[str, list[np.ndarray] | None]:
+    """The target fields of a unit's `UnitData` for format ``fmt`` (the other formats' None),
+    from `_teacher_targets`' results on the teacher's device: point formats' ``targets``
+    ((P_i, D) float16 per scan), grid formats' ``grids`` ((h, w, D) float16 per scan and camera)
+    and ``image_sizes`` ((C_i, 2) per scan)."""
     # back to the CPU once per scan (waits for the unit's last forwards); point-i8 is quantized
     # where the rows are (`quantize_rows`: the same bytes on every device)
+    keep_grids = not target_format(fmt).paired_rows
     scales = None
     if fmt == "point-i8":
         quantized = [quantize_rows(t) for t in targets]  # [(q (P_i, D) int8, scale (P_i,))]
@@ -368,39 +438,12 @@ def _extract_unit(
         grids = [g for g, _ in stacked]
         if fmt == "grid-i8":
             grid_scales = [s for _, s in stacked]
-    t_teacher = time.perf_counter()
-
-    # 3. one atomic unit
-    data = UnitData(
-        tokens=[s.token for s in scans],
-        lidar_paths=[s.lidar_path for s in scans],
-        points=points,
-        target=None,
-        paired_target=None if keep_grids else paired_target,
-        paired_target_scale=scales,
-        camera=[p.camera for p in pairings],
-        uv=[p.uv for p in pairings],
-        label=labels,
-        grids=grids if keep_grids else None,
-        grid_scales=grid_scales,
-        image_sizes=image_sizes if keep_grids else None,
-    )
-    written = writer.write_unit(unit_id, data)
-    t_end = time.perf_counter()
     return {
-        "unit": unit_id,
-        "scans": len(scans),
-        "images": len(views),
-        "points": int(sum(len(p) for p in points)),
-        "paired": int(sum((p.camera != UNPAIRED).sum() for p in pairings)),
-        "bytes": int(written),
-        "forwards": forwards,
-        "seconds": t_end - t_start,
-        "pair_s": t_paired - t_start,
-        "image_wait_s": t_images,  # decode + resize the prefetch thread did not hide
-        "teacher_s": t_teacher - t_paired - t_images,
-        "write_s": t_end - t_teacher,
-        "worker_pid": os.getpid(),
+        "paired_target": None if keep_grids else paired_target,
+        "paired_target_scale": scales,
+        "grids": grids if keep_grids else None,
+        "grid_scales": grid_scales,
+        "image_sizes": image_sizes if keep_grids else None,
     }
 
 
@@ -760,8 +803,9 @@ def _identity_config(teacher_cfg: TeacherConfig) -> TeacherConfig:
 
 def extract_teacher(cfg: ExtractConfig) -> ExtractSummary:
     """Run stage one (see the module docstring); returns the run's summary."""
-    from dask.distributed import as_completed
-    from tqdm import tqdm
+    # what `_collect_units` imports, loaded before the clock starts: not part of wall_s
+    import dask.distributed  # noqa: F401
+    import tqdm  # noqa: F401
 
     t_start = time.perf_counter()
     reader = NuScenesReader(cfg.data, cfg.version)
@@ -774,17 +818,7 @@ def extract_teacher(cfg: ExtractConfig) -> ExtractSummary:
     # "auto" resolved once, here: the meta records what ran
     cfg = dataclasses.replace(cfg, image_decode=resolve_image_decode(cfg.image_decode, cfg.device))
     bad = preflight(reader, scans, cfg.progress)
-    if bad and not cfg.skip_bad:
-        lines = [p for problems in bad.values() for p in problems]
-        raise DataError(
-            f"{len(bad)} of {len(scans)} scans of split {cfg.split!r} fail the pre-flight check "
-            "(fix them, or pass --skip-bad to extract without them):\n  "
-            + "\n  ".join(lines[:20])
-            + (f"\n  ... {len(lines) - 20} more" if len(lines) > 20 else "")
-        )
-    scans = [s for s in scans if s.token not in bad]
-    if not scans:
-        raise DataError(f"split {cfg.split!r}: every scan fails the pre-flight check")
+    scans = _good_scans(scans, bad, cfg.split, cfg.skip_bad)
     units = split_units(scans, cfg.scans_per_unit)
     key = cache_key(cfg, reader, teacher)
     writer = CacheWriter.create(
@@ -805,83 +839,24 @@ def extract_teacher(cfg: ExtractConfig) -> ExtractSummary:
             threads = _torch_threads(cfg)
             t_startup = time.perf_counter()
             with _client(cfg) as client, _keeping_torch_threads():
-                # a LocalCluster's workers all start now; a running cluster's may join later
-                if cfg.scheduler and not client.nthreads():  # say why nothing moves
-                    print(
-                        f"waiting for a worker to join the Dask cluster at {cfg.scheduler} (none "
-                        f"yet: start one with `dask worker {cfg.scheduler}`, docs/scaling.md)",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                client.wait_for_workers(1 if cfg.scheduler else cfg.n_workers)
-                if cfg.scheduler:  # a LocalCluster runs this process's code
-                    _check_cluster(client, cfg.scheduler)
-                _prepare_workers(client, teacher_cfg, cfg.batch_size, threads, cfg.image_decode)
+                _start_up(client, cfg, teacher_cfg, threads)
                 t_compute = time.perf_counter()  # start-up is not throughput
                 compute_at = time.time()
                 startup_s = t_compute - t_startup
-                # shared arguments travel to each worker once, not once per task
-                writer_f, reader_f = _shared(client, writer), _shared(client, reader)
-                futures = {
-                    client.submit(
-                        extract_unit,
-                        writer_f,
-                        u,
-                        units[u],
-                        reader_f,
-                        teacher_cfg,
-                        cfg.pairing,
-                        cfg.batch_size,
-                        threads,
-                        cfg.image_decode,
-                        key=f"extract-unit-{key.digest()}-{u}",
-                        pure=False,
-                    ): u
-                    for u in pending
-                }
-                bar = tqdm(
-                    total=len(units),
-                    initial=len(units) - len(pending),
-                    unit="unit",
-                    desc="extract",
-                    disable=not cfg.progress,
-                    dynamic_ncols=True,
+                futures = _submit_units(
+                    client, cfg, writer, reader, teacher_cfg, units, pending, threads
                 )
-                try:
-                    for future in as_completed(list(futures)):
-                        try:
-                            stats = future.result()
-                        except Exception as e:
-                            raise UnitFailedError(
-                                f"extraction of a unit of cache {writer.path} failed: {e} "
-                                "(finished units are kept; re-run to resume)"
-                            ) from e
-                        if not writer.is_complete(futures[future]):
-                            raise CacheError(
-                                f"unit {futures[future]} of cache {writer.path} was written by "
-                                "a worker but is not complete as seen from here: do the "
-                                "workers see this path, on the same file system?"
-                            )
-                        for name in totals:
-                            totals[name] += stats[name]
-                        for name in step_s:
-                            step_s[name] += stats[name]
-                        elapsed = time.perf_counter() - t_compute
-                        progress.append((elapsed, totals["images"]))
-                        bar.set_postfix(img_s=f"{totals['images'] / elapsed:.2f}", refresh=False)
-                        bar.update(1)
-                except BaseException as e:
-                    client.cancel(list(futures))  # stop what has not started; done units stay done
-                    if isinstance(e, KeyboardInterrupt):  # Ctrl-C: say what is kept
-                        raise KeyboardInterrupt(
-                            f"interrupted: {bar.n} of {len(units)} units are in cache "
-                            f"{writer.path} (kept; a unit being written is discarded); the same "
-                            "command goes on from there"
-                        ) from None
-                    _wait_for_running_units()  # what has started finishes under our lock
-                    raise
-                finally:
-                    bar.close()
+                _collect_units(
+                    client,
+                    futures,
+                    writer,
+                    len(units),
+                    cfg.progress,
+                    t_compute,
+                    totals,
+                    step_s,
+                    progress,
+                )
                 t_done = time.perf_counter()  # the last unit is written; closing is not compute
                 done_at = time.time()
         else:
@@ -913,6 +888,137 @@ def extract_teacher(cfg: ExtractConfig) -> ExtractSummary:
         if pending or not writer.is_finalized():  # a re-run keeps its first summary
             writer.finalize(summary.to_dict())
     return summary
+
+
+def _good_scans(
+    scans: list[Scan], bad: dict[str, list[str]], split: str, skip_bad: bool
+) -> list[Scan]:
+    """``scans`` without the ``bad`` ones (`preflight`); DataError when there are bad scans and
+    not ``skip_bad``, or when no scan is left."""
+    if bad and not skip_bad:
+        lines = [p for problems in bad.values() for p in problems]
+        raise DataError(
+            f"{len(bad)} of {len(scans)} scans of split {split!r} fail the pre-flight check "
+            "(fix them, or pass --skip-bad to extract without them):\n  "
+            + "\n  ".join(lines[:20])
+            + (f"\n  ... {len(lines) - 20} more" if len(lines) > 20 else "")
+        )
+    scans = [s for s in scans if s.token not in bad]
+    if not scans:
+        raise DataError(f"split {split!r}: every scan fails the pre-flight check")
+    return scans
+
+
+def _start_up(client: Any, cfg: ExtractConfig, teacher_cfg: TeacherConfig, threads: int) -> None:
+    """Make the cluster of ``client`` ready for units, before the clock starts: wait for its
+    workers (a LocalCluster's all start now; a running cluster's may join later, and this says
+    when it has none yet), check a running cluster runs this code, and prepare every worker."""
+    if cfg.scheduler and not client.nthreads():  # say why nothing moves
+        print(
+            f"waiting for a worker to join the Dask cluster at {cfg.scheduler} (none "
+            f"yet: start one with `dask worker {cfg.scheduler}`, docs/scaling.md)",
+            file=sys.stderr,
+            flush=True,
+        )
+    client.wait_for_workers(1 if cfg.scheduler else cfg.n_workers)
+    if cfg.scheduler:  # a LocalCluster runs this process's code
+        _check_cluster(client, cfg.scheduler)
+    _prepare_workers(client, teacher_cfg, cfg.batch_size, threads, cfg.image_decode)
+
+
+def _submit_units(
+    client: Any,
+    cfg: ExtractConfig,
+    writer: CacheWriter,
+    reader: NuScenesReader,
+    teacher_cfg: TeacherConfig,
+    units: list[list[Scan]],
+    pending: list[int],
+    threads: int,
+) -> dict[Any, int]:
+    """One `extract_unit` task per ``pending`` unit; returns its future -> unit id."""
+    # shared arguments travel to each worker once, not once per task
+    writer_f, reader_f = _shared(client, writer), _shared(client, reader)
+    return {
+        client.submit(
+            extract_unit,
+            writer_f,
+            u,
+            units[u],
+            reader_f,
+            teacher_cfg,
+            cfg.pairing,
+            cfg.batch_size,
+            threads,
+            cfg.image_decode,
+            key=f"extract-unit-{writer.key.digest()}-{u}",
+            pure=False,
+        ): u
+        for u in pending
+    }
+
+
+def _collect_units(
+    client: Any,
+    futures: dict[Any, int],
+    writer: CacheWriter,
+    n_units: int,
+    show_progress: bool,
+    t_compute: float,
+    totals: dict[str, int],
+    step_s: dict[str, float],
+    progress: list[tuple[float, int]],
+) -> None:
+    """Wait for the units of ``futures`` (future -> unit id) under a progress bar over all
+    ``n_units``, adding each one's statistics to ``totals`` and ``step_s`` and (seconds since
+    ``t_compute``, images so far) to ``progress``. On a failure or Ctrl-C the units not started
+    are cancelled (finished ones stay done) and the error names the cache."""
+    from dask.distributed import as_completed
+    from tqdm import tqdm
+
+    bar = tqdm(
+        total=n_units,
+        initial=n_units - len(futures),
+        unit="unit",
+        desc="extract",
+        disable=not show_progress,
+        dynamic_ncols=True,
+    )
+    try:
+        for future in as_completed(list(futures)):
+            try:
+                stats = future.result()
+            except Exception as e:
+                raise UnitFailedError(
+                    f"extraction of a unit of cache {writer.path} failed: {e} "
+                    "(finished units are kept; re-run to resume)"
+                ) from e
+            if not writer.is_complete(futures[future]):
+                raise CacheError(
+                    f"unit {futures[future]} of cache {writer.path} was written by "
+                    "a worker but is not complete as seen from here: do the "
+                    "workers see this path, on the same file system?"
+                )
+            for name in totals:
+                totals[name] += stats[name]
+            for name in step_s:
+                step_s[name] += stats[name]
+            elapsed = time.perf_counter() - t_compute
+            progress.append((elapsed, totals["images"]))
+            bar.set_postfix(img_s=f"{totals['images'] / elapsed:.2f}", refresh=False)
+            bar.update(1)
+    except BaseException as e:
+        client.cancel(list(futures))  # stop what has not started; done units stay done
+        if isinstance(e, KeyboardInterrupt):  # Ctrl-C: say what is kept
+            raise KeyboardInterrupt(
+                f"interrupted: {bar.n} of {n_units} units are in cache "
+                f"{writer.path} (kept; a unit being written is discarded); the same "
+                "command goes on from there"
+            ) from None
+        _wait_for_running_units()  # what has started finishes under our lock
+        raise
+    finally:
+        bar.close()
 
 
 def _steady_rate(progress: list[tuple[float, int]], images: int, compute_s: float) -> float:
