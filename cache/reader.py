@@ -137,30 +137,41 @@ class CacheReader:
     def _unit(self, u: int) -> _OpenUnit:
         if u not in self._open:
             unit_dir = self.path / UNITS_DIR / unit_name(u)
-            group = zarr.open_group(zarr.storage.LocalStore(unit_dir, read_only=True), mode="r")
-            fmt = group.attrs.get("target_format", DEFAULT_TARGET_FORMAT)
-            if fmt != self.target_format:
+            try:
+                self._open[u] = self._open_unit(unit_dir)
+            except (ValueError, OSError, KeyError) as e:  # zarr's: a garbled zarr.json, an
+                # array missing, a file for a folder (most name no file)
                 raise CacheError(
-                    f"cache {self.path} unit {unit_name(u)}: target format {fmt!r}, the "
-                    f"cache's is {self.target_format!r} (run `python cli.py cache verify`)"
-                )
-            names = row_arrays(fmt)
-            arrays: dict[str, ShardArray | zarr.Array] = {}
-            if self.fast_path:
-                # The marker lists the unit's files: a shard it lists must exist (Zarr omits
-                # only shards that hold nothing but the fill value).
-                marker = _read_json(unit_dir.with_name(f"{unit_dir.name}.done"), "unit marker")
-                for name in names:
-                    stored = any(rel.startswith(f"{name}/c") for rel in marker.get("files", {}))
-                    fast = ShardArray.open(unit_dir / name, missing_ok=not stored)
-                    if fast is not None:
-                        arrays[name] = fast
-            self._open[u] = _OpenUnit(
-                arrays={n: arrays[n] if n in arrays else group[n] for n in names},
-                index={n: group[n][:] for n in (OFFSETS, *target_format(fmt).index_arrays)},
-                lidar_paths=list(group.attrs["lidar_paths"]),
-            )
+                    f"cache unit {unit_dir} unreadable: {type(e).__name__}: {e} "
+                    "(corrupted; run `python cli.py cache verify`)"
+                ) from None
         return self._open[u]
+
+    def _open_unit(self, unit_dir: Path) -> _OpenUnit:
+        """The unit group at ``unit_dir``, its row arrays and small index arrays."""
+        group = zarr.open_group(zarr.storage.LocalStore(unit_dir, read_only=True), mode="r")
+        fmt = group.attrs.get("target_format", DEFAULT_TARGET_FORMAT)
+        if fmt != self.target_format:
+            raise CacheError(
+                f"cache {self.path} unit {unit_dir.name}: target format {fmt!r}, the "
+                f"cache's is {self.target_format!r} (run `python cli.py cache verify`)"
+            )
+        names = row_arrays(fmt)
+        arrays: dict[str, ShardArray | zarr.Array] = {}
+        if self.fast_path:
+            # The marker lists the unit's files: a shard it lists must exist (Zarr omits
+            # only shards that hold nothing but the fill value).
+            marker = _read_json(unit_dir.with_name(f"{unit_dir.name}.done"), "unit marker")
+            for name in names:
+                stored = any(rel.startswith(f"{name}/c") for rel in marker.get("files", {}))
+                fast = ShardArray.open(unit_dir / name, missing_ok=not stored)
+                if fast is not None:
+                    arrays[name] = fast
+        return _OpenUnit(
+            arrays={n: arrays[n] if n in arrays else group[n] for n in names},
+            index={n: group[n][:] for n in (OFFSETS, *target_format(fmt).index_arrays)},
+            lidar_paths=list(group.attrs["lidar_paths"]),
+        )
 
     def num_points(self, i: int) -> int:
         """Points of scan ``i`` (reads only the unit's offsets)."""

@@ -330,7 +330,9 @@ def _read_json(path: Path, what: str) -> dict:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise CacheError(f"{what} not found: {path}") from None
-    except ValueError as e:
+    except OSError as e:  # a folder where the file belongs, no permission, an I/O error
+        raise CacheError(f"{what} {path} cannot be read: {e.strerror or e}") from None
+    except ValueError as e:  # not JSON, not UTF-8
         raise CacheError(f"{what} {path} is not valid JSON: {e}") from None
 
 
@@ -698,6 +700,11 @@ def load_manifest(path: str | Path) -> dict:
             "`python cli.py cache info ROOT` lists the caches of a root)"
         )
     manifest = _read_json(path / MANIFEST, "cache manifest")
+    if not isinstance(manifest, dict):
+        raise CacheError(
+            f"cache manifest {path / MANIFEST}: expected a JSON object, "
+            f"got a {type(manifest).__name__}"
+        )
     version = manifest.get("schema_version")
     if version not in READABLE_VERSIONS:
         newer = isinstance(version, int) and version > SCHEMA_VERSION
@@ -714,7 +721,26 @@ def load_manifest(path: str | Path) -> dict:
             f"cache manifest {path / MANIFEST}: schema version {version}, but its key says "
             f"{key_version} (edited by hand?)"
         )
+    problem = _manifest_field_problem(manifest)
+    if problem:
+        raise CacheError(f"cache manifest {path / MANIFEST}: {problem} (edited by hand?)")
     return manifest
+
+
+def _manifest_field_problem(manifest: dict[str, Any]) -> str | None:
+    """What is wrong with the fields every reader of a manifest uses (None: nothing). The
+    key's content is `verify_cache`'s business (it reports a key edited by hand as a problem)."""
+    feature_dim = manifest.get("feature_dim")
+    if not isinstance(feature_dim, int) or isinstance(feature_dim, bool) or feature_dim < 1:
+        return f"feature_dim must be a positive integer, got {_short(feature_dim)}"
+    if not isinstance(manifest.get("digest"), str):
+        return f"digest must be a string, got {_short(manifest.get('digest'))}"
+    if not isinstance(manifest.get("layout"), dict):
+        return f"layout must be an object, got {_short(manifest.get('layout'))}"
+    tokens = _flat(manifest.get("units"))
+    if tokens is None or not all(isinstance(t, str) for t in tokens):
+        return f"units must be a list of lists of scan tokens, got {_short(manifest.get('units'))}"
+    return None
 
 
 def unit_problems(
@@ -986,6 +1012,10 @@ def cache_info(path: str | Path) -> dict[str, Any]:
 def list_caches(root: str | Path) -> list[Path]:
     """Cache folders (holding a manifest) directly under ``root``, sorted."""
     root = Path(root)
+    if root.is_symlink() and not root.exists():
+        raise CacheError(f"cache root {root} is a broken symlink (to {os.readlink(root)})")
+    if root.exists() and not root.is_dir():
+        raise CacheError(f"cache root {root} is not a folder")
     if not root.is_dir():
         raise CacheError(f"cache root {root} does not exist")
     return sorted(p for p in root.iterdir() if (p / MANIFEST).is_file())
