@@ -238,6 +238,41 @@ _YamlLoader.add_implicit_resolver(
 )
 
 
+def read_yaml(path: Path, what: str) -> Any:
+    """The YAML document in ``path`` (``1e-3`` read as a number); ValueError on one line naming
+    the file, ``what`` it should hold and the problem (a syntax error: its line and column)."""
+    try:
+        text = path.read_text()
+    except OSError as e:  # missing, a folder, no permission
+        raise ValueError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: cannot read the {what}: not text ({e})") from None
+    try:
+        return yaml.load(text, Loader=_YamlLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        problem = " ".join(str(e).split())  # PyYAML's message spans lines, with the source
+        if mark is not None:
+            context = getattr(e, "context", None)
+            problem = f"line {mark.line + 1}, column {mark.column + 1}: {e.problem}" + (
+                f" ({context})" if context else ""
+            )
+        raise ValueError(f"{path}: not valid YAML, cannot read the {what} ({problem})") from None
+
+
+def read_run_record(run_dir: str | Path) -> dict[str, Any]:
+    """RUN_DIR/config.yaml as trainer/loop.py wrote it (``config``: the TrainConfig fields,
+    ``cache``, ``steps``, ...). FileNotFoundError when the folder has none; ValueError naming
+    the file when it is unreadable or not such a record."""
+    path = Path(run_dir) / CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not a training run folder (no {CONFIG})")
+    record = read_yaml(path, "run's config")
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+        raise ValueError(f"{path}: not a training run's config (no `config:` mapping)")
+    return record
+
+
 def _typed(name: str, value: Any, source: str) -> Any:
     """``value`` checked against field ``name``'s annotation (an int is a valid float and is
     converted); a wrong type is refused naming the field and ``source``."""
@@ -273,10 +308,7 @@ def load_config(yaml_path: Path | None = None, **overrides: Any) -> TrainConfig:
     values: dict[str, Any] = {}
     if yaml_path is not None:
         yaml_path = Path(yaml_path)
-        try:
-            loaded = yaml.load(yaml_path.read_text(), Loader=_YamlLoader) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ValueError(f"{yaml_path}: cannot read the config ({e})") from e
+        loaded = read_yaml(yaml_path, "config") or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"{yaml_path}: expected a mapping of config fields")
         if isinstance(loaded.get("config"), dict) and "config" not in FIELDS:

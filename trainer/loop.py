@@ -50,7 +50,7 @@ from trainer.data import (
 from trainer.heads import build_head
 from trainer.loss import distill_loss
 from trainer.minkowski import ME
-from trainer.model import StudentConfig, build_student, make_field
+from trainer.model import StudentConfig, build_student, load_checkpoint, make_field
 from trainer.occupancy import OccupancyDecoder, occupancy_loss
 
 
@@ -226,7 +226,7 @@ def _restore(
     (its step, the loss of that step, None if the checkpoint predates recording it)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: --resume given but there is no checkpoint")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_checkpoint(path)
     saved = state["config"]  # its own fields only: one added since is not a change
     changed = config_changes(saved, cfg.to_dict(), only=tuple(saved), ignore=RESUMABLE_CHANGES)
     if changed:

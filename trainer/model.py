@@ -20,15 +20,16 @@ projection head) runs in the caller's autocast.
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 
-from trainer.config import CHECKPOINT, CONFIG
+from trainer.config import CHECKPOINT, CONFIG, read_run_record
 from trainer.minkowski import ME
 
 # name -> (stem width, 8 stage widths, 8 stage depths): encoder strides 2..16, decoder 8..1.
@@ -229,14 +230,28 @@ def point_features(
     return list(torch.split(feats, [len(p) for p in points_list]))
 
 
+def load_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
+    """The checkpoint a training run wrote at ``path`` (on the CPU; ``mmap``: tensors are read
+    when used). FileNotFoundError when absent; ValueError naming the file when it is not one
+    (truncated, garbled, another file)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no checkpoint in this run folder")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError) as e:  # torch's, pickle's
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise ValueError(f"{path}: not a checkpoint of `cli.py train` (no model weights)")
+    if not isinstance(state.get("step"), int):
+        raise ValueError(f"{path}: not a checkpoint of `cli.py train` (no step)")
+    return state
+
+
 def load_backbone(run_dir: str | Path, device: str = "cpu") -> tuple[MinkUNet, StudentConfig]:
     """(backbone in eval mode with the weights of RUN_DIR/checkpoint.pt, its StudentConfig)."""
     run_dir = Path(run_dir)
     cfg = student_config_of_run(run_dir)
-    ckpt_path = run_dir / CHECKPOINT
-    if not ckpt_path.is_file():
-        raise FileNotFoundError(f"{ckpt_path}: no checkpoint in this run folder")
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    state = load_checkpoint(run_dir / CHECKPOINT)
     model = build_student(cfg)
     model.load_state_dict(state["model"]["backbone"])
     return model.to(device).eval(), cfg
@@ -244,8 +259,11 @@ def load_backbone(run_dir: str | Path, device: str = "cpu") -> tuple[MinkUNet, S
 
 def student_config_of_run(run_dir: str | Path) -> StudentConfig:
     """StudentConfig recorded in RUN_DIR/config.yaml."""
-    path = Path(run_dir) / CONFIG
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not a training run folder (no config.yaml)")
-    cfg = yaml.safe_load(path.read_text())["config"]
-    return StudentConfig(backbone=cfg["backbone"], voxel_size=cfg["voxel_size"])
+    cfg = read_run_record(run_dir)["config"]
+    voxel_size = cfg.get("voxel_size")
+    try:
+        if not isinstance(voxel_size, int | float) or isinstance(voxel_size, bool):
+            raise ValueError(f"voxel_size must be a number, got {voxel_size!r}")
+        return StudentConfig(backbone=cfg.get("backbone"), voxel_size=voxel_size)
+    except ValueError as e:
+        raise ValueError(f"{Path(run_dir) / CONFIG}: {e}") from None

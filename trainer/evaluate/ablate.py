@@ -198,14 +198,12 @@ def stale_results(
     ``config.yaml`` (training config fields other than ``RESUMABLE_CHANGES``, cache digest),
     ``eval/linear_probe.json`` and ``eval/rankme.json`` (their recorded configs). [] when the
     folder is new or everything in it matches."""
-    import yaml
-
-    from trainer.config import RESUMABLE_CHANGES
+    from trainer.config import RESUMABLE_CHANGES, read_run_record
 
     found = []
     config_path = run_dir / CONFIG
     if config_path.is_file():
-        record = yaml.safe_load(config_path.read_text())
+        record = read_run_record(run_dir)
         diff = differing_keys(record.get("config", {}), train_cfg.to_dict(), RESUMABLE_CHANGES)
         if record.get("cache", {}).get("digest") != digest:
             diff.append(f"cache digest ({record.get('cache', {}).get('digest')!r} -> {digest!r})")

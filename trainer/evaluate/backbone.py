@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainer.config import CHECKPOINT, CONFIG
+from trainer.config import CHECKPOINT, read_run_record
 
 DATASETS = ("nuscenes", "semantickitti")
 
@@ -139,13 +139,13 @@ def checkpoint_record(checkpoint: str) -> dict[str, Any]:
 
     if checkpoint == "none":
         return {"checkpoint": checkpoint, "checkpoint_step": None, "run_steps": None}
-    import yaml
+    from trainer.model import load_checkpoint
 
     run_dir = Path(checkpoint)
     # mmap: the step without reading the weights (the backbone itself is loaded elsewhere)
-    state = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False, mmap=True)
+    state = load_checkpoint(run_dir / CHECKPOINT, mmap=True)
     step = int(state["step"])
-    total = yaml.safe_load((run_dir / CONFIG).read_text()).get("steps")
+    total = read_run_record(run_dir).get("steps")
     if total is not None and step < total:
         print(
             f"warning: {run_dir / CHECKPOINT} holds step {step} of {total}: an unfinished "
@@ -177,17 +177,15 @@ def forward_points(
 def load_projection_head(checkpoint: str, device: str) -> torch.nn.Module | None:
     """The run's projection head (backbone features → teacher space) in eval mode, or None when
     the checkpoint holds none."""
-    import yaml
-
     from trainer.heads import build_head
-    from trainer.model import ARCHITECTURES
+    from trainer.model import ARCHITECTURES, load_checkpoint
 
     run_dir = Path(checkpoint)
-    state = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False)
-    head_state = state.get("model", {}).get("head")
+    state = load_checkpoint(run_dir / CHECKPOINT)
+    head_state = state["model"].get("head")
     if head_state is None or "feature_dim" not in state:
         return None
-    run_cfg = yaml.safe_load((run_dir / CONFIG).read_text())["config"]
+    run_cfg = read_run_record(run_dir)["config"]
     c_in = ARCHITECTURES[run_cfg["backbone"]][1][-1]  # backbone output = last decoder width
     head = build_head(run_cfg["head"], c_in, state["feature_dim"], run_cfg["head_hidden"])
     head.load_state_dict(head_state)
