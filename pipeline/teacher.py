@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.outputs import check_parents
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 """Per-channel RGB mean of ImageNet (in [0, 1]): DINOv2's training normalisation."""
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -444,6 +446,7 @@ def save_teacher_folder(model: nn.Module, out: str | Path, files: dict[str, str]
 
     hf_logging.disable_progress_bar()  # a one-file "Writing model shards" bar is noise
     out = Path(out)
+    check_parents(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose another --out or delete it")
     out.parent.mkdir(parents=True, exist_ok=True)

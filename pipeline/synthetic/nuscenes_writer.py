@@ -29,6 +29,7 @@ from PIL import Image
 from pyquaternion import Quaternion
 from tqdm import tqdm
 
+from pipeline.outputs import check_parents
 from pipeline.synthetic.camera import (
     CAMERA_RIG,
     camera_rotation,
@@ -273,6 +274,7 @@ def _link(records: list[dict]) -> None:
 def make_synthetic(cfg: SyntheticConfig) -> Path:
     """Generate the release into ``cfg.out``; returns the root."""
     out = Path(cfg.out)
+    check_parents(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not cfg.overwrite:
         raise FileExistsError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.outputs import check_parents
+
 SENSOR_HEIGHT = 1.73  # m, lidar above the ground as on the KITTI car
 
 # Raw SemanticKITTI ids used by the scene.
@@ -161,6 +163,7 @@ def write_synthetic_semantickitti(
     """
     cfg = cfg or SyntheticKittiConfig()
     out = Path(out)
+    check_parents(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out}: exists and is not empty (--overwrite replaces it)")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")

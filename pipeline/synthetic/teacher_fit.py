@@ -35,6 +35,7 @@ from tqdm import tqdm
 from cache.sampling import sample_features
 from pipeline.datasets.nuscenes import NuScenesReader
 from pipeline.datasets.records import IGNORE_LABEL
+from pipeline.outputs import check_parents
 from pipeline.pairing import PairingConfig, pair_points
 from pipeline.teacher import (
     FITTED_MARKER,
@@ -178,6 +179,7 @@ def fit_teacher(cfg: FitConfig) -> dict:
     """Fit a stand-in teacher (see the module docstring), save it to ``cfg.out`` and return its
     statistics (also written to ``cfg.out/fit.json``)."""
     out = Path(cfg.out)
+    check_parents(out)  # before the fit, not when saving
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose another --out or delete it")
     t_start = time.perf_counter()
