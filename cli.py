@@ -3,6 +3,12 @@
 Each command parses its options into the owning package's dataclass config and calls one
 function. Imports are local to each command so ``--help`` is instant and ``train`` never imports
 the teacher.
+
+Errors: every command body runs inside ``_errors()``: bad input (a missing or unreadable file, a
+file where a folder belongs, a bad value, a damaged cache or dataset) ends in one ``error: ...``
+line on stderr and exit status 1; typer's usage errors (a missing option, a value of the wrong
+type, ``typer.BadParameter``) exit 2; Ctrl-C exits 130 where a command handles it (train,
+extract-teacher). Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import typer
@@ -24,6 +31,26 @@ cache_app = typer.Typer(help="Inspect and verify target caches.", no_args_is_hel
 evaluate_app = typer.Typer(help="Evaluation protocols: linear probe, fine-tuning, RankMe, robustness.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 app.add_typer(evaluate_app, name="evaluate")
+
+
+@contextlib.contextmanager
+def _errors(*also: type[Exception]) -> Iterator[None]:
+    """Bad input → ``error: <message>`` on stderr and exit status 1. The messages name the file
+    or option and the problem (the modules raising them do).
+
+    Caught: OSError (a missing or unreadable file, a file where a folder belongs), ValueError (a
+    bad value, bad data: DataError and TeacherError are ValueErrors), CacheError (a missing,
+    incomplete, damaged or mismatching cache), FloatingPointError (a diverged run, NaN targets)
+    and a command's own ``also``. Not caught: typer's usage errors (exit 2) and exits,
+    KeyboardInterrupt, and every other exception (AssertionError, TypeError, KeyError...): a bug
+    keeps its traceback."""
+    from cache.schema import CacheError
+
+    try:
+        yield
+    except (OSError, ValueError, CacheError, FloatingPointError, *also) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
 
 
 # ---------------------------------------------------------------- data side (pipeline/) ----
@@ -68,14 +95,11 @@ def make_synthetic_command(
             typer.echo(f"error: {', '.join(given)} apply to --format nuscenes only (SemanticKITTI "
                        "is LiDAR only, written in one process)", err=True)  # fmt: skip
             raise typer.Exit(2)
-        kitti = SyntheticKittiConfig(
-            sequences=kitti_sequences(scenes), frames_per_sequence=samples_per_scene, seed=seed
-        )
-        try:
+        with _errors():
+            kitti = SyntheticKittiConfig(
+                sequences=kitti_sequences(scenes), frames_per_sequence=samples_per_scene, seed=seed
+            )
             root = write_kitti(out, kitti, overwrite=overwrite)
-        except (ValueError, FileExistsError) as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(1) from None
         typer.echo(f"wrote SemanticKITTI sequences {', '.join(kitti.sequences)} to {root}")
         return
     if format != "nuscenes":
@@ -85,7 +109,7 @@ def make_synthetic_command(
     from pipeline.synthetic import VERSION, SyntheticConfig, make_synthetic
 
     start = time.perf_counter()
-    try:
+    with _errors():
         given = {"width": width, "height": height, "workers": workers}
         cfg = SyntheticConfig(
             out=out,
@@ -96,9 +120,6 @@ def make_synthetic_command(
             **{k: v for k, v in given.items() if v is not None},  # the rest: the config's defaults
         )
         root = make_synthetic(cfg)
-    except (ValueError, FileExistsError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from None
     typer.echo(
         f"wrote {VERSION} to {root}: {scenes} scenes x {samples_per_scene} samples "
         f"in {time.perf_counter() - start:.1f} s"
@@ -115,14 +136,11 @@ def check_data_command(
 
     Prints one line per problem and exits 1 if there is any.
     """
-    from pipeline.datasets import DataError, NuScenesReader, check_data
+    from pipeline.datasets import NuScenesReader, check_data
 
-    try:
+    with _errors():
         reader = NuScenesReader(data, version)
-    except DataError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from None
-    problems = check_data(reader, split)
+        problems = check_data(reader, split)
     for problem in problems:
         typer.echo(problem)
     typer.echo(f"{len(problems)} problem(s) in {reader.version} split {split}", err=True)
@@ -152,27 +170,20 @@ def make_teacher_command(
     from pipeline.teacher import parse_image_size, save_random_teacher
 
     if fit_on is None:
-        try:
+        with _errors():  # an unknown size, an existing or non-folder --out
             path = save_random_teacher(out, size=size, registers=registers, seed=seed)
-        except (ValueError, OSError) as e:  # unknown size, an existing or non-folder --out
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(1) from None
         typer.echo(f"saved a RANDOM {size} DINOv2 ({registers} registers) to {path} (demo/test only)")
         return
-    from pipeline.datasets import DataError
     from pipeline.synthetic.teacher_fit import FitConfig, fit_teacher
 
     if registers:
         raise typer.BadParameter("--fit-on fits a teacher without registers", param_hint="--registers")
-    try:
+    with _errors():
         cfg = FitConfig(
             data=fit_on, out=out, size=size, split=fit_split, image_size=parse_image_size(image_size),
             epochs=fit_epochs, seed=seed, progress=progress,
         )  # fmt: skip
         stats = fit_teacher(cfg)
-    except (DataError, ValueError, OSError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from None
     val = stats["val_accuracy"]
     typer.echo(
         f"saved a STAND-IN {size} DINOv2 fitted to {fit_on} ({fit_split}, {fit_epochs} epochs, "
@@ -232,7 +243,7 @@ def extract_teacher_command(
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--target-format") from None
     layout = default_layout(device, available_cores())  # what the options left unset get
-    try:
+    with _errors():  # a bad combination of options, named
         cfg = ExtractConfig(
             data=data,
             cache_root=cache,
@@ -255,11 +266,6 @@ def extract_teacher_command(
             skip_bad=skip_bad,
             target_format=target_format,
         )
-    except ValueError as e:  # a bad combination of options, named
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
-    from cache import CacheError
-
     if scheduler is None:
         kind = "process" if cfg.processes else "thread"
         typer.echo(f"LocalCluster: {cfg.n_workers} {kind} workers x {cfg.threads_per_worker} unit(s) at once")
@@ -270,11 +276,8 @@ def extract_teacher_command(
         if ignored:
             typer.echo(f"warning: {', '.join(ignored)} set the layout of a LocalCluster: ignored with --scheduler (the cluster's workers run as `dask worker` started them)", err=True)
     try:
-        summary = extract_teacher(cfg)
-    except (CacheError, ValueError, OSError, UnitFailedError) as e:  # Data/TeacherError: ValueErrors
-        # OSError: a --cache that is a file, an unreachable --scheduler, an unreadable file
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from None
+        with _errors(UnitFailedError):  # OSError also: an unreachable --scheduler
+            summary = extract_teacher(cfg)
     except KeyboardInterrupt as e:  # the lock is released and finished units are kept
         typer.echo(str(e) or "interrupted (finished units are kept: the same command goes on)", err=True)
         sys.stdout.flush()
@@ -301,14 +304,10 @@ def cache_info_command(
     ),
 ) -> None:
     """Key, scans, points, paired share, size and completeness of a cache."""
-    from cache import CacheError
     from cache.store import describe
 
-    try:
+    with _errors():
         typer.echo(describe(root_or_path))
-    except CacheError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from None
 
 
 @cache_app.command("verify")
@@ -316,14 +315,11 @@ def cache_verify_command(
     path: Path = typer.Argument(..., help="A cache folder, or a root holding exactly one cache."),
 ) -> None:
     """Recompute every checksum and check offsets and row counts; exit 1 on any problem."""
-    from cache import CacheError, resolve_cache, verify_cache
+    from cache import resolve_cache, verify_cache
 
-    try:
+    with _errors():
         cache = resolve_cache(path)
         problems = verify_cache(cache)
-    except CacheError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from None
     for problem in problems:
         typer.echo(problem)
     if problems:
@@ -363,25 +359,21 @@ def train_command(
 
     Multi-process: torchrun --nproc_per_node N cli.py train ... (gloo on CPU, nccl on CUDA).
     """
-    from cache import CacheError
-    from pipeline.datasets import DataError
     from trainer.config import CONFIG, load_config
     from trainer.loop import train
 
     if resume and config is None and out is not None and (out / CONFIG).is_file():
         config = out / CONFIG  # resume as the run was configured; options given here win
     try:
-        cfg = load_config(
-            config, cache=cache, data=data, out=out, version=version, split=split, head=head,
-            occupancy_weight=occupancy_weight, epochs=epochs, batch_size=batch_size, lr=lr,
-            workers=workers, seed=seed, device=device, threads=threads, backbone=backbone,
-            checkpoint_every=checkpoint_every, resume=resume or None, progress=progress,
-            verify_cache=verify_cache, skip_bad_scans=skip_bad_scans,
-        )  # fmt: skip
-        result = train(cfg)
-    except (CacheError, DataError, ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from None
+        with _errors():
+            cfg = load_config(
+                config, cache=cache, data=data, out=out, version=version, split=split, head=head,
+                occupancy_weight=occupancy_weight, epochs=epochs, batch_size=batch_size, lr=lr,
+                workers=workers, seed=seed, device=device, threads=threads, backbone=backbone,
+                checkpoint_every=checkpoint_every, resume=resume or None, progress=progress,
+                verify_cache=verify_cache, skip_bad_scans=skip_bad_scans,
+            )  # fmt: skip
+            result = train(cfg)
     except KeyboardInterrupt as e:  # the loop says which step the checkpoint holds
         typer.echo(str(e) or "interrupted", err=True)
         raise typer.Exit(130) from None
@@ -430,19 +422,6 @@ _DEVICE = typer.Option("cpu", "--device", help="torch device (cpu, cuda).")
 _SEED = typer.Option(0, "--seed", help="Seed.")
 
 
-@contextlib.contextmanager
-def _eval_errors():
-    """Bad input (missing files, bad data, bad caches, bad options) → one clear line and exit
-    status 1."""
-    from cache import CacheError
-
-    try:
-        yield
-    except (ValueError, OSError, CacheError, FloatingPointError) as e:  # DataError is a ValueError
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from None
-
-
 def _eval_data(data, dataset, version, train_split, val_split, max_train, max_val):
     from trainer.evaluate.backbone import EvalData
 
@@ -466,7 +445,7 @@ def evaluate_linear_probe_command(
 
     Writes RUN_DIR/eval/linear_probe.json (or OUT/linear_probe.json) and prints the IoU table.
     """
-    with _eval_errors():
+    with _errors():
         from trainer.evaluate.linear_probe import LinearProbeConfig, run_linear_probe
         from trainer.evaluate.probe import ProbeConfig
 
@@ -497,7 +476,7 @@ def evaluate_finetune_command(
 
     Writes finetune.json and subset.txt (the scan tokens used) to RUN_DIR/eval/finetune_<p>pct/.
     """
-    with _eval_errors():
+    with _errors():
         from trainer.evaluate.finetune import FinetuneConfig, run_finetune
 
         cfg = FinetuneConfig(
@@ -521,7 +500,7 @@ def evaluate_rankme_command(
     out: Path = _OUT, like: Path = _LIKE, device: str = _DEVICE, seed: int = _SEED,
 ) -> None:  # fmt: skip
     """RankMe (effective rank) of the backbone point features; with --cache also of the teacher."""
-    with _eval_errors():
+    with _errors():
         from cache import resolve_cache
         from trainer.evaluate.rankme import RankMeConfig, run_rankme
 
@@ -552,7 +531,11 @@ def evaluate_robustness_command(
     out: Path = _OUT, like: Path = _LIKE, device: str = _DEVICE, seed: int = _SEED,
 ) -> None:  # fmt: skip
     """Clean-trained linear probe under LiDAR corruptions: mIoU per corruption, mRR, mCE."""
-    with _eval_errors():
+    try:
+        severities = tuple(int(s) for s in severity.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"{severity!r} is not a comma list of integers", param_hint="--severity") from None
+    with _errors():
         from trainer.evaluate.corruptions import CORRUPTIONS
         from trainer.evaluate.probe import ProbeConfig
         from trainer.evaluate.robustness import RobustnessConfig, run_robustness
@@ -565,7 +548,7 @@ def evaluate_robustness_command(
         cfg = RobustnessConfig(
             checkpoint=checkpoint,
             data=_eval_data(data, dataset, version, train_split, val_split, max_train_scans, max_val_scans),
-            out=out, like=like, corruptions=names, severities=tuple(int(s) for s in severity.split(",")),
+            out=out, like=like, corruptions=names, severities=severities,
             beams=beams, baseline=baseline, points_per_scan=points_per_scan or None, device=device, seed=seed,
             probe=ProbeConfig(steps=probe_steps, lr=probe_lr, seed=seed),
         )  # fmt: skip
@@ -585,7 +568,7 @@ def visualize_command(
 ) -> None:  # fmt: skip
     """PCA pictures: teacher targets vs student features (bird's-eye view) and the teacher's
     features drawn on the camera images."""
-    with _eval_errors():
+    with _errors():
         from cache import resolve_cache
         from trainer.evaluate.visualize import VisualizeConfig, run_visualize
 
@@ -614,7 +597,7 @@ def ablate_command(
 
     Example: ablate --cache C --data D --out O --grid head=linear,mlp occupancy_weight=0,1 epochs=2
     """
-    with _eval_errors():
+    with _errors():
         from trainer.evaluate.ablate import AblateConfig, run_ablation
 
         run_ablation(
@@ -662,20 +645,17 @@ def bench_command(
         size = parse_image_size(image_size)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--image-size") from None
-    cfg = BenchConfig(
-        data=data, teacher=teacher, split=split, image_size=size,
-        batch_size=batch_size, scans=scans, steps=steps, backbone=backbone, dim=dim,
-        points_per_scan=points, reads=reads, threads=threads, device=device, dtype=dtype,
-        workers=workers, processes=processes, threads_per_worker=threads_per_worker,
-        replicate=replicate, gpu_rate=gpu_rate, image_decode=image_decode,
-        target_format=target_format,
-    )  # fmt: skip
-    for name in WHATS if what == "all" else [what]:
-        try:
+    with _errors():
+        cfg = BenchConfig(
+            data=data, teacher=teacher, split=split, image_size=size,
+            batch_size=batch_size, scans=scans, steps=steps, backbone=backbone, dim=dim,
+            points_per_scan=points, reads=reads, threads=threads, device=device, dtype=dtype,
+            workers=workers, processes=processes, threads_per_worker=threads_per_worker,
+            replicate=replicate, gpu_rate=gpu_rate, image_decode=image_decode,
+            target_format=target_format,
+        )  # fmt: skip
+        for name in WHATS if what == "all" else [what]:
             run_benchmark(name, cfg)
-        except ValueError as err:
-            typer.echo(f"error: {err}", err=True)
-            raise typer.Exit(1) from err
 
 
 if __name__ == "__main__":
