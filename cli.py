@@ -43,12 +43,17 @@ def _errors(*also: type[Exception]) -> Iterator[None]:
     incomplete, damaged or mismatching cache), FloatingPointError (a diverged run, NaN targets)
     and a command's own ``also``. Not caught: typer's usage errors (exit 2) and exits,
     KeyboardInterrupt, and every other exception (AssertionError, TypeError, KeyError...): a bug
-    keeps its traceback."""
+    keeps its traceback. ``DISTILL_TRACEBACK=1`` in the environment prints the traceback of a
+    caught error too (a ValueError deep in torch may be a bug of ours: report it with this)."""
     from cache.schema import CacheError
 
     try:
         yield
     except (OSError, ValueError, CacheError, FloatingPointError, *also) as e:
+        if os.environ.get("DISTILL_TRACEBACK") == "1":
+            import traceback
+
+            traceback.print_exc()
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
 

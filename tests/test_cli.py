@@ -147,3 +147,8 @@ def test_bad_input_is_one_line_naming_it_not_a_traceback(
             error = result.stderr[result.stderr.index("error: ") :]  # the last thing said
             assert error.count("\n") == 1 and error.endswith("\n"), (args, error)
     assert not any((tmp_path / name).exists() for name in ("c", "t", "k", "r", "e"))
+    # DISTILL_TRACEBACK=1: the same error line, after the traceback that led to it
+    shown = runner.invoke(app, ["check-data", "--data", str(tmp_path / "nowhere")],
+                          env={"DISTILL_TRACEBACK": "1"})  # fmt: skip
+    assert shown.exit_code == 1 and "Traceback (most recent call last)" in shown.stderr
+    assert shown.stderr.rstrip().splitlines()[-1].startswith("error: ")
