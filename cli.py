@@ -8,7 +8,8 @@ Errors: every command body runs inside ``_errors()``: bad input (a missing or un
 file where a folder belongs, a bad value, a damaged cache or dataset) ends in one ``error: ...``
 line on stderr and exit status 1; typer's usage errors (a missing option, a value of the wrong
 type, ``typer.BadParameter``) exit 2; Ctrl-C exits 130 where a command handles it (train,
-extract-teacher). Anything else is a bug and keeps its traceback.
+extract-teacher). Anything else is a bug and keeps its traceback; ``DISTILL_TRACEBACK=1`` shows
+the traceback behind an ``error:`` line too.
 """
 
 from __future__ import annotations

@@ -5,14 +5,18 @@ What happens (docs/extraction.md has the details and measurements):
    the reader's order: scene, then time) and builds the `CacheKey` (dataset fingerprint, split,
    teacher name + weights sha256, image size, feature layer, pairing settings, target format,
    schema version).
+   With ``--scheduler`` (an existing cluster) a client without CUDA loads the teacher on its CPU
+   for the key.
 2. ``CacheWriter.create`` makes or re-opens ``cache_root/<digest>/``; under the cache's writer
    lock only the units without a valid ``.done`` marker are submitted, one Dask task per unit.
+   With ``--scheduler`` the client first waits for a worker (saying so when there is none yet)
+   and refuses a scheduler or worker that does not import this code (`pipeline/environment.py`).
 3. A task (`extract_unit`) loads its scans' points, labels and images, pairs the points with the
    cameras, runs the teacher over the unit's images in batches across cameras, samples the patch
    grid of each point's camera at its pixel (grid formats: keeps the grids instead, grid-i8
    quantized on the teacher's device; the reader samples them), and writes the unit atomically
    through the writer.
-   Unpaired points get zero targets and camera -1.
+   Unpaired points get camera -1 and no stored target row (zeros when read).
 4. The client shows a progress bar over units, then finalizes the cache and returns a summary.
 
 A unit's result depends only on its scans and the settings, never on which worker ran it, when,

@@ -1,6 +1,9 @@
 """Training data: scans and targets from the cache (never the teacher), augmented and voxelised.
 
 - `open_training_cache(cfg)`: the cache, checked against the dataset and split asked for.
+- `usable_scans(reader, cfg, rank, world)`: the scans of the units that pass the check; under
+  DDP each process checks its share (`unit_problems_share`) and the findings are exchanged.
+- `augment(xyz, scale_range, rng)`: rotation about z, x/y flips, scaling (fine-tuning uses it too).
 - `ScanDataset[(epoch, i)]`: scan i of the cache as numpy arrays; its randomness (augmentation,
   masking, ray sampling) is a function of (seed, epoch, i) only, so any number of workers, and a
   resumed run, see exactly the same samples.

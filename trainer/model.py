@@ -7,9 +7,11 @@ Voxel features are sliced back to every input point (``ME.TensorField.slice``), 
 share a voxel share a feature. Public API (also used by ``trainer/evaluate``):
 
 - ``StudentConfig`` / ``build_student(cfg)`` → ``MinkUNet``; ``model(field)`` → (N, C) features.
-- ``make_field(points_list, voxel_size, device)`` → ``ME.TensorField`` of a batch of scans.
+- ``points_field(points_list, cfg, device)`` → ``ME.TensorField`` of a batch of raw scans;
+  ``make_field(coords, feats, device, threads)`` the same from batched coordinates and features.
 - ``point_features(model, points_list, device)`` → list of (N_i, C) per-scan features.
-- ``load_backbone(run_dir)`` → (model in eval mode, StudentConfig) from a training run folder.
+- ``load_backbone(run_dir)`` → (model in eval mode, StudentConfig) from a training run folder;
+  ``load_checkpoint(path)`` → the checkpoint dict (ValueError naming a file that is not one).
 
 Mixed precision: MinkowskiEngine's convolutions need features and kernels of the same dtype, and
 autocast would turn some of them (the 1x1 convolutions are ``F.mm(kernel)``, the voxel averaging
