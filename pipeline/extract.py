@@ -820,7 +820,7 @@ def extract_teacher(cfg: ExtractConfig) -> ExtractSummary:
     # validates model and image size before any Dask work
     teacher = cached_teacher(_identity_config(teacher_cfg))
     # "auto" resolved once, here: the meta records what ran
-    cfg = dataclasses.replace(cfg, image_decode=resolve_image_decode(cfg.image_decode, cfg.device))
+    cfg = dataclasses.replace(cfg, image_decode=_decode_mode(cfg))
     bad = preflight(reader, scans, cfg.progress)
     scans = _good_scans(scans, bad, cfg.split, cfg.skip_bad)
     units = split_units(scans, cfg.scans_per_unit)
@@ -894,6 +894,25 @@ def extract_teacher(cfg: ExtractConfig) -> ExtractSummary:
     return summary
 
 
+def _decode_mode(cfg: ExtractConfig) -> str:
+    """``cfg.image_decode`` resolved once, on this client: "cpu" or "device". With
+    ``--scheduler`` the workers decode: "device" needs torchvision there, not here (a worker
+    without it fails its start-up, naming it), and "auto" decided here is said when it may differ
+    from the workers' view (no torchvision here, a CUDA teacher)."""
+    if cfg.scheduler and cfg.image_decode == "device":
+        return "device"
+    mode = resolve_image_decode(cfg.image_decode, cfg.device)
+    cuda = torch.device(cfg.device).type == "cuda"
+    if cfg.scheduler and cfg.image_decode == "auto" and cuda and mode == "cpu":
+        print(
+            "warning: --image-decode auto is decided on this client, which has no torchvision: "
+            "the workers decode on the CPU (pass --image-decode device for their GPUs)",
+            file=sys.stderr,
+            flush=True,
+        )
+    return mode
+
+
 def _good_scans(
     scans: list[Scan], bad: dict[str, list[str]], split: str, skip_bad: bool
 ) -> list[Scan]:
@@ -919,8 +938,9 @@ def _start_up(client: Any, cfg: ExtractConfig, teacher_cfg: TeacherConfig, threa
     when it has none yet), check a running cluster runs this code, and prepare every worker."""
     if cfg.scheduler and not client.nthreads():  # say why nothing moves
         print(
-            f"waiting for a worker to join the Dask cluster at {cfg.scheduler} (none "
-            f"yet: start one with `dask worker {cfg.scheduler}`, docs/scaling.md)",
+            f"waiting for a worker to join the Dask cluster at {cfg.scheduler} (none yet: start "
+            f"one with `PYTHONPATH={Path(__file__).resolve().parent.parent} dask worker "
+            f"{cfg.scheduler}`, docs/scaling.md)",
             file=sys.stderr,
             flush=True,
         )

@@ -239,6 +239,7 @@ def test_a_cluster_with_no_worker_yet_is_waited_for_saying_so(
         assert (
             f"waiting for a worker to join the Dask cluster at {cluster.scheduler_address}" in said
         )
+        assert f"`PYTHONPATH={REPO} dask worker {cluster.scheduler_address}`" in said
         assert run.is_alive() and not done  # nothing can run yet
         cluster.scale(1)
         run.join(timeout=120)
@@ -623,12 +624,17 @@ def test_a_cluster_without_this_code_is_refused_naming_each_process(serial, tmp_
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_cuda_workers_of_a_cluster_need_no_cuda_on_the_client(serial, tmp_path: Path) -> None:
+@pytest.mark.parametrize("decode", ["auto", "device"])
+def test_cuda_workers_of_a_cluster_need_no_cuda_on_the_client(
+    serial, tmp_path: Path, decode: str
+) -> None:
     """`--scheduler ... --device cuda --dtype float16` from a client without CUDA (a head node):
     the client loads the teacher for its identity on the CPU, builds the float16 cache key and
     hands the forwards to the workers. These workers (threads of this CUDA-less process) cannot
     load it there: one line names the worker's error, exit 1. (The client used to load the
-    teacher on CUDA itself and died with a traceback, "Torch not compiled with CUDA enabled".)"""
+    teacher on CUDA itself and died with a traceback, "Torch not compiled with CUDA enabled".)
+    Nor does it need torchvision for --image-decode device (the workers decode); "auto", decided
+    here without torchvision, is said to mean CPU decoding."""
     import logging
 
     from dask.distributed import LocalCluster
@@ -638,6 +644,7 @@ def test_cuda_workers_of_a_cluster_need_no_cuda_on_the_client(serial, tmp_path: 
 
     cfg, summary = serial
     args = [*_cli(replace(cfg, cache_root=tmp_path))[2:], "--device", "cuda", "--dtype", "float16"]
+    args += ["--image-decode", decode]
     with LocalCluster(
         n_workers=1, processes=False, dashboard_address=":0", silence_logs=logging.ERROR
     ) as cluster:
@@ -648,6 +655,9 @@ def test_cuda_workers_of_a_cluster_need_no_cuda_on_the_client(serial, tmp_path: 
     (path,) = tmp_path.iterdir()
     key = json.loads((path / "manifest.json").read_text())["key"]
     assert key["teacher_dtype"] == "float16"
+    assert key.get("image_decode", "cpu") == ("device" if decode == "device" else "cpu")
+    said_auto = "--image-decode auto is decided on this client, which has no torchvision"
+    assert (said_auto in result.output) == (decode == "auto"), result.output
     assert (
         key["teacher_weights_sha256"] == open_cache(summary.cache_path).key.teacher_weights_sha256
     )

@@ -209,6 +209,18 @@ def test_ctrl_c_under_torchrun_names_the_torchrun_command(train_cache, tmp_path)
     ), messages[0]
 
 
+def test_the_resume_line_of_a_multi_node_run_names_nodes_and_processes_per_node(
+    monkeypatch,
+) -> None:
+    """2 nodes x 8 processes resume with --nnodes 2 --nproc_per_node 8, not --nproc_per_node 16."""
+    from trainer.loop import _torchrun
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert _torchrun(16).startswith("torchrun --nnodes 2 --nproc_per_node 8 ")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert _torchrun(2) == "torchrun --nproc_per_node 2"
+
+
 def test_checkpoint_is_never_half_written(tmp_path) -> None:
     path = tmp_path / "checkpoint.pt"
     save_checkpoint(path, {"step": 1, "w": torch.arange(3)})

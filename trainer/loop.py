@@ -246,6 +246,15 @@ def _restore(
     return int(state["step"]), state.get("loss")
 
 
+def _torchrun(world: int) -> str:
+    """The torchrun command line of a run of ``world`` processes (several nodes: torchrun's
+    LOCAL_WORLD_SIZE processes on each)."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if local >= world or world % local:
+        return f"torchrun --nproc_per_node {world}"
+    return f"torchrun --nnodes {world // local} --nproc_per_node {local} (on each node, as started)"
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
     """Keep the metrics lines up to ``step`` (a killed run may have logged past its checkpoint)."""
     if path.exists():
@@ -450,11 +459,9 @@ def _train(cfg: TrainConfig, rt: distributed.Runtime) -> TrainResult:
         if saved_step is None:
             kept = f"no checkpoint yet (the first is at step {min(cfg.checkpoint_every, total)})"
         else:  # a run resumes only with its process count (`_check_schedule`)
-            how = (
-                f" {rt.world} processes in all, as this run: torchrun --nproc_per_node {rt.world}"
-                if rt.distributed
-                else ": python"
-            )
+            how = f" {rt.world} processes in all, as this run: {_torchrun(rt.world)}"
+            if not rt.distributed:
+                how = ": python"
             kept = (
                 f"{ckpt_path} holds step {saved_step}; go on with{how} cli.py train "
                 f"--out {run_dir} --resume"
