@@ -92,15 +92,15 @@ def make_synthetic_command(
     with --format semantickitti a LiDAR-only set in the SemanticKITTI layout."""
     import time
 
+    if format not in ("nuscenes", "semantickitti"):
+        raise typer.BadParameter(f"{format!r}: one of nuscenes, semantickitti", param_hint="--format")
     if format == "semantickitti":  # evaluation's writer (pipeline/synthetic/semantickitti.py)
         from pipeline.synthetic.semantickitti import SyntheticKittiConfig, kitti_sequences
         from pipeline.synthetic.semantickitti import write_synthetic_semantickitti as write_kitti
 
         given = [f"--{n}" for n, v in (("width", width), ("height", height), ("workers", workers)) if v is not None]
         if given:  # a LiDAR-only set, written in one process: these would be silently ignored
-            typer.echo(f"error: {', '.join(given)} apply to --format nuscenes only (SemanticKITTI "
-                       "is LiDAR only, written in one process)", err=True)  # fmt: skip
-            raise typer.Exit(2)
+            raise typer.BadParameter("apply to --format nuscenes only (SemanticKITTI is LiDAR only, written in one process)", param_hint=", ".join(given))
         with _errors():
             kitti = SyntheticKittiConfig(
                 sequences=kitti_sequences(scenes), frames_per_sequence=samples_per_scene, seed=seed
@@ -108,9 +108,6 @@ def make_synthetic_command(
             root = write_kitti(out, kitti, overwrite=overwrite)
         typer.echo(f"wrote SemanticKITTI sequences {', '.join(kitti.sequences)} to {root}")
         return
-    if format != "nuscenes":
-        typer.echo(f"error: unknown --format {format!r} (nuscenes, semantickitti)", err=True)
-        raise typer.Exit(1)
 
     from pipeline.synthetic import VERSION, SyntheticConfig, make_synthetic
 
@@ -184,9 +181,13 @@ def make_teacher_command(
 
     if registers:
         raise typer.BadParameter("--fit-on fits a teacher without registers", param_hint="--registers")
+    try:
+        fit_size = parse_image_size(image_size)
+    except ValueError as e:  # as extract-teacher and bench: a usage error
+        raise typer.BadParameter(str(e), param_hint="--image-size") from None
     with _errors():
         cfg = FitConfig(
-            data=fit_on, out=out, size=size, split=fit_split, image_size=parse_image_size(image_size),
+            data=fit_on, out=out, size=size, split=fit_split, image_size=fit_size,
             epochs=fit_epochs, seed=seed, progress=progress,
         )  # fmt: skip
         stats = fit_teacher(cfg)

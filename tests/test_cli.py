@@ -131,7 +131,10 @@ def test_bad_input_is_one_line_naming_it_not_a_traceback(
         ),
         (["bench", "size", "--image-size", "foo"], 2, "foo"),
         (["bench", "loader", "--data", str(tmp_path / "nowhere"), "--teacher", teacher], 1, "nowhere"),
-        ([*kitti, "--width", "64"], 2, "--width apply to --format nuscenes only"),
+        ([*kitti, "--width", "64"], 2, "--width: apply to --format nuscenes only"),
+        (["make-synthetic", "--out", str(tmp_path / "k"), "--format", "foo"], 2, "'foo'"),
+        (["make-teacher", "--out", str(tmp_path / "t"), "--fit-on", data, "--image-size", "3x"],
+         2, "--image-size"),  # fmt: skip
         # before: a traceback (NotADirectoryError) / "[Errno 17] File exists: '.../a-file'"
         (["make-synthetic", "--out", str(a_file / "k"), "--format", "semantickitti"], 1, f"{a_file} exists and is not a folder"),
         (["make-synthetic", "--out", str(a_file / "s")], 1, f"{a_file} exists and is not a folder"),
