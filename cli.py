@@ -342,7 +342,7 @@ def cache_verify_command(
 def train_command(
     cache: Path = typer.Option(None, "--cache", help="Cache folder (ROOT/<digest>) or a root holding one cache."),
     data: Path = typer.Option(None, "--data", help="nuScenes root the cache was extracted from (fingerprint check)."),
-    out: Path = typer.Option(None, "--out", help="Run folder: config.yaml, metrics.jsonl, checkpoint.pt."),
+    out: Path = typer.Option(None, "--out", help="Run folder: config.yaml, metrics.jsonl, checkpoint.pt, summary.json (when finished)."),
     version: str = typer.Option(None, "--version", help="nuScenes version folder; default: the only one."),
     split: str = typer.Option(None, "--split", help="Split to train on (must match the cache) (default train)."),
     head: str = typer.Option(None, "--head", help="Projection head: mlp or linear (default mlp)."),
