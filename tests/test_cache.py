@@ -536,6 +536,44 @@ def test_open_cache_refuses_incomplete_and_other_schema(tmp_path: Path) -> None:
         open_cache(tmp_path)
 
 
+def test_a_manifest_edited_by_hand_is_refused_naming_the_field(tmp_path: Path) -> None:
+    """Every reader of a manifest uses feature_dim, digest, layout and units: a value of the
+    wrong kind is refused naming the file and the field (not a TypeError far away); a manifest
+    that cannot be read, or a cache root that is no folder, is named as such."""
+    from cache.store import list_caches, load_manifest
+
+    writer = write_cache(tmp_path / "root")
+    path = writer.path / "manifest.json"
+    good = json.loads(path.read_text())
+    assert load_manifest(writer.path) == good and good["feature_dim"] == D
+    cases = [
+        ({"feature_dim": 0}, "feature_dim must be a positive integer, got 0"),
+        ({"feature_dim": True}, "feature_dim must be a positive integer, got true"),
+        ({"feature_dim": "16"}, 'feature_dim must be a positive integer, got "16"'),
+        ({"digest": 7}, "digest must be a string, got 7"),
+        ({"layout": []}, "layout must be an object, got []"),
+        ({"units": [["a"], [2]]}, 'units must be a list of lists of scan tokens, got [["a"], [2]]'),
+        ({"units": ["a", "b"]}, 'units must be a list of lists of scan tokens, got ["a", "b"]'),
+    ]
+    for change, problem in cases:
+        path.write_text(json.dumps({**good, **change}))
+        with pytest.raises(CacheError) as e:
+            load_manifest(writer.path)
+        assert str(e.value) == f"cache manifest {path}: {problem} (edited by hand?)", change
+    path.unlink()
+    path.mkdir()  # a folder where the file belongs
+    with pytest.raises(CacheError) as e:
+        load_manifest(writer.path)
+    assert str(e.value) == f"cache manifest {path} cannot be read: Is a directory"
+    gone = tmp_path / "gone"
+    gone.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(CacheError) as e:
+        list_caches(gone)
+    assert str(e.value) == f"cache root {gone} is a broken symlink (to {tmp_path / 'nowhere'})"
+    with pytest.raises(CacheError, match=f"^cache root {tmp_path / 'nowhere'} does not exist$"):
+        list_caches(tmp_path / "nowhere")
+
+
 # ---------------------------------------------------------------- lock ----
 def test_lock_excludes_a_second_writer(tmp_path: Path) -> None:
     with cache_lock(tmp_path):

@@ -583,6 +583,11 @@ def test_ring_ids_come_from_the_nuscenes_files(synthetic_nuscenes, synthetic_sem
     }
     assert ring_ids(SemanticKITTIReader(synthetic_semantickitti), scan, points, 64) is None
     # (KITTI files carry no ring: elevation bins instead)
+    # ids that cannot be the rings of the sensor, or not one per point: elevation bins instead
+    top = int(ring.max())
+    assert np.array_equal(ring_ids(reader, scan, points, top + 1), ring)
+    assert ring_ids(reader, scan, points, top) is None  # an id == beams is no ring of it
+    assert ring_ids(reader, scan, points[:-1], 32) is None
 
 
 def test_cli_bad_input_is_one_clear_line(tmp_path):

@@ -124,6 +124,75 @@ def test_scans_without_labels_are_counted_and_carry_ignore(serial, tmp_path: Pat
     assert (labels == 255).all() and len(labels) > 0
 
 
+def test_the_recorded_git_sha_says_dirty_for_uncommitted_changes(tmp_path, monkeypatch) -> None:
+    """The cache's meta names the code: HEAD's sha, "+dirty" with a tracked file changed (an
+    untracked file is no change), "unknown" outside a git checkout. (A scratch repository,
+    through git's own GIT_DIR / GIT_WORK_TREE.)"""
+    from pipeline.extract import _git_sha
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    monkeypatch.setenv("GIT_DIR", str(repo / ".git"))
+    monkeypatch.setenv("GIT_WORK_TREE", str(repo))
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    monkeypatch.setenv("HOME", str(tmp_path))
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+            cwd=repo, capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+
+    git("init", "-q")
+    (repo / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("commit", "-q", "-m", "one")
+    sha = git("rev-parse", "HEAD")
+    assert len(sha) == 40 and _git_sha() == sha
+    (repo / "new.py").write_text("y = 2\n")
+    assert _git_sha() == sha  # untracked
+    (repo / "a.py").write_text("x = 2\n")
+    assert _git_sha() == f"{sha}+dirty"
+    monkeypatch.setenv("GIT_DIR", str(tmp_path / "no-repo"))
+    assert _git_sha() == "unknown"
+
+
+def test_code_identity_follows_the_files_a_process_imports(tmp_path) -> None:
+    """What `--scheduler` compares: a process importing a byte-identical copy of the packages
+    has this process's sha256; one where a file has another name (same bytes) has another;
+    one that cannot import `cache` names it and has no sha256."""
+    import shutil
+
+    from pipeline.environment import code_identity
+
+    def identity_from(root: Path) -> dict:
+        script = "import json; from pipeline.environment import code_identity as c; print(json.dumps(c()))"
+        env = {**os.environ, "PYTHONPATH": str(root)}
+        done = subprocess.run(
+            [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    mine = code_identity()
+    assert mine["packages"] == {p: str(REPO / p) for p in ("pipeline", "cache")}
+    copies = {}
+    for name in ("same", "renamed", "no-cache"):
+        for package in ("pipeline", "cache") if name != "no-cache" else ("pipeline",):
+            shutil.copytree(REPO / package, tmp_path / name / package,
+                            ignore=shutil.ignore_patterns("__py*"))  # fmt: skip
+        copies[name] = tmp_path / name
+    (copies["renamed"] / "pipeline" / "outputs.py").rename(
+        copies["renamed"] / "pipeline" / "outs.py"
+    )
+    same, renamed, no_cache = (identity_from(copies[n]) for n in ("same", "renamed", "no-cache"))
+    assert same["sha256"] == mine["sha256"] and len(mine["sha256"]) == 64
+    assert same["packages"]["pipeline"] == str(copies["same"] / "pipeline")
+    assert renamed["sha256"] not in (None, mine["sha256"])
+    assert no_cache["packages"] == {"pipeline": str(copies["no-cache"] / "pipeline"), "cache": None}
+    assert no_cache["sha256"] is None
+
+
 def test_steady_rate_leaves_out_ramp_and_tail() -> None:
     """20 units of 12 images: one every 0.1 s from t = 1.0 s (a slow start), the last two 2 s
     late (a tail): the steady rate is 120 images/s, the whole run's is lower."""

@@ -316,3 +316,20 @@ def test_cli_make_synthetic(tmp_path: Path) -> None:
     assert again.exit_code == 1 and "not empty" in again.output
     bad = CliRunner().invoke(app, ["make-synthetic", "--out", str(tmp_path / "x"), "--scenes", "0"])
     assert bad.exit_code == 1 and "scenes" in bad.output
+
+
+def test_an_out_under_a_file_or_a_broken_symlink_is_named_before_any_work(tmp_path: Path) -> None:
+    """make-synthetic and make-teacher check --out's parents first: the nearest existing one
+    must be a folder (a regular file, or a broken symlink, is named)."""
+    from pipeline.outputs import check_parents
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    gone = tmp_path / "gone"
+    gone.symlink_to(tmp_path / "nowhere")
+    for parent in (a_file, gone):
+        with pytest.raises(NotADirectoryError) as error:
+            check_parents(parent / "sub" / "out")
+        assert str(error.value) == f"{parent / 'sub' / 'out'}: {parent} exists and is not a folder"
+    check_parents(tmp_path / "new" / "out")  # folders to be made: fine
+    check_parents(a_file)  # out itself is make-synthetic's business (not empty, --overwrite)

@@ -219,6 +219,8 @@ def test_the_resume_line_of_a_multi_node_run_names_nodes_and_processes_per_node(
     assert _torchrun(16).startswith("torchrun --nnodes 2 --nproc_per_node 8 ")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert _torchrun(2) == "torchrun --nproc_per_node 2"
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")  # not started by torchrun: one node
+    assert _torchrun(4) == "torchrun --nproc_per_node 4"
 
 
 def test_checkpoint_is_never_half_written(tmp_path) -> None:
@@ -483,6 +485,62 @@ def test_config_yaml_values_of_the_wrong_type_are_refused_naming_key_and_file(tm
             load_config(path, cache="c", data="d", out="o")
 
 
+def test_run_files_that_are_not_what_they_should_be_are_named(tmp_path) -> None:
+    """read_yaml, read_run_record and load_checkpoint refuse a file that is not what it should
+    be in one line naming it and the problem (the CLI prints it after `error:`)."""
+    from trainer.config import read_run_record, read_yaml
+    from trainer.model import load_checkpoint
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochs: 2\nlr: [1, 2\nhead: mlp\n")
+    with pytest.raises(ValueError) as error:
+        read_yaml(bad, "config")
+    assert str(error.value) == (
+        f"{bad}: not valid YAML, cannot read the config (line 3, column 5: expected ',' or ']', "
+        "but got ':' (while parsing a flow sequence))"
+    )
+    bad.write_bytes(b"lr: \xff\n")
+    with pytest.raises(ValueError, match=f"^{bad}: cannot read the config: not text"):
+        read_yaml(bad, "config")
+    with pytest.raises(ValueError, match=r": cannot read the config \(No such file or directory\)"):
+        read_yaml(tmp_path / "none.yaml", "config")
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"not a training run folder \(no config.yaml\)"):
+        read_run_record(run)
+    for text in ("- 1\n", "config: 3\n", "steps: 4\n"):
+        (run / "config.yaml").write_text(text)
+        with pytest.raises(ValueError) as error:
+            read_run_record(run)
+        assert str(error.value) == (
+            f"{run / 'config.yaml'}: not a training run's config (no `config:` mapping)"
+        ), text
+    (run / "config.yaml").write_text("config: {lr: 1e-3}\nsteps: 4\n")
+    assert read_run_record(run) == {"config": {"lr": 0.001}, "steps": 4}
+
+    path = run / "checkpoint.pt"
+    with pytest.raises(FileNotFoundError, match="no checkpoint in this run folder"):
+        load_checkpoint(path)
+    path.write_text('{"step": 1}\n')  # another file under the name
+    with pytest.raises(ValueError) as error:
+        load_checkpoint(path)
+    assert str(error.value).startswith(
+        f"{path}: not a readable checkpoint (UnpicklingError: invalid load key"
+    )
+    for state, what in (
+        ([1, 2], "no model weights"),
+        ({"model": [], "step": 1}, "no model weights"),
+        ({"model": {}, "step": "4"}, "no step"),
+    ):
+        torch.save(state, path)
+        with pytest.raises(ValueError) as error:
+            load_checkpoint(path)
+        assert str(error.value) == f"{path}: not a checkpoint of `cli.py train` ({what})", state
+    torch.save({"model": {}, "step": 4}, path)
+    assert load_checkpoint(path) == {"model": {}, "step": 4}
+
+
 def test_sampler_epochs_are_seeded_permutations_sharded_and_resumable() -> None:
     full = RunBatchSampler(10, 2, epochs=3, seed=5)
     batches = list(full)
@@ -570,6 +628,22 @@ def test_scan_item_augmentation_moves_the_voxels_rigidly_and_not_the_targets(
         coords.append(item["coords"])
     raw = np.floor(xyz / cfg.voxel_size).astype(np.int32)
     assert not np.array_equal(coords[0], raw) and not np.array_equal(coords[0], coords[1])
+
+
+def test_augment_scales_by_one_factor_drawn_from_the_range() -> None:
+    """Rotation about z and flips keep every range; the scale is one factor a scan, drawn over
+    the whole of ``scale_range`` (both ends reached within a few draws)."""
+    from trainer.data import augment
+
+    xyz = np.array([[3.0, 4.0, 1.0], [0.0, 2.0, -1.0], [-6.0, 1.0, 0.5]], np.float32)
+    scales = []
+    for seed in range(20):
+        out = augment(xyz, (0.5, 2.0), np.random.default_rng(seed))
+        s = np.linalg.norm(out, axis=1) / np.linalg.norm(xyz, axis=1)
+        assert s == pytest.approx(np.full(3, s[0]), rel=1e-5)
+        assert out[:, 2] == pytest.approx(s[0] * xyz[:, 2], rel=1e-5)
+        scales.append(float(s[0]))
+    assert 0.5 <= min(scales) < 0.8 and 1.7 < max(scales) <= 2.0, scales
 
 
 def test_lr_schedule_warms_up_then_decays() -> None:
@@ -681,6 +755,57 @@ def test_resume_with_other_usable_scans_or_process_count_is_refused(train_cache,
         train(dataclasses.replace(cfg, resume=True))
     save_checkpoint(cfg.out / "checkpoint.pt", ckpt)
     train(dataclasses.replace(cfg, resume=True))  # the same schedule resumes
+
+
+def test_resume_compares_the_checkpoints_own_fields_and_names_each_change(
+    train_cache, tmp_path
+) -> None:
+    """A checkpoint written before a config field existed resumes (a field added since is no
+    change), as does one resumed with another setting that keeps the trajectory
+    (RESUMABLE_CHANGES); a changed trajectory setting is refused naming it (saved -> asked)."""
+    cfg = _cfg(train_cache, tmp_path / "run", epochs=1)
+    train(cfg)
+    ckpt = torch.load(cfg.out / "checkpoint.pt", weights_only=False)
+    older = dict(ckpt, config={k: v for k, v in ckpt["config"].items() if k != "grad_clip"})
+    save_checkpoint(cfg.out / "checkpoint.pt", older)  # as written before grad_clip existed
+    again = train(dataclasses.replace(cfg, resume=True, checkpoint_every=3, log_every=2))
+    assert again.steps == 4
+    with pytest.raises(ValueError) as error:
+        train(dataclasses.replace(cfg, resume=True, lr=0.01, checkpoint_every=3))
+    assert str(error.value).endswith(
+        "cannot resume with a different config; changed field(s): lr (0.003 -> 0.01)"
+    ), str(error.value)
+
+
+def test_config_changes_compares_json_forms_by_dotted_key() -> None:
+    """The one comparison rule (resume, ablate, robustness baselines): JSON forms (a path and
+    its string, a tuple and its list are equal), nested keys dotted, an empty mapping a value,
+    a key one side lacks ABSENT (not None); ``ignore`` drops top-level keys with their nested
+    ones, ``only`` compares the keys named, in their order."""
+    from trainer.config import ABSENT, config_changes
+    from trainer.evaluate.ablate import differing_keys
+
+    saved = {"a": 1, "p": Path("/x"), "t": (1, 2), "d": {"x": 1, "y": {}}, "gone": None}
+    saved["io"] = {"k": 1}
+    wanted = {"a": 1, "p": "/x", "t": [1, 2], "d": {"x": 2, "y": {"z": 1}}, "io": {"k": 2}}
+    wanted["new"] = 3
+    assert config_changes(saved, wanted) == [
+        ("d.x", 1, 2),
+        ("d.y", {}, ABSENT),
+        ("gone", None, ABSENT),
+        ("io.k", 1, 2),
+        ("d.y.z", ABSENT, 1),
+        ("new", ABSENT, 3),
+    ]
+    assert config_changes(saved, wanted, ignore=("d", "gone")) == [
+        ("io.k", 1, 2),
+        ("new", ABSENT, 3),
+    ]
+    assert config_changes(saved, wanted, only=("new", "a", "io.k")) == [
+        ("new", ABSENT, 3),
+        ("io.k", 1, 2),
+    ]
+    assert differing_keys(saved, wanted, ignore=("d", "gone", "new")) == ["io.k (1 -> 2)"]
 
 
 def test_without_clipping_the_gradient_norm_is_still_measured(train_cache, tmp_path) -> None:
