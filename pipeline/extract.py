@@ -552,6 +552,33 @@ def _check_cluster(client: Any, address: str) -> None:
             + f"\nStart `dask scheduler` and every `dask worker` with PYTHONPATH={repo} (this "
             "checkout on shared storage, or the same code elsewhere; docs/scaling.md)"
         )
+    workers = {who: theirs for who, theirs in seen.items() if who.startswith("worker ")}
+    if differing := version_differences(workers):
+        raise UnitFailedError(
+            f"the workers of the Dask cluster at {address} have other versions of packages that "
+            "shape the targets (their units would differ within one cache):\n  "
+            + "\n  ".join(differing)
+            + "\nInstall the same versions on every worker (one environment on shared storage, "
+            "or one container image; docs/scaling.md)"
+        )
+
+
+def version_differences(identities: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per package whose version differs between the processes of ``identities``
+    (name -> `environment.code_identity`), naming who has which: ``"zarr: 3.1.6 on worker a,
+    worker b; 0.0.1 on worker c"``. [] when they agree. The client is not compared: a head
+    node without CUDA runs another torch build than its GPU workers, and runs no unit."""
+    lines = []
+    for package in sorted({p for ident in identities.values() for p in ident["versions"]}):
+        holders: dict[str | None, list[str]] = {}
+        for who, ident in identities.items():
+            holders.setdefault(ident["versions"].get(package), []).append(who)
+        if len(holders) > 1:
+            lines.append(
+                f"{package}: "
+                + "; ".join(f"{v or 'not installed'} on {', '.join(w)}" for v, w in holders.items())
+            )
+    return lines
 
 
 def _same(value: Any) -> Any:

@@ -193,6 +193,35 @@ def test_code_identity_follows_the_files_a_process_imports(tmp_path) -> None:
     assert no_cache["sha256"] is None
 
 
+def test_workers_with_other_package_versions_are_named(tmp_path) -> None:
+    """Each process reports the installed versions of the packages that shape the targets (from
+    their metadata: a zarr 0.0.1 dist-info first on its path is what it has); workers that
+    disagree are named per package, the versions they have; agreeing workers give no line."""
+    from pipeline.environment import DISTRIBUTIONS, code_identity
+    from pipeline.extract import version_differences
+
+    fake = tmp_path / "old" / "zarr-0.0.1.dist-info"
+    fake.mkdir(parents=True)
+    (fake / "METADATA").write_text("Metadata-Version: 2.1\nName: zarr\nVersion: 0.0.1\n")
+    script = (
+        "import json; from pipeline.environment import code_identity as c; print(json.dumps(c()))"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'old'}{os.pathsep}{REPO}"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    old, mine = json.loads(done.stdout), code_identity()
+    assert (
+        set(mine["versions"]) == set(DISTRIBUTIONS)
+        and mine["versions"]["torch"] == torch.__version__
+    )
+    assert old["versions"] == {**mine["versions"], "zarr": "0.0.1"}
+    workers = {"worker a": mine, "worker b": mine, "worker c": old}
+    assert version_differences(workers) == [
+        f"zarr: {mine['versions']['zarr']} on worker a, worker b; 0.0.1 on worker c"
+    ]
+    assert version_differences({"worker a": mine, "worker b": mine}) == []
+
+
 def test_steady_rate_leaves_out_ramp_and_tail() -> None:
     """20 units of 12 images: one every 0.1 s from t = 1.0 s (a slow start), the last two 2 s
     late (a tail): the steady rate is 120 images/s, the whole run's is lower."""
