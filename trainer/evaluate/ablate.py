@@ -30,7 +30,15 @@ from typing import Any
 
 import numpy as np
 
-from trainer.config import CHECKPOINT, CONFIG, METRICS, SUMMARY, config_changes
+from trainer.config import (
+    CHECKPOINT,
+    CONFIG,
+    METRICS,
+    RESUMABLE_CHANGES,
+    SUMMARY,
+    config_changes,
+    read_run_record,
+)
 
 FORBIDDEN_MODULES = ("pipeline.teacher", "pipeline.extract")
 
@@ -198,8 +206,6 @@ def stale_results(
     ``config.yaml`` (training config fields other than ``RESUMABLE_CHANGES``, cache digest),
     ``eval/linear_probe.json`` and ``eval/rankme.json`` (their recorded configs). [] when the
     folder is new or everything in it matches."""
-    from trainer.config import RESUMABLE_CHANGES, read_run_record
-
     found = []
     config_path = run_dir / CONFIG
     if config_path.is_file():
