@@ -948,7 +948,22 @@ def verify_cache(path: str | Path, progress: bool = True) -> list[str]:
         problems += unit_problems(path, u, units[u], checksums=True, manifest=manifest)
     if not (path / COMPLETE).exists():
         problems.append(f"cache {path}: no {COMPLETE} marker (extraction not finalized)")
+    else:
+        problems += _complete_problems(path / COMPLETE, len(units))
     return problems
+
+
+def _complete_problems(marker: Path, units: int) -> list[str]:
+    """The COMPLETE marker must be what `CacheWriter.finalize` wrote: JSON counting the
+    manifest's units (its summary is what `cache info` shows of the extraction)."""
+    try:
+        record = _read_json(marker, "completion marker")
+    except CacheError as e:
+        return [str(e)]
+    held = record.get("units") if isinstance(record, dict) else None
+    if held != units:
+        return [f"completion marker {marker}: counts {_short(held)} units, the manifest {units}"]
+    return []
 
 
 def _manifest_problems(path: Path, manifest: dict) -> list[str]:

@@ -642,6 +642,23 @@ def test_cli_info_and_verify(tmp_path: Path) -> None:
     assert result.exit_code == 1 and "unit u00002: file label/c/0" in result.output
 
 
+def test_verify_reads_the_completion_marker(tmp_path: Path) -> None:
+    """COMPLETE is finalize's record (the run's summary, the unit count): verify names a marker
+    that is not JSON or counts other units, not only a missing one."""
+    writer = write_cache(tmp_path)
+    marker = writer.path / "COMPLETE"
+    assert verify_cache(writer.path, progress=False) == []
+    record = json.loads(marker.read_text())
+    marker.write_text(json.dumps({**record, "units": record["units"] + 1}))
+    (problem,) = verify_cache(writer.path, progress=False)
+    assert (
+        f"completion marker {marker}: counts {record['units'] + 1} units, the manifest 4" in problem
+    )
+    marker.write_bytes(b'{"summary": {"sc')  # torn
+    (problem,) = verify_cache(writer.path, progress=False)
+    assert f"completion marker {marker} is not valid JSON" in problem
+
+
 def _race(args: tuple[str, object]) -> bool:
     """Wait at the barrier, then create the cache and try to take its lock; True if taken."""
     root, barrier = args
