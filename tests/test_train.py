@@ -285,6 +285,34 @@ def _spawn_ddp(cfg: TrainConfig, out: Path, world: int = 2) -> list[dict]:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
 
 
+def _ddp_in_callers_group(rank: int, world: int, port: int, cfg: TrainConfig, out: Path) -> None:
+    """A script that sets up its own process group, trains, then uses the group again."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # fmt: skip
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    steps = train(cfg).steps
+    still = dist.is_initialized()
+    total = torch.tensor([steps])
+    dist.all_reduce(total)  # the caller's group still works after train()
+    dist.destroy_process_group()
+    (out / f"rank{rank}.json").write_text(json.dumps({"kept": still, "sum": int(total)}))
+
+
+@pytest.mark.slow
+def test_train_leaves_a_process_group_the_caller_set_up(train_cache, tmp_path) -> None:
+    """train() joins a process group only when none exists, and leaves only the one it joined:
+    a script's own group survives it (it used to be destroyed under the script)."""
+    import torch.multiprocessing as mp
+
+    cfg = _cfg(train_cache, tmp_path / "run", epochs=1)
+    mp.spawn(_ddp_in_callers_group, args=(2, _free_port(), cfg, tmp_path), nprocs=2, join=True)
+    outcomes = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert outcomes == [{"kept": True, "sum": 4}] * 2  # 8 scans / (2 x 2): 2 steps on each
+
+
 @pytest.mark.slow
 def test_ddp_a_non_finite_loss_on_one_rank_stops_every_rank(train_cache, tmp_path) -> None:
     """Scan 0 has NaN targets; it is in rank 1's second batch (8 scans, 2 processes x 2 scans).

@@ -16,6 +16,8 @@ class Runtime:
     device: torch.device
     rank: int = 0
     world: int = 1
+    owns_group: bool = False
+    """This process group was joined by `setup` (not by the caller): `cleanup` leaves it."""
 
     @property
     def is_main(self) -> bool:
@@ -38,12 +40,13 @@ def setup(device: str) -> Runtime:
         torch.cuda.set_device(dev)
     else:
         dev = torch.device(device)
-    if world > 1 and not dist.is_initialized():
+    owns_group = world > 1 and not dist.is_initialized()
+    if owns_group:  # a caller's own group (train() from a script that set one up) is used as is
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return Runtime(device=dev, rank=rank, world=world)
+    return Runtime(device=dev, rank=rank, world=world, owns_group=owns_group)
 
 
 def cleanup(rt: Runtime) -> None:
-    """Leave the process group (if this process joined one)."""
-    if rt.distributed and dist.is_initialized():
+    """Leave the process group if `setup` joined it; one the caller set up stays theirs."""
+    if rt.owns_group and dist.is_initialized():
         dist.destroy_process_group()
