@@ -859,9 +859,7 @@ def extract_teacher(cfg: ExtractConfig) -> ExtractSummary:
         feature_dim=teacher.feature_dim,
         meta=_run_meta(cfg, reader, teacher, bad),
     )
-    totals = dict.fromkeys(("images", "points", "paired", "bytes", "forwards"), 0)
-    step_s = dict.fromkeys(("pair_s", "image_wait_s", "teacher_s", "write_s"), 0.0)
-    progress: list[tuple[float, int]] = []  # (seconds since compute start, images) per unit done
+    totals, step_s, progress = _no_units()  # what a run with nothing to compute reports
     with writer.lock():
         pending = writer.pending_units()
         t_compute, compute_at = time.perf_counter(), time.time()
@@ -877,16 +875,8 @@ def extract_teacher(cfg: ExtractConfig) -> ExtractSummary:
                 futures = _submit_units(
                     client, cfg, writer, reader, teacher_cfg, units, pending, threads
                 )
-                _collect_units(
-                    client,
-                    futures,
-                    writer,
-                    len(units),
-                    cfg.progress,
-                    t_compute,
-                    totals,
-                    step_s,
-                    progress,
+                totals, step_s, progress = _collect_units(
+                    client, futures, writer, len(units), cfg.progress, t_compute
                 )
                 t_done = time.perf_counter()  # the last unit is written; closing is not compute
                 done_at = time.time()
@@ -1009,6 +999,13 @@ def _submit_units(
     }
 
 
+def _no_units() -> tuple[dict[str, int], dict[str, float], list[tuple[float, int]]]:
+    """Zero tallies: (totals, step seconds, progress) before any unit (`_collect_units`)."""
+    totals = dict.fromkeys(("images", "points", "paired", "bytes", "forwards"), 0)
+    step_s = dict.fromkeys(("pair_s", "image_wait_s", "teacher_s", "write_s"), 0.0)
+    return totals, step_s, []
+
+
 def _collect_units(
     client: Any,
     futures: dict[Any, int],
@@ -1016,16 +1013,15 @@ def _collect_units(
     n_units: int,
     show_progress: bool,
     t_compute: float,
-    totals: dict[str, int],
-    step_s: dict[str, float],
-    progress: list[tuple[float, int]],
-) -> None:
+) -> tuple[dict[str, int], dict[str, float], list[tuple[float, int]]]:
     """Wait for the units of ``futures`` (future -> unit id) under a progress bar over all
-    ``n_units``, adding each one's statistics to ``totals`` and ``step_s`` and (seconds since
-    ``t_compute``, images so far) to ``progress``. On a failure or Ctrl-C the units not started
-    are cancelled (finished ones stay done) and the error names the cache."""
+    ``n_units``; returns their summed statistics (`_no_units`' totals and step seconds) and,
+    per unit done, (seconds since ``t_compute``, images so far). On a failure or Ctrl-C the
+    units not started are cancelled (finished ones stay done) and the error names the cache."""
     from dask.distributed import as_completed
     from tqdm import tqdm
+
+    totals, step_s, progress = _no_units()
 
     bar = tqdm(
         total=n_units,
@@ -1070,6 +1066,7 @@ def _collect_units(
         raise
     finally:
         bar.close()
+    return totals, step_s, progress
 
 
 def _steady_rate(progress: list[tuple[float, int]], images: int, compute_s: float) -> float:
