@@ -399,10 +399,29 @@ def train_command(
     )
 
 
+@app.command("export")
+def export_command(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="Run folder of `train` (holds checkpoint.pt, config.yaml)."),
+    out: Path = typer.Option(..., "--out", help="The file to write (*.pt); an existing file is refused."),
+) -> None:  # fmt: skip
+    """The pretrained backbone as one file for other code: weights, architecture, input
+    definition, provenance (torch.load(..., weights_only=True) reads it; docs/training.md)."""
+    from trainer.export import export_backbone
+
+    with _errors():
+        provenance = export_backbone(checkpoint, out)
+    step, steps = provenance["step"], provenance["steps"]
+    if steps is not None and step < steps:
+        typer.echo(f"warning: {checkpoint / 'checkpoint.pt'} holds step {step} of {steps}: an unfinished run", err=True)
+    typer.echo(f"exported the backbone of {checkpoint} (step {step}) -> {out}")
+
+
 # ---------------------------------------------------------------- evaluation (trainer/) ----
 # Shared options of the evaluation commands (typer needs them per command; defaults live here).
 _CKPT = typer.Option(
-    ..., "--checkpoint", help='Run folder of the trained student, or "none" (random init).'
+    ...,
+    "--checkpoint",
+    help='Run folder of the trained student, a file of `cli.py export`, or "none" (random init).',
 )
 _DATA = typer.Option(
     ..., "--data", help="Dataset root (nuScenes: holds v1.0-*/; SemanticKITTI: holds sequences/)."
@@ -418,7 +437,7 @@ _MAX_VAL = typer.Option(
     None, "--max-val-scans", help="At most this many val scans (evenly spaced)."
 )
 _OUT = typer.Option(
-    None, "--out", help="Output folder (default RUN_DIR/eval; required with --checkpoint none)."
+    None, "--out", help="Output folder (default RUN_DIR/eval; required with --checkpoint none or an exported file)."
 )
 _LIKE = typer.Option(
     None,

@@ -2,7 +2,7 @@
 # The main job end to end on the embedded synthetic dataset (called by `make demo`):
 # make-synthetic → make-teacher (a small DINOv2 fitted to the synthetic train labels: a stand-in,
 # no real weights can be downloaded here)
-# → extract-teacher → train → linear probe (distilled vs random init) → RankMe → pictures.
+# → extract-teacher → train (+ export of the backbone) → linear probe (distilled vs random init) → RankMe → pictures.
 # Every step is resumable: re-running skips the dataset, teacher and cache that already exist.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,11 +34,13 @@ $PY cli.py extract-teacher --data "$OUT/data" --cache "$OUT/cache" --teacher "$O
 CACHE=$($PY -c "import sys; from cache.store import list_caches; print(list_caches(sys.argv[1])[0])" "$OUT/cache")
 $PY cli.py cache verify "$CACHE"
 
-step "4/7 train (stage two, from the cache only) → $OUT/run"
+step "4/7 train (stage two, from the cache only) → $OUT/run; its backbone → $OUT/backbone.pt"
 RESUME=""
 [ -f "$OUT/run/checkpoint.pt" ] && RESUME="--resume"
 $PY cli.py train --cache "$CACHE" --data "$OUT/data" --out "$OUT/run" --backbone tiny \
     --head mlp --occupancy-weight 0.5 --epochs "$EPOCHS" --batch-size 2 --workers 2 $RESUME
+rm -f "$OUT/backbone.pt"  # export refuses to replace a file; the run may have trained further
+$PY cli.py export --checkpoint "$OUT/run" --out "$OUT/backbone.pt"
 
 step "5/7 linear probe: distilled student vs the same architecture at random init"
 $PY cli.py evaluate linear-probe --checkpoint "$OUT/run" --data "$OUT/data"
@@ -63,5 +65,5 @@ rd = json.loads((out / "run/eval/val/rankme.json").read_text())
 rr = json.loads((out / "random_init/rankme.json").read_text())
 print(f"RankMe on val (of {rd['student_dim']} dims): distilled {rd['student']:.1f}  vs  random init {rr['student']:.1f}")
 PYEOF
-printf '\nDemo finished in %s s.\n  results: %s/run (metrics.jsonl, eval/), %s/random_init\n  pictures: %s/pictures\n' \
-    "$(( $(date +%s) - start ))" "$OUT" "$OUT" "$OUT"
+printf '\nDemo finished in %s s.\n  results: %s/run (metrics.jsonl, eval/), %s/random_init\n  pictures: %s/pictures\n  pretrained backbone: %s/backbone.pt\n' \
+    "$(( $(date +%s) - start ))" "$OUT" "$OUT" "$OUT" "$OUT"

@@ -138,6 +138,11 @@ def test_bad_input_is_one_line_naming_it_not_a_traceback(
         # before: a traceback (NotADirectoryError) / "[Errno 17] File exists: '.../a-file'"
         (["make-synthetic", "--out", str(a_file / "k"), "--format", "semantickitti"], 1, f"{a_file} exists and is not a folder"),
         (["make-synthetic", "--out", str(a_file / "s")], 1, f"{a_file} exists and is not a folder"),
+        (["export", "--checkpoint", str(tmp_path / "nowhere"), "--out", str(tmp_path / "b.pt")], 1, f"{tmp_path / 'nowhere' / 'config.yaml'}: not a training run folder"),
+        (["export", "--checkpoint", str(tmp_path / "run-bad-ckpt"), "--out", str(tmp_path / "b.pt")], 1, str(tmp_path / "run-bad-ckpt" / "checkpoint.pt")),
+        (["export", "--checkpoint", str(tmp_path / "run-bad-ckpt"), "--out", str(a_file)], 1, f"{a_file}: already exists"),
+        (["export", "--checkpoint", str(tmp_path / "run-bad-ckpt"), "--out", str(a_file / "b.pt")], 1, f"{a_file} exists and is not a folder"),
+        ([*probe, "--checkpoint", str(a_file)], 1, f"{a_file}: not an exported backbone"),
     ]  # fmt: skip
     runner = CliRunner()
     for args, code, words in cases:

@@ -789,3 +789,114 @@ def test_val_scans_that_are_training_scans_are_warned_about(synthetic_nuscenes, 
     assert [s.token for s in same.val_scans(reader)] == [s.token for s in val]
     err = capsys.readouterr().err
     assert f"warning: {len(val)} of the {len(val)} val scans ('val') are in the training" in err
+
+
+def test_export_writes_the_backbone_that_evaluation_and_plain_torch_load(
+    synthetic_nuscenes, finished_ablation, tmp_path, capsys
+):
+    """`cli.py export`: the run's backbone weights bit for bit, no head or optimiser, readable
+    with torch.load(weights_only=True); the evaluation protocols take the file as --checkpoint
+    and measure the same features as from the run folder; an existing file is never replaced."""
+    from typer.testing import CliRunner
+
+    from cli import app
+    from trainer.evaluate.backbone import EvalData, load_model, scan_features
+    from trainer.evaluate.rankme import RankMeConfig, run_rankme
+    from trainer.export import FORMAT, read_exported
+    from trainer.model import load_checkpoint
+
+    out, rows = finished_ablation
+    run = out / rows[0]["run"]
+    steps = json.loads((run / "summary.json").read_text())["steps"]
+    exported = tmp_path / "nested" / "backbone.pt"
+    assert f"(step {steps}) -> {exported}" in _cli(
+        "export", "--checkpoint", str(run), "--out", str(exported)
+    )
+
+    plain = torch.load(exported, map_location="cpu", weights_only=True)
+    assert plain["format"] == FORMAT and plain["format_version"] == 1
+    assert set(plain) == {
+        "format",
+        "format_version",
+        "architecture",
+        "input",
+        "state_dict",
+        "provenance",
+    }
+    assert plain["architecture"] == {
+        "name": "tiny", "stem": 8, "widths": [8, 16, 16, 32, 16, 16, 16, 16],
+        "depths": [1] * 8, "in_channels": 2, "out_channels": 16,
+    }  # fmt: skip
+    assert plain["input"]["voxel_size"] == 0.1 and plain["input"]["intensity_scale"] == 1 / 255
+    checkpoint = load_checkpoint(run / "checkpoint.pt")
+    backbone = checkpoint["model"]["backbone"]
+    assert list(plain["state_dict"]) == list(backbone)
+    assert all(torch.equal(plain["state_dict"][k], v) for k, v in backbone.items())
+    provenance = plain["provenance"]
+    assert (provenance["step"], provenance["steps"]) == (steps, steps)
+    assert provenance["cache_digest"] == checkpoint["cache_digest"]
+    assert provenance["cache_key"]["split"] == "train" and provenance["head"] == "linear"
+
+    root, version = synthetic_nuscenes
+    from pipeline.datasets.nuscenes import NuScenesReader
+
+    reader = NuScenesReader(root, version)
+    points = reader.load_points(reader.scans("val")[0])
+    from_file = scan_features(load_model(str(exported), None, "cpu"), points, "cpu")
+    from_run = scan_features(load_model(str(run), None, "cpu"), points, "cpu")
+    assert from_file.shape == (len(points), 16) and torch.equal(from_file, from_run)
+
+    data = EvalData(root=root, version=version, max_val_scans=1)
+    with pytest.raises(ValueError, match="needs --out"):  # no run folder to write into
+        RankMeConfig(checkpoint=str(exported), data=data)
+    by_file = run_rankme(
+        RankMeConfig(checkpoint=str(exported), data=data, max_points=500, out=tmp_path / "r1")
+    )
+    by_run = run_rankme(
+        RankMeConfig(checkpoint=str(run), data=data, max_points=500, out=tmp_path / "r2")
+    )
+    assert by_file["student"] == by_run["student"] > 1.0
+    assert (by_file["checkpoint_step"], by_file["run_steps"]) == (steps, steps)
+
+    before = exported.read_bytes()
+    again = CliRunner().invoke(app, ["export", "--checkpoint", str(run), "--out", str(exported)])
+    assert again.exit_code == 1 and f"{exported}: already exists" in again.output
+    assert exported.read_bytes() == before
+    assert [p.name for p in exported.parent.iterdir()] == ["backbone.pt"]  # no temp file left
+
+    # what is not an export is named: a training checkpoint, a torn file, a newer format
+    with pytest.raises(ValueError, match="checkpoint.pt: a training checkpoint, not an exported"):
+        read_exported(run / "checkpoint.pt")
+    torn = tmp_path / "torn.pt"
+    torn.write_bytes(before[: len(before) // 2])
+    with pytest.raises(ValueError, match="torn.pt: not an exported backbone"):
+        load_model(str(torn), None, "cpu")
+    newer = tmp_path / "newer.pt"
+    torch.save({**plain, "format_version": 2}, newer)
+    with pytest.raises(ValueError, match="newer.pt: exported backbone format_version 2"):
+        read_exported(newer)
+    other = tmp_path / "other.pt"
+    torch.save({**plain, "architecture": {**plain["architecture"], "widths": [9] * 8}}, other)
+    with pytest.raises(ValueError, match="other.pt: exported backbone does not load"):
+        load_model(str(other), None, "cpu")
+
+
+def test_export_refuses_weights_that_do_not_fit_the_recorded_architecture(
+    finished_ablation, tmp_path
+):
+    import shutil
+
+    import yaml
+
+    from trainer.export import export_backbone
+
+    out, rows = finished_ablation
+    run = shutil.copytree(out / rows[0]["run"], tmp_path / "run")
+    record = yaml.safe_load((run / "config.yaml").read_text())
+    record["config"]["backbone"] = "minkunet34"  # the checkpoint holds a tiny backbone
+    (run / "config.yaml").write_text(yaml.safe_dump(record))
+    with pytest.raises(ValueError, match="checkpoint.pt: the backbone weights do not fit"):
+        export_backbone(run, tmp_path / "b.pt")
+    assert not (tmp_path / "b.pt").exists()
+    with pytest.raises(ValueError, match=r"b\.bin: the exported file is a torch file"):
+        export_backbone(out / rows[0]["run"], tmp_path / "b.bin")

@@ -94,13 +94,25 @@ def open_reader(data: EvalData) -> Any:
 INTENSITY_SCALE = {"nuscenes": 1.0 / 255.0, "semantickitti": 1.0}
 
 
+def is_exported(checkpoint: str) -> bool:
+    """``checkpoint`` names a file (``cli.py export``), not a run folder or "none"."""
+    return checkpoint != "none" and Path(checkpoint).is_file()
+
+
+def needs_out(checkpoint: str) -> str | None:
+    """Why an evaluation of ``checkpoint`` needs ``--out`` (None: it defaults to RUN_DIR/eval)."""
+    if checkpoint == "none" or is_exported(checkpoint):
+        return f"--checkpoint {checkpoint} needs --out (there is no run folder to write into)"
+    return None
+
+
 def load_model(
     checkpoint: str, like: Path | str | None, device: str, seed: int = 0, dataset: str = "nuscenes"
 ) -> torch.nn.Module:
     """The backbone in eval mode on ``device``; its StudentConfig is ``model.cfg``.
 
-    ``checkpoint`` is a run folder, or "none" for a random-initialised backbone (seeded) with the
-    architecture of ``like``: a run folder, or an architecture name ("minkunet34", "tiny");
+    ``checkpoint`` is a run folder, a file of ``cli.py export``, or "none" for a
+    random-initialised backbone (seeded) with the architecture of ``like``: a run folder, or an architecture name ("minkunet34", "tiny");
     the trainer's defaults without one. The input
     intensity scale is set for ``dataset``.
     """
@@ -114,7 +126,12 @@ def load_model(
         student_config_of_run,
     )
 
-    if checkpoint != "none":
+    if is_exported(checkpoint):
+        from trainer.export import load_exported
+
+        model = load_exported(checkpoint, device)
+        cfg = model.cfg
+    elif checkpoint != "none":
         model, cfg = load_backbone(checkpoint, device)
     else:
         if like is None:
@@ -131,24 +148,29 @@ def load_model(
 
 
 def checkpoint_record(checkpoint: str) -> dict[str, Any]:
-    """What an evaluation's JSON says of its backbone: ``checkpoint`` (a run folder or "none"),
-    ``checkpoint_step`` (the training step its checkpoint.pt holds) and ``run_steps`` (the run's
-    total). A run that has not reached its last step (still training, or killed) is evaluated,
+    """What an evaluation's JSON says of its backbone: ``checkpoint`` (a run folder, an exported
+    file or "none"), ``checkpoint_step`` (the training step its weights are from) and
+    ``run_steps`` (the run's total). A run that has not reached its last step (still training, or killed) is evaluated,
     with a warning on stderr: its numbers are not the run's."""
     import sys
 
     if checkpoint == "none":
         return {"checkpoint": checkpoint, "checkpoint_step": None, "run_steps": None}
-    from trainer.model import load_checkpoint
+    if is_exported(checkpoint):
+        from trainer.export import read_exported
 
-    run_dir = Path(checkpoint)
-    # mmap: the step without reading the weights (the backbone itself is loaded elsewhere)
-    state = load_checkpoint(run_dir / CHECKPOINT, mmap=True)
-    step = int(state["step"])
-    total = read_run_record(run_dir).get("steps")
+        provenance = read_exported(checkpoint)["provenance"]
+        where, step, total = Path(checkpoint), provenance["step"], provenance["steps"]
+    else:
+        from trainer.model import load_checkpoint
+
+        where = Path(checkpoint) / CHECKPOINT
+        # mmap: the step without reading the weights (the backbone itself is loaded elsewhere)
+        step = int(load_checkpoint(where, mmap=True)["step"])
+        total = read_run_record(checkpoint).get("steps")
     if total is not None and step < total:
         print(
-            f"warning: {run_dir / CHECKPOINT} holds step {step} of {total}: an unfinished "
+            f"warning: {where} holds step {step} of {total}: an unfinished "
             "run (still training, or stopped); these results are not the finished run's",
             file=sys.stderr,
         )
@@ -176,10 +198,12 @@ def forward_points(
 
 def load_projection_head(checkpoint: str, device: str) -> torch.nn.Module | None:
     """The run's projection head (backbone features → teacher space) in eval mode, or None when
-    the checkpoint holds none."""
+    the checkpoint holds none (an exported file holds the backbone only)."""
     from trainer.heads import build_head
     from trainer.model import ARCHITECTURES, load_checkpoint
 
+    if is_exported(checkpoint):
+        return None
     run_dir = Path(checkpoint)
     state = load_checkpoint(run_dir / CHECKPOINT)
     head_state = state["model"].get("head")

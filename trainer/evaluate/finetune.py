@@ -28,6 +28,7 @@ from trainer.evaluate.backbone import (
     checkpoint_record,
     forward_points,
     load_model,
+    needs_out,
     open_reader,
 )
 from trainer.evaluate.linear_probe import evaluate_head, results_dict, write_json_atomic
@@ -128,8 +129,8 @@ class FinetuneConfig:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
         if self.epochs < 1 or self.batch_scans < 1 or self.head_lr <= 0:
             raise ValueError("epochs, batch_scans and head_lr must be positive")
-        if self.checkpoint == "none" and self.out is None:
-            raise ValueError("--checkpoint none needs --out")
+        if self.out is None and (why := needs_out(self.checkpoint)):
+            raise ValueError(why)
 
     def out_dir(self) -> Path:
         if self.out is not None:

@@ -23,6 +23,7 @@ from trainer.evaluate.backbone import (
     EvalData,
     checkpoint_record,
     load_model,
+    needs_out,
     open_reader,
     scan_features,
 )
@@ -52,8 +53,8 @@ class LinearProbeConfig:
     """Seed of the random initialisation ("none") and of the point subsampling."""
 
     def __post_init__(self) -> None:
-        if self.checkpoint == "none" and self.out is None:
-            raise ValueError("--checkpoint none needs --out (there is no run folder to write into)")
+        if self.out is None and (why := needs_out(self.checkpoint)):
+            raise ValueError(why)
         if self.points_per_scan is not None and self.points_per_scan < 1:
             raise ValueError("points_per_scan must be ≥ 1 or None")
 

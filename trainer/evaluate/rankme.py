@@ -19,6 +19,7 @@ from trainer.evaluate.backbone import (
     EvalData,
     checkpoint_record,
     load_model,
+    needs_out,
     open_reader,
     scan_features,
 )
@@ -52,8 +53,8 @@ class RankMeConfig:
     def __post_init__(self) -> None:
         if self.data is None and self.cache is None:
             raise ValueError("rankme needs --data or --cache")
-        if self.checkpoint == "none" and self.out is None:
-            raise ValueError("--checkpoint none needs --out")
+        if self.out is None and (why := needs_out(self.checkpoint)):
+            raise ValueError(why)
 
     def out_dir(self) -> Path:
         return Path(self.out) if self.out is not None else Path(self.checkpoint) / "eval"

@@ -34,6 +34,7 @@ from trainer.evaluate.backbone import (
     EvalData,
     checkpoint_record,
     load_model,
+    needs_out,
     open_reader,
     scan_features,
 )
@@ -85,8 +86,8 @@ class RobustnessConfig:
             raise ValueError(f"unknown corruptions {unknown}; known: {', '.join(CORRUPTIONS)}")
         if not self.severities or any(s not in (1, 2, 3) for s in self.severities):
             raise ValueError(f"severities must be among 1, 2, 3, got {self.severities}")
-        if self.checkpoint == "none" and self.out is None:
-            raise ValueError("--checkpoint none needs --out")
+        if self.out is None and (why := needs_out(self.checkpoint)):
+            raise ValueError(why)
 
     def out_dir(self) -> Path:
         return Path(self.out) if self.out is not None else Path(self.checkpoint) / "eval"
