@@ -112,8 +112,8 @@ def load_model(
     """The backbone in eval mode on ``device``; its StudentConfig is ``model.cfg``.
 
     ``checkpoint`` is a run folder, a file of ``cli.py export``, or "none" for a
-    random-initialised backbone (seeded) with the architecture of ``like``: a run folder, or an architecture name ("minkunet34", "tiny");
-    the trainer's defaults without one. The input
+    random-initialised backbone (seeded) with the architecture of ``like``: a run folder, or an
+    architecture name ("minkunet34", "tiny"); the trainer's defaults without one. The input
     intensity scale is set for ``dataset``.
     """
     import dataclasses
@@ -150,8 +150,8 @@ def load_model(
 def checkpoint_record(checkpoint: str) -> dict[str, Any]:
     """What an evaluation's JSON says of its backbone: ``checkpoint`` (a run folder, an exported
     file or "none"), ``checkpoint_step`` (the training step its weights are from) and
-    ``run_steps`` (the run's total). A run that has not reached its last step (still training, or killed) is evaluated,
-    with a warning on stderr: its numbers are not the run's."""
+    ``run_steps`` (the run's total). A run that has not reached its last step (still training,
+    or killed) is evaluated, with a warning on stderr: its numbers are not the run's."""
     import sys
 
     if checkpoint == "none":
