@@ -156,8 +156,9 @@ def check_data_command(
 @app.command("make-teacher")
 def make_teacher_command(
     out: Path = typer.Option(..., "--out", help="Folder to create (must not exist or be empty)."),
-    size: str = typer.Option("tiny", "--size", help="tiny (D=64, 2 layers), small (D=96, 4 layers), vits14 / vitb14 / vitl14 (the shapes of ViT-S/14, ViT-B/14, ViT-L/14: timing only)."),
-    registers: int = typer.Option(0, "--registers", help="Register tokens (0: Dinov2Model, >0: Dinov2WithRegistersModel; not with --fit-on)."),
+    size: str = typer.Option("tiny", "--size", help="tiny (D=64, 2 layers), small (D=96, 4 layers), vits14 / vitb14 / vitl14 (the shapes of DINOv2 ViT-S/14, ViT-B/14, ViT-L/14: timing only; --family dinov2)."),
+    family: str = typer.Option("dinov2", "--family", help="dinov2 (Dinov2Model, patch 14) or dinov3 (DINOv3ViTModel, patch 16, 4 registers; not with --fit-on)."),
+    registers: int = typer.Option(None, "--registers", help="Register tokens (default: 0 for dinov2, 4 for dinov3; dinov2 with >0: Dinov2WithRegistersModel; not with --fit-on)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random initialisation."),
     fit_on: Path = typer.Option(None, "--fit-on", help="nuScenes-format dataset (the synthetic one): fit the teacher to its labels so its features carry class content (a stand-in for real DINOv2 weights)."),
     fit_split: str = typer.Option("train", "--fit-split", help="With --fit-on: the split fitted on (keep val for scoring)."),
@@ -170,17 +171,22 @@ def make_teacher_command(
 
     Neither is a real DINOv2: they stand in for one where no weights can be downloaded.
     """
-    from pipeline.teacher import parse_image_size, save_random_teacher
+    from pipeline.teacher import FAMILIES, parse_image_size, save_random_teacher
 
+    if family not in FAMILIES:
+        raise typer.BadParameter(f"{family!r} is not one of {', '.join(FAMILIES)}", param_hint="--family")
     if fit_on is None:
         with _errors():  # an unknown size, an existing or non-folder --out
-            path = save_random_teacher(out, size=size, registers=registers, seed=seed)
-        typer.echo(f"saved a RANDOM {size} DINOv2 ({registers} registers) to {path} (demo/test only)")
+            path = save_random_teacher(out, size=size, registers=registers, seed=seed, family=family)
+        shown = FAMILIES[family][1] if registers is None else registers
+        typer.echo(f"saved a RANDOM {size} {family} teacher ({shown} registers) to {path} (demo/test only)")
         return
     from pipeline.synthetic.teacher_fit import FitConfig, fit_teacher
 
     if registers:
         raise typer.BadParameter("--fit-on fits a teacher without registers", param_hint="--registers")
+    if family != "dinov2":
+        raise typer.BadParameter("--fit-on fits a DINOv2 (Dinov2Model)", param_hint="--family")
     try:
         fit_size = parse_image_size(image_size)
     except ValueError as e:  # as extract-teacher and bench: a usage error

@@ -1,22 +1,26 @@
 """The frozen DINOv2 teacher: camera images → patch-token grids → features at pixel positions.
 
 Conventions (docs/extraction.md explains them with a picture in words):
-- Models: Hugging Face ``Dinov2Model`` or ``Dinov2WithRegistersModel``, loaded by hub id or local
-  folder with ``AutoModel.from_pretrained``; weight files lacking a parameter the forward reads
-  are refused (transformers would silently random-initialise it). Frozen: no parameter requires grad, the module
+- Models: Hugging Face ``Dinov2Model`` or ``Dinov2WithRegistersModel`` (patch 14), or the DINOv3
+  ViTs' ``DINOv3ViTModel`` (patch 16, 4 registers, e.g. facebook/dinov3-vits16-pretrain-lvd1689m),
+  loaded by hub id or local folder with ``AutoModel.from_pretrained``; weight files lacking a
+  parameter the forward reads are refused (transformers would silently random-initialise it).
+  A ``preprocessor_config.json`` asking for another normalisation than ImageNet's (DINOv3's
+  satellite models) is refused. Frozen: no parameter requires grad, the module
   refuses to leave eval mode, forwards run under ``torch.inference_mode``.
 - Weights run in float32 (``dtype`` autocasts): a checkpoint saved in float16/bfloat16, which
   transformers loads as such, is upcast (`TeacherIdentity.weights_dtype` records it).
 - Input: uint8 RGB images (H0, W0, 3). We resize them to the configured (H, W) (bilinear,
   antialiased, half-pixel centres, in uint8 as PIL does), convert to [0, 1] and normalise with the ImageNet mean/std ourselves
   (no image-processor defaults: the processor would centre-crop). H and W must be multiples of
-  the patch size (14). Aspect ratio is not preserved: each axis is scaled on its own
+  the patch size (14; 16 for DINOv3). Aspect ratio is not preserved: each axis is scaled on its own
   (nuScenes 1600x900 → 896x448 scales x by 0.56 and y by 0.4978), which `sample_features`
   accounts for because it works in normalised image coordinates.
 - Output: the last layer's patch tokens *after* the final LayerNorm (``last_hidden_state`` of the
-  HF models, the features DINOv2 is evaluated with), the CLS token and the
-  ``config.num_register_tokens`` register tokens dropped, as a grid (B, D, H/14, W/14).
-- Sampling: patch j covers resized pixels [14 j, 14 (j + 1)), its feature sits at its centre;
+  HF models, the features DINOv2 and DINOv3 are evaluated with), the CLS token and the
+  ``config.num_register_tokens`` register tokens dropped, as a grid (B, D, H/P, W/P), P the
+  patch size.
+- Sampling: patch j covers resized pixels [P j, P (j + 1)), its feature sits at its centre;
   features between centres are bilinear, beyond the outermost centres constant (border).
   `sample_features` lives in `cache/sampling.py`: the reader of a
   ``grid-f16`` cache samples the stored grids with the same function.
@@ -98,9 +102,9 @@ class TeacherIdentity:
     name: str  # hub id or local path, as given by the user
     weights_sha256: str  # `weights_sha256(folder)`
     config_sha256: str  # `config_sha256(folder)`
-    architecture: str  # "Dinov2Model" or "Dinov2WithRegistersModel"
+    architecture: str  # "Dinov2Model", "Dinov2WithRegistersModel" or "DINOv3ViTModel"
     feature_dim: int  # D, hidden size
-    patch_size: int  # 14 for every released DINOv2
+    patch_size: int  # 14 for every released DINOv2, 16 for the DINOv3 ViTs
     num_register_tokens: int  # 0 without registers
     random: bool  # True for `save_random_teacher` folders: demo/test only
     fitted: bool = False  # True for stand-ins fitted to dataset labels (`make-teacher --fit-on`)
@@ -224,7 +228,8 @@ def patch_tokens(
 ) -> torch.Tensor:
     """Token sequence (B, 1 + R + h*w, D) → patch grid (B, D, h, w).
 
-    HF DINOv2 orders tokens as [CLS, R registers, patches row by row]; we drop the first 1 + R.
+    HF DINOv2 and DINOv3 order tokens as [CLS, R registers, patches row by row]; we drop the
+    first 1 + R.
     """
     h, w = grid
     b, n, d = last_hidden_state.shape
@@ -237,12 +242,45 @@ def patch_tokens(
     return patches.reshape(b, h, w, d).permute(0, 3, 1, 2)  # (B, D, h, w)
 
 
+ARCHITECTURES = ("Dinov2Model", "Dinov2WithRegistersModel", "DINOv3ViTModel")
+"""The transformers model classes a teacher may be (their last_hidden_state: CLS, registers,
+patches after the final LayerNorm)."""
+
+
+def check_normalisation(folder: Path) -> None:
+    """TeacherError when the folder's ``preprocessor_config.json`` (if any) normalises with
+    another mean/std than ImageNet's, which `normalise` applies to every teacher."""
+    path = folder / "preprocessor_config.json"
+    if not path.is_file():
+        return
+    try:
+        processor = json.loads(path.read_text())
+        mean, std = processor.get("image_mean"), processor.get("image_std")
+    except (OSError, ValueError, AttributeError) as e:
+        raise TeacherError(f"{path}: cannot read the teacher's preprocessor config ({e})") from e
+    for name, value, ours in (
+        ("image_mean", mean, IMAGENET_MEAN),
+        ("image_std", std, IMAGENET_STD),
+    ):
+        if value is None:
+            continue
+        if (
+            not isinstance(value, list)
+            or len(value) != 3
+            or not np.allclose(value, ours, atol=1e-3)
+        ):
+            raise TeacherError(
+                f"{path}: {name} {value} is not ImageNet's {list(ours)}, the normalisation this "
+                "tool applies to every teacher"
+            )
+
+
 class Teacher(nn.Module):
-    """A frozen DINOv2 that turns uint8 images into last-layer patch-token grids."""
+    """A frozen DINOv2 (or DINOv3 ViT) that turns uint8 images into last-layer patch-token grids."""
 
     def __init__(self, cfg: TeacherConfig) -> None:
         super().__init__()
-        from transformers import AutoModel, Dinov2Model, Dinov2WithRegistersModel
+        from transformers import AutoModel
 
         self.cfg = cfg
         folder = resolve_model_dir(cfg.model)
@@ -250,11 +288,12 @@ class Teacher(nn.Module):
             model, loading = AutoModel.from_pretrained(folder, output_loading_info=True)
         except (OSError, ValueError, KeyError, RuntimeError) as e:  # RuntimeError: shape mismatch
             raise TeacherError(f"cannot load teacher {cfg.model!r} from {folder}: {e}") from e
-        if not isinstance(model, Dinov2Model | Dinov2WithRegistersModel):
+        if type(model).__name__ not in ARCHITECTURES:
             raise TeacherError(
-                f"teacher {cfg.model!r} is a {type(model).__name__}; expected Dinov2Model or "
-                "Dinov2WithRegistersModel"
+                f"teacher {cfg.model!r} is a {type(model).__name__}; expected one of "
+                f"{', '.join(ARCHITECTURES)}"
             )
+        check_normalisation(folder)
         # transformers fills parameters the weight files lack with random values and only logs
         # it; the mask token is unused (no masked positions in a forward)
         missing = sorted(set(loading["missing_keys"]) - UNUSED_PARAMETERS)
@@ -344,7 +383,7 @@ class Teacher(nn.Module):
     def patch_grid(
         self, images: np.ndarray | torch.Tensor | Sequence[np.ndarray], on_device: bool = False
     ) -> torch.Tensor:
-        """uint8 RGB images (B, H0, W0, 3) → last-layer patch tokens (B, D, H/14, W/14) float32,
+        """uint8 RGB images (B, H0, W0, 3) → last-layer patch tokens (B, D, H/P, W/P) float32,
         on the CPU, or left on the teacher's device with ``on_device`` (extraction samples the
         paired points there and copies only their features back)."""
         if self.training or self.model.training:
@@ -385,20 +424,29 @@ RANDOM_SIZES = {
     "vitb14": (768, 12, 12),  # the shape of DINOv2 ViT-B/14 (random weights): for timing only
     "vitl14": (1024, 24, 16),  # the shape of DINOv2 ViT-L/14 (random weights): for timing only
 }
+FAMILIES = {
+    # family: (patch size, register tokens by default, sizes it comes in)
+    "dinov2": (14, 0, ("tiny", "small", "vits14", "vitb14", "vitl14")),
+    "dinov3": (16, 4, ("tiny", "small")),  # DINOv3ViTModel; its released ViTs all have 4 registers
+}
 
-RANDOM_README = """# RANDOM DINOv2 — for demos and tests only
+RANDOM_README = """# RANDOM {family} — for demos and tests only
 
 This folder holds a **randomly initialised** {arch} ({size}: hidden size {dim}, {layers} layers,
-{heads} heads, patch 14, {registers} register tokens), written by `python cli.py make-teacher`
-with seed {seed}. It is NOT a trained DINOv2: its features carry no semantics. It exists because
+{heads} heads, patch {patch}, {registers} register tokens), written by `python cli.py make-teacher`
+with seed {seed}. It is NOT a trained {family}: its features carry no semantics. It exists because
 no real weights can be downloaded here; it exercises the exact code path a real teacher takes.
 Its config.json carries `"{marker}": true`, and extraction prints a warning when it sees it.
 """
 
 
-def random_dinov2(size: str = "tiny", registers: int = 0, seed: int = 0) -> nn.Module:
-    """A random-initialised small HF DINOv2 (``Dinov2WithRegistersModel`` when ``registers`` > 0)
-    of one of the ``RANDOM_SIZES``, flagged with ``RANDOM_MARKER`` in its config."""
+def random_dinov2(
+    size: str = "tiny", registers: int | None = None, seed: int = 0, family: str = "dinov2"
+) -> nn.Module:
+    """A random-initialised small HF teacher of one of the ``RANDOM_SIZES``, flagged with
+    ``RANDOM_MARKER`` in its config: for ``family`` "dinov2" a ``Dinov2Model``
+    (``Dinov2WithRegistersModel`` when ``registers`` > 0), for "dinov3" a ``DINOv3ViTModel``
+    (patch 16, RoPE). ``registers`` None: the family's default (``FAMILIES``)."""
     from transformers import (
         Dinov2Config,
         Dinov2Model,
@@ -406,19 +454,40 @@ def random_dinov2(size: str = "tiny", registers: int = 0, seed: int = 0) -> nn.M
         Dinov2WithRegistersModel,
     )
 
-    if size not in RANDOM_SIZES:
+    if family not in FAMILIES:
+        raise ValueError(f"unknown teacher family {family!r}; choose one of {sorted(FAMILIES)}")
+    patch, default_registers, sizes = FAMILIES[family]
+    if size not in sizes:
         raise ValueError(
-            f"unknown random teacher size {size!r}; choose one of {sorted(RANDOM_SIZES)}"
+            f"unknown random {family} teacher size {size!r}; choose one of {', '.join(sizes)}"
         )
+    registers = default_registers if registers is None else registers
     if registers < 0:
         raise ValueError(f"registers must be >= 0, got {registers}")
     dim, layers, heads = RANDOM_SIZES[size]
+    if family == "dinov3":
+        from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+        config = DINOv3ViTConfig(
+            hidden_size=dim,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            intermediate_size=4 * dim,
+            patch_size=patch,
+            num_register_tokens=registers,
+            **{RANDOM_MARKER: True},
+        )
+        torch.manual_seed(seed)
+        model = DINOv3ViTModel(config)
+        with torch.no_grad():  # HF may initialise the tokens to zero: make them differ
+            model.embeddings.register_tokens.normal_(0.0, 0.02)
+        return model
     common = dict(
         hidden_size=dim,
         num_hidden_layers=layers,
         num_attention_heads=heads,
         mlp_ratio=4,
-        patch_size=14,
+        patch_size=patch,
         image_size=518,  # position embeddings for 37x37 patches, interpolated as in DINOv2
     )
     common[RANDOM_MARKER] = True
@@ -465,19 +534,25 @@ def save_teacher_folder(model: nn.Module, out: str | Path, files: dict[str, str]
 
 
 def save_random_teacher(
-    out: str | Path, size: str = "tiny", registers: int = 0, seed: int = 0
+    out: str | Path,
+    size: str = "tiny",
+    registers: int | None = None,
+    seed: int = 0,
+    family: str = "dinov2",
 ) -> Path:
-    """Save a random-initialised small DINOv2 (with ``registers`` register tokens if > 0) with
+    """Save a random-initialised small teacher of ``family`` (`random_dinov2`) with
     ``save_pretrained`` into ``out`` (written to a temp folder, then renamed). Returns ``out``."""
-    model = random_dinov2(size, registers, seed)
+    model = random_dinov2(size, registers, seed, family)
     dim, layers, heads = RANDOM_SIZES[size]
     readme = RANDOM_README.format(
+        family=family.replace("dino", "DINO"),
         arch=type(model).__name__,
         size=size,
         dim=dim,
         layers=layers,
         heads=heads,
-        registers=registers,
+        patch=FAMILIES[family][0],
+        registers=getattr(model.config, "num_register_tokens", 0),
         seed=seed,
         marker=RANDOM_MARKER,
     )

@@ -138,6 +138,9 @@ def test_bad_input_is_one_line_naming_it_not_a_traceback(
         # before: a traceback (NotADirectoryError) / "[Errno 17] File exists: '.../a-file'"
         (["make-synthetic", "--out", str(a_file / "k"), "--format", "semantickitti"], 1, f"{a_file} exists and is not a folder"),
         (["make-synthetic", "--out", str(a_file / "s")], 1, f"{a_file} exists and is not a folder"),
+        (["make-teacher", "--out", str(tmp_path / "t"), "--family", "dinov4"], 2, "'dinov4' is not one of dinov2, dinov3"),
+        (["make-teacher", "--out", str(tmp_path / "t"), "--family", "dinov3", "--fit-on", data], 2, "--fit-on fits a DINOv2"),
+        (["make-teacher", "--out", str(tmp_path / "t"), "--family", "dinov3", "--size", "vits14"], 1, "unknown random dinov3 teacher size 'vits14'"),
         (["export", "--checkpoint", str(tmp_path / "nowhere"), "--out", str(tmp_path / "b.pt")], 1, f"{tmp_path / 'nowhere' / 'config.yaml'}: not a training run folder"),
         (["export", "--checkpoint", str(tmp_path / "run-bad-ckpt"), "--out", str(tmp_path / "b.pt")], 1, str(tmp_path / "run-bad-ckpt" / "checkpoint.pt")),
         (["export", "--checkpoint", str(tmp_path / "run-bad-ckpt"), "--out", str(a_file)], 1, f"{a_file}: already exists"),

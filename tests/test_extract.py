@@ -281,6 +281,41 @@ def test_cached_targets_equal_teacher_at_devkit_pixels(
     assert checked > 50
 
 
+def test_a_dinov3_teacher_gives_its_patch_features_at_the_cached_pixels(
+    synthetic_nuscenes, tmp_path: Path
+) -> None:
+    """DINOv3ViTModel (patch 16, 4 registers): the same extraction, targets = its grid sampled
+    at each paired point's cached pixel, the teacher's architecture in the manifest."""
+    from pipeline.teacher import save_random_teacher
+
+    folder = save_random_teacher(tmp_path / "dinov3", family="dinov3")
+    cfg = ExtractConfig(
+        data=synthetic_nuscenes.root, version=synthetic_nuscenes.version,
+        cache_root=tmp_path / "cache", teacher=str(folder), split=SPLIT, image_size=(64, 112),
+        n_workers=1, processes=False, batch_size=6, scans_per_unit=2, progress=False,
+    )  # fmt: skip
+    summary = extract_teacher(cfg)
+    manifest = json.loads((Path(summary.cache_path) / "manifest.json").read_text())
+    assert manifest["meta"]["teacher"]["architecture"] == "DINOv3ViTModel"
+    reader = NuScenesReader(*synthetic_nuscenes)
+    scan = reader.scans(SPLIT)[1]
+    cached = open_cache(summary.cache_path).read_scan(1)
+    teacher = Teacher(TeacherConfig(str(folder), image_size=(64, 112)))
+    checked = 0
+    for c, frame in enumerate(scan.cameras):
+        ours = cached.camera == c
+        if not ours.any():
+            continue
+        image = reader.load_image(frame)
+        grid = teacher.patch_grid(image[None])[0]  # (D, 4, 7)
+        want = sample_features(grid, cached.uv[ours].astype(np.float64), image.shape[:2])
+        got = torch.from_numpy(cached.target[ours].astype(np.float32))
+        assert torch.allclose(got, want, atol=2e-2, rtol=1e-2)
+        assert want.std(dim=0).mean() > 0.05
+        checked += int(ours.sum())
+    assert checked > 50
+
+
 def test_parallel_on_an_existing_cluster_equals_serial_bit_for_bit(serial, tmp_path: Path) -> None:
     """Two worker processes of a cluster we started (reached through --scheduler) give the same
     bytes as one thread worker: scheduling order and worker count do not enter the result."""

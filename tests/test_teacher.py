@@ -105,6 +105,71 @@ def test_patch_grid_layout_matches_the_image_not_only_hf_slicing(
     assert torch.allclose(grid, want, atol=1e-5)
 
 
+def test_dinov3_patch_grid_is_its_patch_tokens_after_the_registers(tmp_path: Path) -> None:
+    """DINOv3ViTModel (patch 16, 4 registers, RoPE): the grid is last_hidden_state less CLS and
+    the 4 registers, row by row, on a non-square image; the identity records the family."""
+    folder = save_random_teacher(tmp_path / "d3", family="dinov3")
+    teacher = Teacher(TeacherConfig(str(folder), image_size=(32, 80)))  # grid 2 x 5
+    assert teacher.identity.architecture == "DINOv3ViTModel"
+    assert (teacher.patch_size, teacher.num_register_tokens, teacher.grid_size) == (16, 4, (2, 5))
+    images = _images(2, 45, 100, seed=3)
+    grid = teacher.patch_grid(images)
+    with torch.inference_mode():
+        tokens = teacher.model(pixel_values=teacher.preprocess(images)).last_hidden_state
+    assert tokens.shape == (2, 1 + 4 + 10, 64) and grid.shape == (2, 64, 2, 5)
+    assert torch.equal(grid, tokens[:, 5:].reshape(2, 2, 5, 64).permute(0, 3, 1, 2))
+    assert not torch.allclose(grid, tokens[:, 1:11].reshape(2, 2, 5, 64).permute(0, 3, 1, 2))
+    with pytest.raises(TeacherError, match="not a multiple of the teacher's patch size 16"):
+        Teacher(TeacherConfig(str(folder), image_size=(28, 84)))  # DINOv2's sizes do not fit
+
+
+def test_dinov3_grid_layout_matches_the_image(tmp_path: Path) -> None:
+    """As for DINOv2, independent of HF's token order: with no transformer layer a DINOv3 patch
+    token is LayerNorm(conv(its own pixels)) (RoPE acts inside attention only), so the grid is
+    that conv computed by hand, patch (i, j) at row i, column j, the 4 registers skipped."""
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    from pipeline.teacher import normalise, save_teacher_folder
+
+    torch.manual_seed(0)
+    config = DINOv3ViTConfig(
+        hidden_size=32, num_hidden_layers=0, num_attention_heads=2, intermediate_size=64,
+        patch_size=16, num_register_tokens=4,
+    )  # fmt: skip
+    model = DINOv3ViTModel(config)
+    with torch.no_grad():
+        model.embeddings.register_tokens.normal_()
+    folder = save_teacher_folder(model, tmp_path / "flat3", {})
+    teacher = Teacher(TeacherConfig(str(folder), image_size=(48, 80)))  # grid 3 x 5
+    colours = np.random.default_rng(1).integers(0, 256, (3, 5, 3), dtype=np.uint8)
+    image = np.repeat(np.repeat(colours, 16, 0), 16, 1)[None]  # one colour per patch
+    grid = teacher.patch_grid(image)[0]  # (D, 3, 5)
+    conv = teacher.model.embeddings.patch_embeddings
+    pixels = normalise(torch.from_numpy(image).permute(0, 3, 1, 2))
+    with torch.inference_mode():
+        by_hand = torch.nn.functional.conv2d(pixels, conv.weight, conv.bias, stride=16)[0]
+        want = teacher.model.norm(by_hand.permute(1, 2, 0)).permute(2, 0, 1)
+    assert torch.allclose(grid, want, atol=1e-5)
+
+
+def test_a_teacher_normalised_otherwise_than_imagenet_is_refused(tmp_path: Path) -> None:
+    """`normalise` applies ImageNet's mean/std to every teacher: a model whose preprocessor asks
+    for others (DINOv3's satellite ViTs) would get wrong inputs, so it is refused by name."""
+    import json
+
+    folder = save_random_teacher(tmp_path / "d3", family="dinov3")
+    imagenet = {"image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD)}
+    (folder / "preprocessor_config.json").write_text(json.dumps(imagenet))
+    Teacher(TeacherConfig(str(folder), image_size=(32, 32)))  # accepted
+    satellite = {"image_mean": [0.430, 0.411, 0.296], "image_std": [0.213, 0.156, 0.143]}
+    (folder / "preprocessor_config.json").write_text(json.dumps(satellite))
+    with pytest.raises(TeacherError, match=r"preprocessor_config.json: image_mean \[0.43, "):
+        Teacher(TeacherConfig(str(folder), image_size=(32, 32)))
+    (folder / "preprocessor_config.json").write_text("{not json")
+    with pytest.raises(TeacherError, match="cannot read the teacher's preprocessor config"):
+        Teacher(TeacherConfig(str(folder), image_size=(32, 32)))
+
+
 def test_features_are_taken_after_the_final_layernorm(tiny_teacher: Path) -> None:
     teacher = Teacher(TeacherConfig(str(tiny_teacher), image_size=(28, 28)))
     pixels = teacher.preprocess(_images(1, 28, 28, seed=2))
@@ -158,7 +223,10 @@ def test_missing_or_wrong_model_is_a_clear_error(tmp_path: Path) -> None:
             patch_size=14,
         )
     ).save_pretrained(vit)
-    with pytest.raises(TeacherError, match="ViTModel; expected Dinov2Model"):
+    with pytest.raises(
+        TeacherError,
+        match="ViTModel; expected one of Dinov2Model, Dinov2WithRegistersModel, DINOv3ViTModel",
+    ):
         Teacher(TeacherConfig(str(vit)))
 
 
