@@ -440,7 +440,7 @@ Its config.json carries `"{marker}": true`, and extraction prints a warning when
 """
 
 
-def random_dinov2(
+def random_teacher(
     size: str = "tiny", registers: int | None = None, seed: int = 0, family: str = "dinov2"
 ) -> nn.Module:
     """A random-initialised small HF teacher of one of the ``RANDOM_SIZES``, flagged with
@@ -540,9 +540,9 @@ def save_random_teacher(
     seed: int = 0,
     family: str = "dinov2",
 ) -> Path:
-    """Save a random-initialised small teacher of ``family`` (`random_dinov2`) with
+    """Save a random-initialised small teacher of ``family`` (`random_teacher`) with
     ``save_pretrained`` into ``out`` (written to a temp folder, then renamed). Returns ``out``."""
-    model = random_dinov2(size, registers, seed, family)
+    model = random_teacher(size, registers, seed, family)
     dim, layers, heads = RANDOM_SIZES[size]
     readme = RANDOM_README.format(
         family=family.replace("dino", "DINO"),

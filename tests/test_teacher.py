@@ -399,10 +399,10 @@ def test_half_precision_checkpoints_run_in_float32(tmp_path: Path, stored: str) 
     bfloat16/float16 ran in it (float16 even on the CPU, which `TeacherConfig` refuses) while
     the key said float32. They are upcast: the grid equals that of the same values stored in
     float32, and the identity (so the cache key) records the stored dtype."""
-    from pipeline.teacher import random_dinov2, save_teacher_folder
+    from pipeline.teacher import random_teacher, save_teacher_folder
 
     dtype = getattr(torch, stored)
-    model = random_dinov2("tiny", seed=0).to(dtype)
+    model = random_teacher("tiny", seed=0).to(dtype)
     half = save_teacher_folder(model, tmp_path / "half", {})
     full = save_teacher_folder(model.float(), tmp_path / "full", {})  # the same values
     images = _images(2, 45, 80, seed=5)

@@ -6,7 +6,7 @@ the method. Real DINOv2 patch features separate semantic classes linearly; this 
 small DINOv2 that property on the synthetic world, so the demo can show that the student
 *learns what the teacher knows*:
 
-- the same HF ``Dinov2Model`` architecture and loading path as a real teacher (`random_dinov2`,
+- the same HF ``Dinov2Model`` architecture and loading path as a real teacher (`random_teacher`,
   then ``save_pretrained``), so extraction cannot tell the difference except by a config flag;
 - fitted on the camera images of one split (``train``: the linear probe scores ``val``) by a
   linear classifier on its last-layer patch features, sampled bilinearly (`sample_features`,
@@ -43,7 +43,7 @@ from pipeline.teacher import (
     RANDOM_SIZES,
     normalise,
     patch_tokens,
-    random_dinov2,
+    random_teacher,
     resize_uint8,
     save_teacher_folder,
 )
@@ -190,7 +190,7 @@ def fit_teacher(cfg: FitConfig) -> dict:
     held_out = not set(reader.scene_names("val")) <= set(reader.scene_names(cfg.split))
     val_views = _views(reader, "val", cfg) if held_out else []  # a one-scene set holds none out
 
-    model = random_dinov2(cfg.size, 0, cfg.seed)
+    model = random_teacher(cfg.size, 0, cfg.seed)
     n_classes = int(max(int(v.label.max()) for v in views if len(v.label)) + 1)
     classifier = nn.Linear(model.config.hidden_size, n_classes)
     params = list(model.parameters()) + list(classifier.parameters())
