@@ -448,7 +448,7 @@ _OUT = typer.Option(
 _LIKE = typer.Option(
     None,
     "--like",
-    help="With --checkpoint none: architecture of this run folder, or a name (tiny, minkunet34).",
+    help="With --checkpoint none: architecture of this run folder or exported file, or a name (tiny, minkunet34).",
 )
 _DEVICE = typer.Option("cpu", "--device", help="torch device (cpu, cuda).")
 _SEED = typer.Option(0, "--seed", help="Seed.")

@@ -845,6 +845,10 @@ def test_export_writes_the_backbone_that_evaluation_and_plain_torch_load(
     from_file = scan_features(load_model(str(exported), None, "cpu"), points, "cpu")
     from_run = scan_features(load_model(str(run), None, "cpu"), points, "cpu")
     assert from_file.shape == (len(points), 16) and torch.equal(from_file, from_run)
+    # --checkpoint none --like FILE: the file's architecture at random init, as --like RUN_DIR
+    like_file = scan_features(load_model("none", exported, "cpu", seed=3), points, "cpu")
+    like_run = scan_features(load_model("none", run, "cpu", seed=3), points, "cpu")
+    assert torch.equal(like_file, like_run) and not torch.equal(like_file, from_run)
 
     data = EvalData(root=root, version=version, max_val_scans=1)
     with pytest.raises(ValueError, match="needs --out"):  # no run folder to write into

@@ -112,9 +112,9 @@ def load_model(
     """The backbone in eval mode on ``device``; its StudentConfig is ``model.cfg``.
 
     ``checkpoint`` is a run folder, a file of ``cli.py export``, or "none" for a
-    random-initialised backbone (seeded) with the architecture of ``like``: a run folder, or an
-    architecture name ("minkunet34", "tiny"); the trainer's defaults without one. The input
-    intensity scale is set for ``dataset``.
+    random-initialised backbone (seeded) with the architecture of ``like``: a run folder, an
+    exported file, or an architecture name ("minkunet34", "tiny"); the trainer's defaults
+    without one. The input intensity scale is set for ``dataset``.
     """
     import dataclasses
 
@@ -138,6 +138,10 @@ def load_model(
             cfg = StudentConfig()
         elif str(like) in ARCHITECTURES and not Path(like).is_dir():
             cfg = StudentConfig(backbone=str(like))
+        elif is_exported(str(like)):
+            from trainer.export import load_exported
+
+            cfg = load_exported(like).cfg
         else:
             cfg = student_config_of_run(like)
         torch.manual_seed(seed)
