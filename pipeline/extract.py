@@ -1017,7 +1017,11 @@ def _collect_units(
     """Wait for the units of ``futures`` (future -> unit id) under a progress bar over all
     ``n_units``; returns their summed statistics (`_no_units`' totals and step seconds) and,
     per unit done, (seconds since ``t_compute``, images so far). On a failure or Ctrl-C the
-    units not started are cancelled (finished ones stay done) and the error names the cache."""
+    units not started are cancelled (finished ones stay done) and the error names the cache.
+
+    Each unit's future is taken out of ``futures`` once it is done: a held future keeps its
+    result on a worker and its task on the scheduler, which would otherwise grow with every
+    unit of the run."""
     from dask.distributed import as_completed
     from tqdm import tqdm
 
@@ -1033,6 +1037,7 @@ def _collect_units(
     )
     try:
         for future in as_completed(list(futures)):
+            unit = futures.pop(future)  # done: dropped, so Dask can free its result
             try:
                 stats = future.result()
             except Exception as e:
@@ -1040,9 +1045,9 @@ def _collect_units(
                     f"extraction of a unit of cache {writer.path} failed: {e} "
                     "(finished units are kept; re-run to resume)"
                 ) from e
-            if not writer.is_complete(futures[future]):
+            if not writer.is_complete(unit):
                 raise CacheError(
-                    f"unit {futures[future]} of cache {writer.path} was written by "
+                    f"unit {unit} of cache {writer.path} was written by "
                     "a worker but is not complete as seen from here: do the "
                     "workers see this path, on the same file system?"
                 )

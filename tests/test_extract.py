@@ -234,6 +234,48 @@ def test_steady_rate_leaves_out_ramp_and_tail() -> None:
     assert _steady_rate([], 0, 0.0) == 0.0
 
 
+def test_finished_units_are_let_go_while_the_run_goes_on() -> None:
+    """`_collect_units` drops each unit's future once the unit is done: a held future keeps its
+    result on a worker (and its task on the scheduler) until the run ends, which grew each
+    worker process by ~0.05 MB a unit (1596 units, 2 processes). When the driver checks unit k,
+    no future of an earlier unit is alive any more."""
+    import logging
+    import weakref
+
+    from dask.distributed import Client, LocalCluster
+
+    from pipeline.extract import _collect_units, _no_units
+
+    totals, step_s, _ = _no_units()
+    stats = {**totals, **step_s}  # what a unit's task returns, as far as the driver reads it
+    checked: list[int] = []
+    held: list[list[int]] = []  # at each check, the earlier units whose future is still alive
+
+    class Writer:
+        path = Path("cache")
+
+        def is_complete(self, unit: int) -> bool:
+            held.append([u for u in checked if refs[u]() is not None])
+            checked.append(unit)
+            return True
+
+    with (
+        LocalCluster(
+            n_workers=1,
+            threads_per_worker=1,
+            processes=False,
+            dashboard_address=":0",
+            silence_logs=logging.ERROR,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        futures = {client.submit(dict, stats, pure=False): u for u in range(8)}
+        refs = {u: weakref.ref(f) for f, u in futures.items()}
+        _, _, progress = _collect_units(client, futures, Writer(), 8, False, time.perf_counter())
+    assert len(progress) == 8 and sorted(checked) == list(range(8))
+    assert held == [[]] * 8
+
+
 def _devkit_uv(nusc, sample_token: str, channel: str) -> np.ndarray:
     """(n, 2) pixel coordinates of the lidar points the official devkit projects into a camera."""
     sample = nusc.get("sample", sample_token)
