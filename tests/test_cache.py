@@ -166,6 +166,27 @@ def test_reader_pickles_and_works_in_forked_workers(tmp_path: Path) -> None:
         assert pool.map(_read_all, [reader, reader]) == [expected, expected]
 
 
+def test_reader_keeps_a_bounded_number_of_units_open(tmp_path: Path, monkeypatch) -> None:
+    """Reading every scan of a cache keeps at most MAX_OPEN_UNITS units open (the least recently
+    used go first), not one per unit read: a DataLoader worker reads every unit of a cache of
+    thousands. Units dropped are reopened on their next read, with the same data."""
+    import cache.reader
+
+    monkeypatch.setattr(cache.reader, "MAX_OPEN_UNITS", 2, raising=False)
+    reader = open_cache(write_cache(tmp_path).path)
+    expected = _read_all(open_cache(reader.path))
+    held = []
+    for _ in range(2):
+        for i in range(len(reader)):
+            reader.read_scan(i)
+            held.append(len(reader._open))
+    assert max(held) == 2
+    assert list(reader._open) == [2, 3]  # the last two units read, the latest last
+    reader.read_scan(5)  # unit 2 again: now the most recently used
+    assert list(reader._open) == [3, 2]
+    assert _read_all(reader) == expected
+
+
 def test_write_unit_rejects_bad_data(tmp_path: Path) -> None:
     writer = CacheWriter.create(tmp_path, make_key(), UNITS, D, {})
     data = make_unit(UNITS[0], 0)
