@@ -21,7 +21,6 @@ protocols take such a file as ``--checkpoint``.
 
 from __future__ import annotations
 
-import os
 import pickle
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from typing import Any
 import torch
 
 from trainer.config import CHECKPOINT, read_run_record
+from trainer.loop import save_checkpoint
 from trainer.model import (
     ARCHITECTURES,
     IN_CHANNELS,
@@ -109,15 +109,7 @@ def export_backbone(run_dir: str | Path, out: str | Path) -> dict[str, Any]:
         "provenance": provenance,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(exported, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    save_checkpoint(out, exported)  # temp name, fsync, os.replace: complete or absent
     return provenance
 
 
