@@ -412,13 +412,14 @@ def export_command(
 ) -> None:  # fmt: skip
     """The pretrained backbone as one file for other code: weights, architecture, input
     definition, provenance (torch.load(..., weights_only=True) reads it; docs/training.md)."""
+    from trainer.config import CHECKPOINT
     from trainer.export import export_backbone
 
     with _errors():
         provenance = export_backbone(checkpoint, out)
     step, steps = provenance["step"], provenance["steps"]
     if steps is not None and step < steps:
-        typer.echo(f"warning: {checkpoint / 'checkpoint.pt'} holds step {step} of {steps}: an unfinished run", err=True)
+        typer.echo(f"warning: {checkpoint / CHECKPOINT} holds step {step} of {steps}: an unfinished run", err=True)
     typer.echo(f"exported the backbone of {checkpoint} (step {step}) -> {out}")
 
 

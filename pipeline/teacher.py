@@ -242,7 +242,7 @@ def patch_tokens(
     return patches.reshape(b, h, w, d).permute(0, 3, 1, 2)  # (B, D, h, w)
 
 
-ARCHITECTURES = ("Dinov2Model", "Dinov2WithRegistersModel", "DINOv3ViTModel")
+TEACHER_CLASSES = ("Dinov2Model", "Dinov2WithRegistersModel", "DINOv3ViTModel")
 """The transformers model classes a teacher may be (their last_hidden_state: CLS, registers,
 patches after the final LayerNorm)."""
 
@@ -288,10 +288,10 @@ class Teacher(nn.Module):
             model, loading = AutoModel.from_pretrained(folder, output_loading_info=True)
         except (OSError, ValueError, KeyError, RuntimeError) as e:  # RuntimeError: shape mismatch
             raise TeacherError(f"cannot load teacher {cfg.model!r} from {folder}: {e}") from e
-        if type(model).__name__ not in ARCHITECTURES:
+        if type(model).__name__ not in TEACHER_CLASSES:
             raise TeacherError(
                 f"teacher {cfg.model!r} is a {type(model).__name__}; expected one of "
-                f"{', '.join(ARCHITECTURES)}"
+                f"{', '.join(TEACHER_CLASSES)}"
             )
         check_normalisation(folder)
         # transformers fills parameters the weight files lack with random values and only logs

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from trainer.config import CHECKPOINT, read_run_record
+from trainer.config import CHECKPOINT, CONFIG, read_run_record
 from trainer.loop import save_checkpoint
 from trainer.model import (
     ARCHITECTURES,
@@ -72,7 +72,7 @@ def export_backbone(run_dir: str | Path, out: str | Path) -> dict[str, Any]:
     except (KeyError, TypeError, RuntimeError) as e:
         raise ValueError(
             f"{run_dir / CHECKPOINT}: the backbone weights do not fit the architecture "
-            f"{cfg.backbone!r} of {run_dir / 'config.yaml'} ({type(e).__name__}: {e})"
+            f"{cfg.backbone!r} of {run_dir / CONFIG} ({type(e).__name__}: {e})"
         ) from None
     run_cfg = record["config"]
     provenance = {
@@ -122,7 +122,7 @@ def read_exported(path: str | Path) -> dict[str, Any]:
     try:
         exported = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError) as e:
-        if path.name == CHECKPOINT and (path.parent / "config.yaml").is_file():
+        if path.name == CHECKPOINT and (path.parent / CONFIG).is_file():
             raise ValueError(
                 f"{path}: a training checkpoint, not an exported backbone: pass its run folder "
                 f"({path.parent}), or `cli.py export` it"
