@@ -904,3 +904,21 @@ def test_export_refuses_weights_that_do_not_fit_the_recorded_architecture(
     assert not (tmp_path / "b.pt").exists()
     with pytest.raises(ValueError, match=r"b\.bin: the exported file is a torch file"):
         export_backbone(out / rows[0]["run"], tmp_path / "b.bin")
+
+    # a run that has not reached its last step is exported, saying so, its step recorded
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    unfinished = shutil.copytree(out / rows[0]["run"], tmp_path / "unfinished")
+    record = yaml.safe_load((unfinished / "config.yaml").read_text())
+    steps = record["steps"]
+    record["steps"] = steps + 6
+    (unfinished / "config.yaml").write_text(yaml.safe_dump(record))
+    said = CliRunner().invoke(
+        app, ["export", "--checkpoint", str(unfinished), "--out", str(tmp_path / "u.pt")]
+    )
+    assert said.exit_code == 0
+    assert f"{unfinished / 'checkpoint.pt'} holds step {steps} of {steps + 6}" in said.output
+    provenance = torch.load(tmp_path / "u.pt", weights_only=True)["provenance"]
+    assert (provenance["step"], provenance["steps"]) == (steps, steps + 6)
