@@ -113,14 +113,15 @@ def export_backbone(run_dir: str | Path, out: str | Path) -> dict[str, Any]:
     return provenance
 
 
-def read_exported(path: str | Path) -> dict[str, Any]:
-    """The exported file's dict (``torch.load(weights_only=True)``); ValueError naming the file
-    when it is not a readable export of a version this code knows."""
+def read_exported(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """The exported file's dict (``torch.load(weights_only=True)``; ``mmap``: tensors are read
+    when used); ValueError naming the file when it is not a readable export of a version this
+    code knows."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     try:
-        exported = torch.load(path, map_location="cpu", weights_only=True)
+        exported = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError) as e:
         if path.name == CHECKPOINT and (path.parent / CONFIG).is_file():
             raise ValueError(

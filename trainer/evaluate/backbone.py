@@ -163,7 +163,8 @@ def checkpoint_record(checkpoint: str) -> dict[str, Any]:
     if is_exported(checkpoint):
         from trainer.export import read_exported
 
-        provenance = read_exported(checkpoint)["provenance"]
+        # mmap: the provenance without reading the weights (load_model reads them)
+        provenance = read_exported(checkpoint, mmap=True)["provenance"]
         where, step, total = Path(checkpoint), provenance["step"], provenance["steps"]
     else:
         from trainer.model import load_checkpoint
