@@ -30,12 +30,15 @@ between machines (the absolute rates depend on the load of a shared machine).
 from __future__ import annotations
 
 import json
+import math
+import os
 import shutil
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -176,10 +179,33 @@ def _shares(seconds: dict[str, float]) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------- 1. extraction efficiency ----
+def _bare_rate(teacher: Any, images: np.ndarray, cfg: BenchConfig) -> float:
+    """The teacher's own images/s (`teacher_forward.images_per_second`, forward only). On a GPU
+    the best of 3 trials of >= 1 s each: a ViT-S/14 batch takes ~8 ms there, and single 0.4-s
+    trials of it ranged 455-740 images/s on one H200 (2026-11-27, launch-bound: any other load
+    on the CPU shows); on a CPU one trial of the run's images (seconds per batch)."""
+    from teacher_forward import images_per_second
+
+    if cfg.device == "cpu":
+        repeats = max(1, cfg.scans * 6 // cfg.batch_size)
+        return images_per_second(teacher, images, repeats, forward_only=True)[0]
+    probe, _ = images_per_second(teacher, images, 20, forward_only=True)
+    repeats = max(20, math.ceil(probe / len(images)))  # ~1 s a trial
+    return max(images_per_second(teacher, images, repeats, forward_only=True)[0] for _ in range(3))
+
+
+def _fixed_seconds(compute_s: float, images: int, steady_images_per_s: float) -> float:
+    """Seconds of a run not explained by its steady rate: the ramp-up (every unit starts at
+    once, the GPU waits for the first decodes) and the tail (the last units finish one by one).
+    Fixed per run, so a run of N images reaches N / (N / steady + fixed) images/s."""
+    if steady_images_per_s <= 0:
+        return 0.0
+    return max(0.0, compute_s - images / steady_images_per_s)
+
+
 def extraction(cfg: BenchConfig, work: Path) -> list[Row]:
     """extract-teacher images/s ÷ bare forward images/s, and where one process spends its time."""
     from machine_load import LoadSampler
-    from teacher_forward import images_per_second
 
     from cache.sampling import sample_features
     from cache.schema import CacheKey, UnitData
@@ -196,10 +222,8 @@ def extraction(cfg: BenchConfig, work: Path) -> list[Row]:
     images = np.random.default_rng(0).integers(
         0, 256, (cfg.batch_size, cam0.height, cam0.width, 3), dtype=np.uint8
     )
-    # the denominator: the teacher alone (input already resized, grid left on the device);
-    # a GPU forward is ~5 ms, so it gets more repeats than a CPU one
-    repeats = max(1, cfg.scans * 6 // cfg.batch_size) if cfg.device == "cpu" else 50
-    bare_before, _ = images_per_second(teacher, images, repeats, forward_only=True)
+    # the denominator: the teacher alone (input already resized, grid left on the device)
+    bare_before = _bare_rate(teacher, images, cfg)
 
     # the real extract-teacher (default: 2 thread workers x 1 torch thread), one scan per unit
     # (two with --replicate: the run is long anyway, and a GPU wants fewer, larger tasks)
@@ -216,9 +240,12 @@ def extraction(cfg: BenchConfig, work: Path) -> list[Row]:
             threads_per_worker=cfg.threads_per_worker,
         )
     torch.set_num_threads(cfg.threads)
-    # bare again after it: on a shared machine the load drifts; the ratio uses the mean
-    bare_after, _ = images_per_second(teacher, images, repeats, forward_only=True)
-    bare = (bare_before + bare_after) / 2
+    # bare again after it, once the cache's pages are on disk (the kernel's write-back of the
+    # run's last seconds would otherwise compete with it); the ratio divides by the better of
+    # the two: a slow moment of the machine during a measurement cannot raise the ratio
+    os.sync()
+    bare_after = _bare_rate(teacher, images, cfg)
+    bare = max(bare_before, bare_after)
 
     # the same work in one process, piece by piece, with the pipeline's functions
     t = dict.fromkeys(("decode", "resize", "teacher", "pairing", "sampling", "write"), 0.0)
@@ -283,7 +310,7 @@ def extraction(cfg: BenchConfig, work: Path) -> list[Row]:
     rows: list[Row] = [
         ("bare teacher forward, before extract", bare_before, "images/s"),
         ("bare teacher forward, after extract", bare_after, "images/s"),
-        ("bare teacher forward (resized input), mean", bare, "images/s"),
+        ("bare teacher forward (resized input), best of both", bare, "images/s"),
         (f"extract-teacher ({label})", summary.images_per_s, "images/s"),
         ("extract-teacher images", summary.images, "images"),
         (
@@ -304,6 +331,11 @@ def extraction(cfg: BenchConfig, work: Path) -> list[Row]:
             "images/s",
         ),
         ("RATIO steady state / bare", summary.steady_images_per_s / bare, "ratio"),
+        (
+            "extract-teacher ramp-up + tail (fixed per run: compute s - images / steady rate)",
+            _fixed_seconds(summary.compute_s, summary.images, summary.steady_images_per_s),
+            "s",
+        ),
         *[
             (f"extract-teacher worker time: {name.removesuffix('_s')}", share, "fraction")
             for name, share in _shares(summary.step_s).items()
