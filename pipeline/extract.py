@@ -740,15 +740,21 @@ def _run_meta(
     }
 
 
-def _client(cfg: ExtractConfig):
-    """A Dask client: connected to ``cfg.scheduler``, or owning a fresh LocalCluster."""
+@contextmanager
+def _client(cfg: ExtractConfig) -> Iterator[Any]:
+    """A Dask client: connected to ``cfg.scheduler`` (the cluster is left running), or to a
+    fresh LocalCluster that is closed with it. (A `Client(cluster)` alone leaves the cluster
+    running when it closes: 8 idle worker processes, each with its teacher and CUDA context,
+    lived on until the process exited, during whatever the caller did next.)"""
     import logging
 
     import dask
     from dask.distributed import Client, LocalCluster
 
     if cfg.scheduler:
-        return Client(cfg.scheduler)
+        with Client(cfg.scheduler) as client:
+            yield client
+        return
     settings = {
         # Dask's statistical profiler samples every worker thread's stack every 10 ms while
         # holding the GIL: CPU-side time taken from the units (docs/benchmarks.md)
@@ -773,7 +779,8 @@ def _client(cfg: ExtractConfig):
     finally:
         if trim is not None:
             os.environ["MALLOC_TRIM_THRESHOLD_"] = trim
-    return Client(cluster)
+    with cluster, Client(cluster) as client:  # the client closes first, then the cluster
+        yield client
 
 
 @contextmanager

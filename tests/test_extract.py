@@ -448,14 +448,30 @@ def test_local_worker_processes_keep_glibc_malloc_adaptive(serial, monkeypatch) 
     cfg, _ = serial
     # as left behind by any earlier default Dask cluster of this process (its nanny's doing)
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
-    client = _client(replace(cfg, processes=True, n_workers=1))
-    assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "65536"  # ours is left as it was
-    with client:
-        try:
-            settings = list(client.run(_worker_settings).values())
-        finally:
-            client.cluster.close()
+    with _client(replace(cfg, processes=True, n_workers=1)) as client:
+        assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "65536"  # ours is left as it was
+        settings = list(client.run(_worker_settings).values())
     assert settings == [(None, False)]
+
+
+def test_local_cluster_is_closed_with_the_run(serial, tmp_path: Path) -> None:
+    """extract-teacher's own LocalCluster ends with the run: no worker process (each holds a
+    teacher, on a GPU node a CUDA context too) outlives it into what the caller does next."""
+    import psutil
+
+    cfg, summary = serial
+
+    def workers() -> set[int]:
+        return {
+            p.pid
+            for p in psutil.Process().children(recursive=True)
+            if "resource_tracker" not in " ".join(p.cmdline())
+        }
+
+    before = workers()
+    again = extract_teacher(replace(cfg, cache_root=tmp_path, processes=True, n_workers=2))
+    assert again.units_computed == summary.units  # the cluster did run units
+    assert workers() - before == set()
 
 
 def test_rerun_does_no_teacher_work(serial) -> None:
