@@ -89,14 +89,18 @@ COPIES=$LONG bench extraction --teacher "$WORK/teacher-b" $W --image-decode "$DE
 stamp "pytest (CUDA)"
 timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_images.py \
     tests/test_teacher.py tests/test_target_formats.py -k "device or cuda" 2>&1 | tail -25 || true
-# 4. ViT-L/14, grid-i8 and point-f16: ~4x ViT-B's work per image (never measured)
+# 4. issue 9's scaling on the GPU: 1, 2 and 8 worker processes (x 2 threads) per GPU, ViT-B/14,
+#    grid-i8, 768 images a run (never measured: the H200 rows of §GPU compare layouts of 8)
+COPIES=4 bench scaling --teacher "$WORK/teacher-b" $W --image-decode "$DECODE" \
+    --target-format grid-i8
+# 5. ViT-L/14, grid-i8 and point-f16: ~4x ViT-B's work per image (never measured)
 [ -d "$WORK/teacher-l" ] || "$PY" cli.py make-teacher --out "$WORK/teacher-l" --size vitl14
 bench extraction --teacher "$WORK/teacher-l" $W --image-decode "$DECODE" --target-format grid-i8
 bench extraction --teacher "$WORK/teacher-l" $W --image-decode "$DECODE" --target-format point-f16
-# 5. ViT-S/14, point-i8, 3 units in flight per process (0.63 / 0.71 steady with 2 on 2026-11-27;
+# 6. ViT-S/14, point-i8, 3 units in flight per process (0.63 / 0.71 steady with 2 on 2026-11-27;
 #    its GPU was 90 % busy, so more overlap may help)
 bench extraction --teacher "$WORK/teacher" --processes --workers 8 --threads-per-worker 3 \
     --image-decode "$DECODE" --target-format point-i8
-# 6. ViT-S/14, point-f16, the default format (0.53 on 2026-11-26: the disk's 1.6 GB/s caps it)
+# 7. ViT-S/14, point-f16, the default format (0.53 on 2026-11-26: the disk's 1.6 GB/s caps it)
 bench extraction --teacher "$WORK/teacher" $W --image-decode "$DECODE" --target-format point-f16
 echo "done: $log"

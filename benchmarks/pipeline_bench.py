@@ -16,7 +16,8 @@
   raw `.npy` memmap reads of the same rows (same arrays, same random scans).
 - size: stored bytes per point and per paired point, compression ratio (cache_layout.measure),
   and per target format (point-f16, point-i8, grid-f16 at --image-size) bytes per paired point.
-- scaling: extraction images/s with 2 LocalCluster workers ÷ 1 worker (one scan per unit).
+- scaling: extraction images/s with 2 LocalCluster workers ÷ 1 worker, and --workers ÷ 1 when
+  more than 2 (each worker as --processes / --threads-per-worker make it).
 - feed: extraction images/s with a stand-in GPU teacher (sleeps, no CPU) ÷ its rate, and with
   a free stand-in: can this machine's CPU side keep a GPU of --gpu-rate images/s busy?
 
@@ -82,11 +83,12 @@ class BenchConfig:
     dtype: str = "float32"
     """Teacher autocast dtype of `extraction` (float16 needs CUDA)."""
     workers: int = 2
-    """extract-teacher LocalCluster workers in `extraction` and `feed` (a GPU wants several)."""
+    """extract-teacher LocalCluster workers in `extraction` and `feed` (a GPU wants several);
+    `scaling` compares 1, 2 and this many."""
     processes: bool = False
-    """extract-teacher workers are processes (`extraction`, `feed`)."""
+    """extract-teacher workers are processes (`extraction`, `feed`, `scaling`)."""
     threads_per_worker: int = 1
-    """Units each extract-teacher worker runs at once (`extraction`, `feed`)."""
+    """Units each extract-teacher worker runs at once (`extraction`, `feed`, `scaling`)."""
     replicate: int = 1
     """`extraction` and `feed` run extract-teacher on K copies of the split's scenes (same
     files, new tokens: benchmarks/replicate.py): long runs for steady-state rates on a GPU."""
@@ -630,14 +632,28 @@ def size(cfg: BenchConfig, work: Path) -> list[Row]:
 
 # ---------------------------------------------------------------- 5. scaling ----
 def scaling(cfg: BenchConfig, work: Path) -> list[Row]:
-    """Extraction images/s with 2 Dask thread workers ÷ 1 worker (one scan per unit)."""
-    one = _extract(cfg, work / "cache-w1", workers=1, scans_per_unit=1)
-    two = _extract(cfg, work / "cache-w2", workers=2, scans_per_unit=1)
-    return [
-        ("extract, 1 worker", one.images_per_s, "images/s"),
-        ("extract, 2 workers", two.images_per_s, "images/s"),
-        ("RATIO 2 workers / 1 worker", two.images_per_s / one.images_per_s, "ratio"),
+    """Extraction images/s with 2 Dask workers ÷ 1 worker, and ``cfg.workers`` ÷ 1 when it is
+    more than 2 (a GPU node: `--processes --threads-per-worker 2 --workers 8`), each worker of
+    the layout of `--processes` / `--threads-per-worker`, on `--replicate` copies of the set
+    like `extraction` (one scan per unit without copies, two with)."""
+    data = _run_data(cfg, work)
+    counts = sorted({1, 2, cfg.workers})
+    rates = {}
+    for n in counts:
+        rates[n] = _extract(
+            cfg,
+            work / f"cache-w{n}",
+            workers=n,
+            scans_per_unit=1 if cfg.replicate <= 1 else 2,
+            data=data,
+            processes=cfg.processes,
+            threads_per_worker=cfg.threads_per_worker,
+        ).images_per_s
+    rows: list[Row] = [
+        (f"extract, {n} worker{'s' if n > 1 else ''}", rates[n], "images/s") for n in counts
     ]
+    rows += [(f"RATIO {n} workers / 1 worker", rates[n] / rates[1], "ratio") for n in counts[1:]]
+    return rows
 
 
 # ---------------------------------------------------------------- 6. feeding a GPU ----

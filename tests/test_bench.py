@@ -139,3 +139,21 @@ def test_fixed_seconds_of_a_run() -> None:
     assert _fixed_seconds(12.0, 3000, 300.0) == pytest.approx(2.0)
     assert _fixed_seconds(9.0, 3000, 300.0) == 0.0
     assert _fixed_seconds(1.0, 0, 0.0) == 0.0
+
+
+def test_scaling_compares_one_two_and_the_asked_workers(synthetic_nuscenes, tiny_teacher) -> None:
+    """`bench scaling --workers 3` (a GPU node's 8 in real use): extraction with 1, 2 and 3
+    workers of the asked layout, each ratio to 1 worker its rates' quotient."""
+    cfg = BenchConfig(
+        data=synthetic_nuscenes.root, teacher=str(tiny_teacher), split="val", image_size=(28, 56),
+        scans=1, threads=1, workers=3,
+    )  # fmt: skip
+    rows = {name: value for name, value, _ in run_benchmark("scaling", cfg)}
+    assert list(rows) == [
+        "extract, 1 worker", "extract, 2 workers", "extract, 3 workers",
+        "RATIO 2 workers / 1 worker", "RATIO 3 workers / 1 worker",
+    ]  # fmt: skip
+    for n in (2, 3):
+        ratio = rows[f"extract, {n} workers"] / rows["extract, 1 worker"]
+        assert rows[f"RATIO {n} workers / 1 worker"] == pytest.approx(ratio)
+        assert math.isfinite(ratio) and ratio > 0
