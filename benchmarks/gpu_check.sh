@@ -67,7 +67,7 @@ bench() {
     stamp "bench $*"
     timeout "${BENCH_TIMEOUT:-150}" "$PY" cli.py bench "$@" --data "$WORK/data" --split all \
         --image-size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" --scans 4 \
-        --replicate "${COPIES}" 2>&1 | grep -v " - INFO - " || true
+        --replicate "$COPIES" 2>&1 | grep -v " - INFO - " || true
 }
 # Most telling first (a lease can end mid-script; the log keeps what finished).
 # Measured 2026-11-27 on an H200 (docs/benchmarks.md §GPU, benchmarks/results/2026-11-27-*):

@@ -39,10 +39,13 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from pipeline.teacher import Teacher
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -168,6 +171,12 @@ def _run_data(cfg: BenchConfig, work: Path) -> tuple[Path, str]:
     return out, "all"
 
 
+def _run_scans_per_unit(cfg: BenchConfig) -> int:
+    """Scans per unit of the extract-teacher runs on `_run_data`: one, or two with --replicate
+    (the run is long anyway, and a GPU wants fewer, larger tasks)."""
+    return 1 if cfg.replicate <= 1 else 2
+
+
 def _workers_label(workers: int, processes: bool, threads_per_worker: int) -> str:
     kind = "process" if processes else "thread"
     per = f" x {threads_per_worker} threads" if threads_per_worker > 1 else ""
@@ -181,7 +190,7 @@ def _shares(seconds: dict[str, float]) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------- 1. extraction efficiency ----
-def _bare_rate(teacher: Any, images: np.ndarray, cfg: BenchConfig) -> float:
+def _bare_rate(teacher: Teacher, images: np.ndarray, cfg: BenchConfig) -> float:
     """The teacher's own images/s (`teacher_forward.images_per_second`, forward only). On a GPU
     the best of 3 trials of >= 1 s each: a ViT-S/14 batch takes ~8 ms there, and single 0.4-s
     trials of it ranged 455-740 images/s on one H200 (2026-11-27, launch-bound: any other load
@@ -227,8 +236,7 @@ def extraction(cfg: BenchConfig, work: Path) -> list[Row]:
     # the denominator: the teacher alone (input already resized, grid left on the device)
     bare_before = _bare_rate(teacher, images, cfg)
 
-    # the real extract-teacher (default: 2 thread workers x 1 torch thread), one scan per unit
-    # (two with --replicate: the run is long anyway, and a GPU wants fewer, larger tasks)
+    # the real extract-teacher (default: 2 thread workers x 1 torch thread)
     label = _workers_label(cfg.workers, cfg.processes, cfg.threads_per_worker)
     data = _run_data(cfg, work)
     with LoadSampler() as load:  # which resource bounds the run: CPU, disk or GPU
@@ -236,7 +244,7 @@ def extraction(cfg: BenchConfig, work: Path) -> list[Row]:
             cfg,
             work / "cache-extract",
             workers=cfg.workers,
-            scans_per_unit=1 if cfg.replicate <= 1 else 2,
+            scans_per_unit=_run_scans_per_unit(cfg),
             data=data,
             processes=cfg.processes,
             threads_per_worker=cfg.threads_per_worker,
@@ -635,7 +643,7 @@ def scaling(cfg: BenchConfig, work: Path) -> list[Row]:
     """Extraction images/s with 2 Dask workers ÷ 1 worker, and ``cfg.workers`` ÷ 1 when it is
     more than 2 (a GPU node: `--processes --threads-per-worker 2 --workers 8`), each worker of
     the layout of `--processes` / `--threads-per-worker`, on `--replicate` copies of the set
-    like `extraction` (one scan per unit without copies, two with)."""
+    like `extraction`."""
     data = _run_data(cfg, work)
     counts = sorted({1, 2, cfg.workers})
     rates = {}
@@ -644,7 +652,7 @@ def scaling(cfg: BenchConfig, work: Path) -> list[Row]:
             cfg,
             work / f"cache-w{n}",
             workers=n,
-            scans_per_unit=1 if cfg.replicate <= 1 else 2,
+            scans_per_unit=_run_scans_per_unit(cfg),
             data=data,
             processes=cfg.processes,
             threads_per_worker=cfg.threads_per_worker,
